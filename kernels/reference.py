@@ -7,6 +7,11 @@ backend of the model, and are the baselines the benchmarks import. Each ``*_jvp`
 Tests check those formulas against ``torch.func.jvp`` of the primal functions below.
 
 Shapes: attention takes ``(batch, heads, seq, head_dim)``; norms act on the last dim.
+
+**Tangent prefix.** Every ``*_jvp`` accepts tangents that cover only a leading-batch prefix of
+the primal (``x_t.shape[0] <= x.shape[0]``, all other dims equal): the primal is computed for
+all rows and the tangent for the first ``x_t.shape[0]`` rows. The MeanFlow losses use this so
+that samples with ``r = t`` (whose tangent is multiplied by ``t - r = 0``) cost no tangent work.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale: float | None = None):
     """
     o = attention(q, k, v, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n = q_t.shape[0]
     with torch.no_grad():
-        qf, kf, vf = q.detach().float(), k.detach().float(), v.detach().float()
+        qf, kf, vf = q[:n].detach().float(), k[:n].detach().float(), v[:n].detach().float()
         p = torch.softmax(torch.matmul(qf, kf.transpose(-1, -2)) * scale, dim=-1)
         s_t = (torch.matmul(q_t.float(), kf.transpose(-1, -2)) + torch.matmul(qf, k_t.float().transpose(-1, -2))) * scale
         p_t = p * (s_t - (p * s_t).sum(-1, keepdim=True))
@@ -59,7 +65,7 @@ def rms_norm_jvp(x, x_t, weight, eps: float = 1e-6):
     """``(y, y_t)`` with ``y_t = weight * (x_t * rstd - x * rstd^3 * mean(x * x_t))``."""
     y = rms_norm(x, weight, eps)
     with torch.no_grad():
-        xf, xtf = x.detach().float(), x_t.float()
+        xf, xtf = x[: x_t.shape[0]].detach().float(), x_t.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         y_t = weight.detach().float() * (xtf * rstd - xf * rstd.pow(3) * (xf * xtf).mean(-1, keepdim=True))
     return y, y_t.to(x.dtype)
@@ -73,11 +79,20 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def swiglu_jvp(a, b, a_t, b_t):
     """``(h, h_t)`` with ``h_t = silu'(a) a_t b + silu(a) b_t``, ``silu'(a) = s (1 + a (1 - s))``, ``s = sigmoid(a)``."""
     h = swiglu(a, b)
+    n = a_t.shape[0]
     with torch.no_grad():
-        af, bf = a.detach().float(), b.detach().float()
+        af, bf = a[:n].detach().float(), b[:n].detach().float()
         sig = torch.sigmoid(af)
         h_t = sig * (1 + af * (1 - sig)) * a_t.float() * bf + af * sig * b_t.float()
     return h, h_t.to(a.dtype)
+
+
+def linear_dual(x, x_t, weight, bias=None):
+    """``(y, y_t) = (x W^T + b, x_t W^T)``: the tangent of an affine map has no bias term."""
+    y = F.linear(x, weight, bias)
+    with torch.no_grad():
+        y_t = F.linear(x_t, weight.detach())
+    return y, y_t
 
 
 def rope_tables(seq: int, head_dim: int, *, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
