@@ -20,6 +20,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation precision: fp32, or fp64 for fp64 inputs (so fp64 tests are exact)."""
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """Math attention ``softmax(q k^T * scale) v``; materialises the ``seq x seq`` scores.
 
@@ -27,7 +32,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    p = torch.softmax(_acc(s), dim=-1).to(q.dtype)
     return torch.matmul(p, v)
 
 
@@ -41,11 +46,11 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale: float | None = None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n = q_t.shape[0]
     with torch.no_grad():
-        qf, kf, vf = q[:n].detach().float(), k[:n].detach().float(), v[:n].detach().float()
+        qf, kf, vf = _acc(q[:n].detach()), _acc(k[:n].detach()), _acc(v[:n].detach())
         p = torch.softmax(torch.matmul(qf, kf.transpose(-1, -2)) * scale, dim=-1)
-        s_t = (torch.matmul(q_t.float(), kf.transpose(-1, -2)) + torch.matmul(qf, k_t.float().transpose(-1, -2))) * scale
+        s_t = (torch.matmul(_acc(q_t), kf.transpose(-1, -2)) + torch.matmul(qf, _acc(k_t).transpose(-1, -2))) * scale
         p_t = p * (s_t - (p * s_t).sum(-1, keepdim=True))
-        o_t = torch.matmul(p_t, vf) + torch.matmul(p, v_t.float())
+        o_t = torch.matmul(p_t, vf) + torch.matmul(p, _acc(v_t))
     return o, o_t.to(q.dtype)
 
 
@@ -56,18 +61,18 @@ def attention_jvp_autodiff(q, k, v, q_t, k_t, v_t, *, scale: float | None = None
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``y = x * rsqrt(mean(x^2) + eps) * weight`` over the last dim, computed in fp32."""
-    xf = x.float()
+    xf = _acc(x)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(x.dtype)
+    return (xf * rstd * _acc(weight)).to(x.dtype)
 
 
 def rms_norm_jvp(x, x_t, weight, eps: float = 1e-6):
     """``(y, y_t)`` with ``y_t = weight * (x_t * rstd - x * rstd^3 * mean(x * x_t))``."""
     y = rms_norm(x, weight, eps)
     with torch.no_grad():
-        xf, xtf = x[: x_t.shape[0]].detach().float(), x_t.float()
+        xf, xtf = _acc(x[: x_t.shape[0]].detach()), _acc(x_t)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y_t = weight.detach().float() * (xtf * rstd - xf * rstd.pow(3) * (xf * xtf).mean(-1, keepdim=True))
+        y_t = _acc(weight.detach()) * (xtf * rstd - xf * rstd.pow(3) * (xf * xtf).mean(-1, keepdim=True))
     return y, y_t.to(x.dtype)
 
 
@@ -81,9 +86,9 @@ def swiglu_jvp(a, b, a_t, b_t):
     h = swiglu(a, b)
     n = a_t.shape[0]
     with torch.no_grad():
-        af, bf = a[:n].detach().float(), b[:n].detach().float()
+        af, bf = _acc(a[:n].detach()), _acc(b[:n].detach())
         sig = torch.sigmoid(af)
-        h_t = sig * (1 + af * (1 - sig)) * a_t.float() * bf + af * sig * b_t.float()
+        h_t = sig * (1 + af * (1 - sig)) * _acc(a_t) * bf + af * sig * _acc(b_t)
     return h, h_t.to(a.dtype)
 
 
@@ -112,4 +117,4 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (_acc(x) * cos + _acc(rotated) * sin).to(x.dtype)

@@ -1,0 +1,192 @@
+"""Configuration dataclasses and the published presets.
+
+Every constant of the methods is a field here with the published default (official iMF / MF
+configs; see ARCHITECTURE.md sections 1, 2 and 5). Presets are plain ``ModelConfig`` values;
+``imf.build_model(name, **overrides)`` applies keyword overrides on top of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and conditioning of one network.
+
+    ``arch="imf"``: in-context transformer; ``depth`` counts the inference blocks: ``depth -
+    head_depth`` shared trunk blocks, then a ``head_depth``-block u-head (and, for training
+    with ``v_head="aux"``, a second ``head_depth``-block v-head).
+    ``arch="mf"``: the MeanFlow adaLN-zero DiT conditioned on ``(t, h = t - r)`` and the class.
+    """
+
+    arch: str = "imf"
+    input_size: int = 32          # latent height = width
+    in_channels: int = 4
+    patch_size: int = 2
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    head_depth: int = 8           # iMF: blocks in each head
+    mlp_hidden: int | None = None  # iMF SwiGLU hidden (default int(8/3 dim)); MF: 4 dim GELU
+    num_classes: int = 1000       # label ``num_classes`` is the null class
+    v_head: str = "aux"           # iMF: "aux" (separate v-head) or "boundary" (v := u at h = 0)
+    # condition tokens (iMF): class, omega, t_min, t_max, time (h)
+    class_tokens: int = 8
+    omega_tokens: int = 4
+    t_min_tokens: int = 2
+    t_max_tokens: int = 2
+    time_tokens: int = 4
+    freq_dim: int = 256           # sinusoidal embedding width before the MLP
+    time_scale: float = 1000.0    # times in [0, 1] are scaled like DiT's integer steps
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def cond_tokens(self) -> int:
+        if self.arch != "imf":
+            return 0
+        return self.class_tokens + self.omega_tokens + self.t_min_tokens + self.t_max_tokens + self.time_tokens
+
+    @property
+    def seq_len(self) -> int:
+        return self.cond_tokens + self.num_patches
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return int(8 * self.dim / 3) if self.arch == "imf" else 4 * self.dim
+
+    @property
+    def trunk_depth(self) -> int:
+        return self.depth - self.head_depth if self.arch == "imf" else self.depth
+
+    def validate(self) -> ModelConfig:
+        if self.arch not in ("imf", "mf"):
+            raise ValueError(f"arch must be 'imf' or 'mf', got {self.arch!r}")
+        if self.v_head not in ("aux", "boundary"):
+            raise ValueError(f"v_head must be 'aux' or 'boundary', got {self.v_head!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = dim / heads must be even for RoPE, got {self.head_dim}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size ({self.input_size}) must be divisible by patch_size ({self.patch_size})")
+        if self.arch == "imf" and not 0 < self.head_depth <= self.depth:
+            raise ValueError(f"head_depth must be in [1, depth={self.depth}], got {self.head_depth}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        return self
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "iMF-B/2": ModelConfig(dim=768, depth=12, heads=12),
+    "iMF-M/2": ModelConfig(dim=768, depth=24, heads=12),
+    "iMF-L/2": ModelConfig(dim=1024, depth=32, heads=16),
+    "iMF-XL/2": ModelConfig(dim=1024, depth=48, heads=16),
+    "MF-B/2": ModelConfig(arch="mf", dim=768, depth=12, heads=12),
+    "MF-XL/2": ModelConfig(arch="mf", dim=1152, depth=28, heads=16),
+    # Pixel-space 8x8 digits (scikit-learn), for the CPU demo: 16 image + 20 condition tokens.
+    "demo": ModelConfig(input_size=8, in_channels=1, patch_size=2, dim=96, depth=6, heads=4, head_depth=2,
+                        num_classes=10, freq_dim=64),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The preset ``name`` with keyword ``overrides`` applied, validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown model config field(s) {unknown}; valid fields: {sorted(fields)}")
+    return dataclasses.replace(PRESETS[name], **overrides).validate()
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Training-input distributions and loss constants (published defaults).
+
+    iMF: ``t, r ~ logit-normal(p_mean, p_std)`` sorted, ``r = t`` for a fixed ``fm_fraction`` of the
+    batch; ``omega ~ omega^-beta`` on ``[1, 1 + s_max]``; ``t_min ~ U[t_min_range]``, ``t_max ~
+    U[t_max_range]`` ([0, 1] for FM samples); class dropout ``class_drop``; adaptive weight
+    ``adp(L) = L / sg(L + adp_eps)^adp_power``.
+    MF: ``r != t`` for ``1 - fm_fraction`` of the batch (25%); fixed guidance ``omega``, ``kappa`` on
+    ``[t_start, t_end]``.
+    """
+
+    method: str = "imf"
+    p_mean: float = -0.4
+    p_std: float = 1.0
+    fm_fraction: float = 0.5
+    omega_beta: float = 1.0
+    omega_s_max: float = 7.0
+    t_min_range: tuple[float, float] = (0.0, 0.5)
+    t_max_range: tuple[float, float] = (0.5, 1.0)
+    class_drop: float = 0.1
+    adp_eps: float = 0.01
+    adp_power: float = 1.0
+    # MF only
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 1.0
+
+    @classmethod
+    def for_method(cls, method: str, **overrides) -> LossConfig:
+        """Published defaults of ``method`` ("imf" or "mf") with ``overrides``."""
+        if method == "imf":
+            base = cls()
+        elif method == "mf":
+            base = cls(method="mf", fm_fraction=0.75)
+        else:
+            raise ValueError(f"loss method must be 'imf' or 'mf', got {method!r}")
+        return dataclasses.replace(base, **overrides).validate()
+
+    def validate(self) -> LossConfig:
+        if self.method not in ("imf", "mf"):
+            raise ValueError(f"method must be 'imf' or 'mf', got {self.method!r}")
+        if not 0.0 <= self.fm_fraction <= 1.0:
+            raise ValueError(f"fm_fraction must be in [0, 1], got {self.fm_fraction}")
+        if not 0.0 <= self.class_drop < 1.0:
+            raise ValueError(f"class_drop must be in [0, 1), got {self.class_drop}")
+        if self.p_std <= 0:
+            raise ValueError(f"p_std must be > 0, got {self.p_std}")
+        if self.omega_s_max < 0:
+            raise ValueError(f"omega_s_max must be >= 0, got {self.omega_s_max}")
+        if self.adp_eps <= 0:
+            raise ValueError(f"adp_eps must be > 0 (it keeps the adaptive weight finite), got {self.adp_eps}")
+        if self.omega < 1.0:
+            raise ValueError(f"omega must be >= 1, got {self.omega}")
+        return self
+
+
+@dataclass(frozen=True)
+class EvalGuidance:
+    """Published 1-NFE evaluation guidance per preset (omega on [t_min, t_max])."""
+
+    omega: float
+    t_min: float
+    t_max: float
+    steps: int = 1
+
+
+EVAL_GUIDANCE: dict[str, EvalGuidance] = {
+    "iMF-B/2": EvalGuidance(8.0, 0.4, 0.65),
+    "iMF-M/2": EvalGuidance(10.5, 0.4, 0.6),
+    "iMF-L/2": EvalGuidance(10.5, 0.4, 0.6),
+    "iMF-XL/2": EvalGuidance(8.0, 0.42, 0.62),
+    "iMF-XL/2@2": EvalGuidance(4.0, 0.36, 0.64, steps=2),
+}
+
+__all__ = ["ModelConfig", "LossConfig", "EvalGuidance", "PRESETS", "EVAL_GUIDANCE", "preset"]

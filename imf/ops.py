@@ -1,0 +1,161 @@
+"""Backends: the ops a network layer calls, each with an optional tangent.
+
+Every method takes primal inputs and their tangents (``None`` for a primal-only call) and
+returns ``(y, y_t)`` with ``y_t = None`` when no tangent was given. The tangents may cover a
+leading-batch prefix of the primal rows (see :mod:`imf_kernels.reference`). Tangent outputs are
+detached: the MeanFlow losses stop their gradient, so only the primal path is differentiated.
+
+``ReferenceOps`` is plain PyTorch (math attention): its primal-only path is made of ops with
+forward-mode AD, so ``torch.func.jvp`` runs through a model built on it. ``TritonOps`` swaps in
+the fused kernels of ``imf_kernels`` where they exist and keeps the reference op otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import imf_kernels
+from imf_kernels import reference as ref
+
+Pair = tuple[torch.Tensor, torch.Tensor | None]
+
+
+class ReferenceOps:
+    """Plain-PyTorch ops. Primal-only calls are pure torch and differentiable in both AD modes."""
+
+    name = "reference"
+
+    def linear(self, x, x_t, weight, bias=None) -> Pair:
+        if x_t is None:
+            return F.linear(x, weight, bias), None
+        return ref.linear_dual(x, x_t, weight, bias)
+
+    def rms_norm(self, x, x_t, weight, eps) -> Pair:
+        if x_t is None:
+            return ref.rms_norm(x, weight, eps), None
+        return ref.rms_norm_jvp(x, x_t, weight, eps)
+
+    def qk_norm_rope(self, x, x_t, weight, cos, sin, eps) -> Pair:
+        """RMSNorm over head_dim, then RoPE; ``x`` is ``(B, L, H, Dh)``, the result ``(B, H, L, Dh)``."""
+        y, y_t = self.rms_norm(x, x_t, weight, eps)
+        cos, sin = cos[:, None], sin[:, None]
+        y = ref.rope(y, cos, sin).transpose(1, 2)
+        if y_t is not None:
+            with torch.no_grad():
+                y_t = ref.rope(y_t, cos, sin).transpose(1, 2)
+        return y, y_t
+
+    def attention(self, q, k, v, q_t=None, k_t=None, v_t=None) -> Pair:
+        if q_t is None:
+            return ref.attention(q, k, v), None
+        return ref.attention_jvp(q, k, v, q_t, k_t, v_t)
+
+    def swiglu(self, a, b, a_t, b_t) -> Pair:
+        if a_t is None:
+            return ref.swiglu(a, b), None
+        return ref.swiglu_jvp(a, b, a_t, b_t)
+
+    # Small glue ops (embedding MLPs, the MF DiT's adaLN blocks): plain torch in every backend.
+
+    @staticmethod
+    def silu(x, x_t) -> Pair:
+        y = F.silu(x)
+        if x_t is None:
+            return y, None
+        with torch.no_grad():
+            s = torch.sigmoid(x[: x_t.shape[0]].detach())
+            return y, x_t * s * (1 + x[: x_t.shape[0]].detach() * (1 - s))
+
+    @staticmethod
+    def gelu_tanh(x, x_t) -> Pair:
+        """``gelu(a) = a/2 (1 + tanh(c (a + 0.044715 a^3)))``, ``c = sqrt(2/pi)``."""
+        y = F.gelu(x, approximate="tanh")
+        if x_t is None:
+            return y, None
+        with torch.no_grad():
+            a = x[: x_t.shape[0]].detach().to(torch.promote_types(x.dtype, torch.float32))
+            c = math.sqrt(2.0 / math.pi)
+            th = torch.tanh(c * (a + 0.044715 * a.pow(3)))
+            d = 0.5 * (1 + th) + 0.5 * a * (1 - th * th) * c * (1 + 3 * 0.044715 * a * a)
+            return y, (x_t * d).to(x_t.dtype)
+
+    @staticmethod
+    def layer_norm(x, x_t, eps) -> Pair:
+        """Affine-free LayerNorm; ``y_t = rstd (xc_t - y mean(y xc_t))`` with ``xc_t = x_t - mean(x_t)``."""
+        y = F.layer_norm(x, x.shape[-1:], eps=eps)
+        if x_t is None:
+            return y, None
+        with torch.no_grad():
+            acc = torch.promote_types(x.dtype, torch.float32)
+            xp = x[: x_t.shape[0]].detach().to(acc)
+            rstd = torch.rsqrt(xp.var(-1, unbiased=False, keepdim=True) + eps)
+            yp = (xp - xp.mean(-1, keepdim=True)) * rstd
+            xc_t = x_t.to(acc) - x_t.to(acc).mean(-1, keepdim=True)
+            return y, (rstd * (xc_t - yp * (yp * xc_t).mean(-1, keepdim=True))).to(x_t.dtype)
+
+
+class TritonOps(ReferenceOps):
+    """Fused Triton kernels from ``imf_kernels`` where they exist; reference ops for the rest."""
+
+    name = "triton"
+    _warned = False
+
+    def __init__(self):
+        kernel_names = {
+            "attention": ("attention", "attention_jvp"),
+            "rms_norm": ("rms_norm", "rms_norm_jvp"),
+            "qk_norm_rope": ("qk_norm_rope", "qk_norm_rope_jvp"),
+            "swiglu": ("swiglu", "swiglu_jvp"),
+            "linear": ("linear_dual",),
+        }
+        self.missing = sorted(op for op, names in kernel_names.items()
+                              if not all(hasattr(imf_kernels, n) for n in names))
+        if self.missing and not TritonOps._warned:
+            TritonOps._warned = True
+            warnings.warn(f"imf_kernels has no fused kernel for {self.missing}: the triton backend uses the "
+                          "reference PyTorch op for those", stacklevel=2)
+
+    def linear(self, x, x_t, weight, bias=None) -> Pair:
+        if x_t is None or "linear" in self.missing:
+            return super().linear(x, x_t, weight, bias)
+        return imf_kernels.linear_dual(x, x_t, weight, bias)
+
+    def rms_norm(self, x, x_t, weight, eps) -> Pair:
+        if "rms_norm" in self.missing:
+            return super().rms_norm(x, x_t, weight, eps)
+        if x_t is None:
+            return imf_kernels.rms_norm(x, weight, eps), None
+        return imf_kernels.rms_norm_jvp(x, x_t, weight, eps)
+
+    def qk_norm_rope(self, x, x_t, weight, cos, sin, eps) -> Pair:
+        if "qk_norm_rope" in self.missing:
+            return super().qk_norm_rope(x, x_t, weight, cos, sin, eps)
+        if x_t is None:
+            return imf_kernels.qk_norm_rope(x, weight, cos, sin, eps), None
+        return imf_kernels.qk_norm_rope_jvp(x, x_t, weight, cos, sin, eps)
+
+    def attention(self, q, k, v, q_t=None, k_t=None, v_t=None) -> Pair:
+        if "attention" in self.missing:
+            return super().attention(q, k, v, q_t, k_t, v_t)
+        if q_t is None:
+            return imf_kernels.attention(q, k, v), None
+        return imf_kernels.attention_jvp(q, k, v, q_t, k_t, v_t)
+
+    def swiglu(self, a, b, a_t, b_t) -> Pair:
+        if "swiglu" in self.missing:
+            return super().swiglu(a, b, a_t, b_t)
+        if a_t is None:
+            return imf_kernels.swiglu(a, b), None
+        return imf_kernels.swiglu_jvp(a, b, a_t, b_t)
+
+
+def make_ops(backend: str) -> ReferenceOps:
+    if backend == "reference":
+        return ReferenceOps()
+    if backend == "triton":
+        return TritonOps()
+    raise ValueError(f"backend must be 'reference' or 'triton', got {backend!r}")
