@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 
 import torch
+from imf_kernels.reference import rope_tables
 from torch import nn
 
 from imf.config import ModelConfig, preset
 from imf.layers import ConditionEmbedder, DualModule, IMFBlock, OutputHead, add_tangent
 from imf.ops import ReferenceOps, make_ops
-from imf_kernels.reference import rope_tables
 
 
 def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
@@ -64,7 +64,8 @@ class MeanFlowNet(DualModule):
     def velocity(self, z, t, r, y, omega=None, t_min=None, t_max=None):
         """Instantaneous-velocity prediction (the v-head, or ``u`` at ``h = 0`` without one)."""
         cond = self._check(z, None, t, r, y, omega, t_min, t_max)
-        return self._run(z, None, cond, head="v")[0]
+        u, _, v = self._run(z, None, cond, head="v")
+        return u if v is None else v
 
     def forward_with_tangent(self, z, z_t, t, r, y, omega=None, t_min=None, t_max=None, *,
                              with_velocity: bool = False):
@@ -109,8 +110,8 @@ class MeanFlowNet(DualModule):
                 raise ValueError(f"{name} must be on {z.device}, got {val.device}")
             floating = name != "y"
             if val.is_floating_point() != floating:
-                want = "floating" if floating else "integer (class labels)"
-                raise ValueError(f"{name} must be a {want} tensor, got dtype {val.dtype}")
+                want = "a floating" if floating else "an integer (class label)"
+                raise ValueError(f"{name} must have {want} dtype, got {val.dtype}")
         return cond
 
 
@@ -192,7 +193,6 @@ class IMFTransformer(MeanFlowNet):
         return x, x_t
 
     def _run(self, z, z_t, cond, head):
-        cfg = self.cfg
         if head == "v" and not self.has_v_head:
             cond = dict(cond, r=cond["t"])  # boundary variant: v(z | ...) := u(z | h = 0, ...)
             head = "u"

@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 import warnings
 
+import imf_kernels
 import torch
 import torch.nn.functional as F
-
-import imf_kernels
 from imf_kernels import reference as ref
 
 Pair = tuple[torch.Tensor, torch.Tensor | None]

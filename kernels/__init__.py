@@ -6,10 +6,32 @@ Public API (stable)::
     attention_jvp(q, k, v, q_t, k_t, v_t, *, scale=None) -> (o, o_t)
     rms_norm(x, weight, eps=1e-6) -> y
     rms_norm_jvp(x, x_t, weight, eps=1e-6) -> (y, y_t)
+    qk_norm_rope(x, weight, cos, sin, eps=1e-6) -> y                # x (B, L, H, Dh) view -> y (B, H, L, Dh)
+    qk_norm_rope_jvp(x, x_t, weight, cos, sin, eps=1e-6) -> (y, y_t)
+    swiglu(a, b) -> h
+    swiglu_jvp(a, b, a_t, b_t) -> (h, h_t)
+    linear_dual(x, x_t, weight, bias=None) -> (y, y_t)
 
 Plain-PyTorch references of every op live in :mod:`imf_kernels.reference`.
 """
 
 from . import reference
+from .attention_jvp_op import attention_jvp
+from .attention_op import attention
+from .linear_dual_op import linear_dual
+from .rms_norm_op import rms_norm, rms_norm_jvp
+from .rope_op import qk_norm_rope, qk_norm_rope_jvp
+from .swiglu_op import swiglu, swiglu_jvp
 
-__all__ = ["reference"]
+__all__ = [
+    "attention",
+    "attention_jvp",
+    "linear_dual",
+    "qk_norm_rope",
+    "qk_norm_rope_jvp",
+    "reference",
+    "rms_norm",
+    "rms_norm_jvp",
+    "swiglu",
+    "swiglu_jvp",
+]

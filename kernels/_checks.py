@@ -46,3 +46,42 @@ def check_like(name: str, t, ref_name: str, ref: torch.Tensor, *, shape: bool = 
         raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {describe(t)}")
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {describe(t)}")
+
+
+def check_prefix(name: str, t, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` is a prefix tangent of ``ref``: ``ref``'s dtype, device and trailing dims, and
+    ``t.shape[0] <= ref.shape[0]`` (the convention in :mod:`imf_kernels.reference`).
+
+    ``ref`` needs a leading batch dim.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ref.dim() < 2:
+        raise ValueError(f"{ref_name} needs a leading batch dim to take tangent {name}, got {describe(ref)}")
+    if t.dim() != ref.dim() or t.shape[1:] != ref.shape[1:] or t.shape[0] > ref.shape[0]:
+        raise ValueError(
+            f"{name} must have shape (n, {', '.join(map(str, ref.shape[1:]))}) with n <= {ref.shape[0]} "
+            f"(a batch prefix of {ref_name}), got {describe(t)}"
+        )
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {describe(t)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {describe(t)}")
+
+
+def as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a ``(rows, t.shape[-1])`` view (no copy) with unit stride in the last dim.
+
+    Contiguous tensors qualify, and so do last-dim slices of them (e.g. the halves of a packed
+    ``Linear`` output): the launchers pass the row stride to the kernel.
+    """
+    try:
+        rows = t.view(-1, t.shape[-1])
+    except RuntimeError as err:
+        raise ValueError(
+            f"{name} must flatten to (rows, {t.shape[-1]}) without a copy (contiguous, or a last-dim slice "
+            f"of a contiguous tensor), got {describe(t)}, strides {t.stride()}"
+        ) from err
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride in the last dim, got {describe(t)}, {t.stride()}")
+    return rows

@@ -82,7 +82,7 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_jvp(a, b, a_t, b_t):
-    """``(h, h_t)`` with ``h_t = silu'(a) a_t b + silu(a) b_t``, ``silu'(a) = s (1 + a (1 - s))``, ``s = sigmoid(a)``."""
+    """``(h, h_t)``: ``h_t = silu'(a) a_t b + silu(a) b_t``, ``silu'(a) = s (1 + a (1 - s))``, ``s = sigmoid(a)``."""
     h = swiglu(a, b)
     n = a_t.shape[0]
     with torch.no_grad():

@@ -1,0 +1,50 @@
+"""Exponential moving averages of parameters in fp32, several decays at once.
+
+``ema <- decay * ema + (1 - decay) * param`` for every floating parameter, with one
+``torch._foreach_lerp_`` per decay. Works on plain and on FSDP2-sharded (DTensor) parameters:
+each rank averages its own shard.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decays: tuple[float, ...] = (0.9999,)):
+        for d in decays:
+            if not 0.0 <= d < 1.0:
+                raise ValueError(f"EMA decays must be in [0, 1), got {d}")
+        self.decays = tuple(decays)
+        self.names = [n for n, p in model.named_parameters() if p.is_floating_point()]
+        params = dict(model.named_parameters())
+        self.shadows = {d: [params[n].detach().float().clone() for n in self.names] for d in self.decays}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        current = [params[n].detach().float() for n in self.names]
+        for d, shadow in self.shadows.items():
+            torch._foreach_lerp_(shadow, current, 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module, decay: float | None = None) -> None:
+        """Load the averages of ``decay`` (default: the first) into ``model``'s parameters."""
+        shadow = self.shadows[self.decays[0] if decay is None else decay]
+        params = dict(model.named_parameters())
+        for n, s in zip(self.names, shadow, strict=True):
+            params[n].copy_(s)
+
+    def state_dict(self) -> dict:
+        return {f"{d}": dict(zip(self.names, s, strict=True)) for d, s in self.shadows.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for d in self.decays:
+            if f"{d}" not in state:
+                raise ValueError(f"EMA state has no decay {d}; it holds {sorted(state)}")
+            missing = [n for n in self.names if n not in state[f"{d}"]]
+            if missing:
+                raise ValueError(f"EMA state for decay {d} lacks parameters {missing[:5]}")
+            for s, n in zip(self.shadows[d], self.names, strict=True):
+                s.copy_(state[f"{d}"][n])

@@ -1,0 +1,215 @@
+"""RMSNorm over the last dim, with an optional fused tangent (forward-mode JVP) output.
+
+Math, per row of length ``D`` (all in fp32; outputs in the dtype of ``x``)::
+
+    forward   r   = rsqrt(mean(x^2) + eps)           y   = x * r * w
+    tangent   y_t = w * (x_t * r - x * r^3 * mean(x * x_t))
+                  = w * r * (x_t - xn * mean(xn * x_t)),            xn = x * r
+    backward  g   = dy * w
+              dx  = r * (g - xn * mean(g * xn))
+              dw  = sum over rows of dy * xn
+
+The dual forward reads ``x`` once for both outputs and stores ``r`` (fp32, one per row) for the
+backward, which is the *primal* backward only: the MeanFlow losses stop the gradient of the
+tangent, so ``y_t`` is returned detached and nothing is saved for it. Prefix tangents (see
+:mod:`imf_kernels.reference`): ``x_t`` may cover only the first ``n <= batch`` rows of the batch; the
+kernel masks the tangent by row count (``rows_t = x_t.numel() // D``).
+
+The weight gradient is reduced in two stages, as liger-kernel's ``rms_norm`` does: each backward
+program walks a contiguous range of rows, accumulates its partial ``dw`` in fp32 registers and
+writes one row of a ``(programs, D)`` buffer, which is then summed. (Liger launches one program per
+SM; here the range is a fixed number of rows per ``D``, see ``_rows_per_program``.) The split only
+depends on the shape, so the backward is deterministic (no atomics).
+
+Block sizes: a row is one ``BLOCK_D = next_power_of_2(D)`` tile; ``BLOCK_M`` rows per tile and
+``num_warps`` are autotuned per ``D`` (one fixed config under ``TRITON_INTERPRET=1``).
+
+Tested: fp32/fp16 on CPU under the Triton interpreter (``tests/test_dual_ops.py``); the bf16 GPU
+tests there are written but were not run when this module was written (no GPU available).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import as_rows, check_float, check_prefix, describe, interpreting
+
+# Largest tile (rows x padded D, fp32 elements) one program holds; beyond it registers spill.
+_MAX_TILE = 8192
+# Elements of x one backward program walks (64 rows at D = 768). Its fp32 dw partial row adds about
+# 1% to the bf16 traffic of those rows (x, dy read, dx written), and 70k rows still make 1100 programs.
+_BWD_ELEMENTS_PER_PROGRAM = 65536
+
+
+def _rows_per_program(block_d: int) -> int:
+    """Rows per backward program: a power of two >= 16 (the largest BLOCK_M), so tiles never straddle
+    two programs. It depends on ``D`` only, so the kernel (where it is a constexpr: the Triton 3.6
+    interpreter cannot loop to a runtime bound under numpy >= 2.3) compiles once per ``D``."""
+    return max(16, _BWD_ELEMENTS_PER_PROGRAM // block_d)
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 8}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (2, 4, 8)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles that exceed the register budget or leave threads idle; keep at least the smallest."""
+    block_d = {**named_args, **kwargs}["BLOCK_D"]
+    tile = lambda c: c.kwargs["BLOCK_M"] * block_d
+    fit = [c for c in configs if tile(c) <= max(_MAX_TILE, block_d) and c.num_warps * 32 <= tile(c)]
+    return fit or configs[:1]
+
+
+_PRUNE = {"early_config_prune": _prune}
+
+
+@triton.autotune(configs=_configs(), key=["D", "WITH_TANGENT"], prune_configs_by=_PRUNE)
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, XT, W, Y, YT, RSTD,
+    stride_x, stride_xt,
+    rows, rows_t, D, eps,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WITH_TANGENT: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    rows64 = offs_m.to(tl.int64)[:, None]
+    mask = (offs_m < rows)[:, None] & mask_d[None, :]
+
+    x = tl.load(X + rows64 * stride_x + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    xn = x * rstd[:, None]
+    tl.store(RSTD + offs_m, rstd, mask=offs_m < rows)
+    tl.store(Y + rows64 * D + offs_d[None, :], (xn * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    if WITH_TANGENT:
+        mask_t = (offs_m < rows_t)[:, None] & mask_d[None, :]
+        xt = tl.load(XT + rows64 * stride_xt + offs_d[None, :], mask=mask_t, other=0.0).to(tl.float32)
+        dot = tl.sum(xn * xt, axis=1) / D
+        yt = w[None, :] * rstd[:, None] * (xt - xn * dot[:, None])
+        tl.store(YT + rows64 * D + offs_d[None, :], yt.to(YT.dtype.element_ty), mask=mask_t)
+
+
+@triton.autotune(configs=_configs(), key=["D"], prune_configs_by=_PRUNE)
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, RSTD, DX, DW_PARTIAL,
+    stride_dy, stride_x,
+    rows, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    w = tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        offs_m = pid * ROWS_PER_PROGRAM + start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < rows
+        rows64 = offs_m.to(tl.int64)[:, None]
+        mask = mask_m[:, None] & mask_d[None, :]
+        dy = tl.load(DY + rows64 * stride_dy + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64 * stride_x + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + offs_m, mask=mask_m, other=0.0)
+        xn = x * rstd[:, None]
+        g = dy * w[None, :]
+        dot = tl.sum(g * xn, axis=1) / D
+        dx = rstd[:, None] * (g - xn * dot[:, None])
+        tl.store(DX + rows64 * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xn, axis=0)
+    tl.store(DW_PARTIAL + pid * D + offs_d, dw, mask=mask_d)
+
+
+def _validate(x, x_t, weight) -> None:
+    check_float("x", x)
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got {describe(x)}")
+    if x_t is not None:
+        check_prefix("x_t", x_t, "x", x)
+    check_float("weight", weight, ndim=1)
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must have shape ({x.shape[-1]},) (last dim of x), got {describe(weight)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on the device of x ({x.device}), got {describe(weight)}")
+
+
+def _forward(x, x_t, weight, eps):
+    """``(y, y_t or None, rstd)``; ``rstd`` is fp32 with one entry per row of ``x``."""
+    d = x.shape[-1]
+    x2 = as_rows("x", x)
+    xt2 = as_rows("x_t", x_t) if x_t is not None else x2
+    rows, rows_t = x2.shape[0], xt2.shape[0] if x_t is not None else 0
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y_t = torch.empty(x_t.shape, dtype=x.dtype, device=x.device) if x_t is not None else y
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)
+    _rms_norm_fwd_kernel[grid](
+        x2, xt2, weight, y, y_t, rstd,
+        x2.stride(0), xt2.stride(0),
+        rows, rows_t, d, eps,
+        BLOCK_D=triton.next_power_of_2(d), WITH_TANGENT=x_t is not None,
+    )  # fmt: skip
+    return y, (y_t if x_t is not None else None), rstd
+
+
+def _backward(dy, x, weight, rstd):
+    d = x.shape[-1]
+    x2 = as_rows("x", x)
+    dy2 = dy.reshape(-1, d)
+    if dy2.stride(1) != 1:
+        dy2 = dy2.contiguous()
+    rows, block_d = x2.shape[0], triton.next_power_of_2(d)
+    per_program = _rows_per_program(block_d)
+    programs = triton.cdiv(rows, per_program)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw_partial = torch.empty((programs, d), dtype=torch.float32, device=x.device)
+    _rms_norm_bwd_kernel[(programs,)](
+        dy2, x2, weight, rstd, dx, dw_partial,
+        dy2.stride(0), x2.stride(0),
+        rows, d,
+        BLOCK_D=block_d, ROWS_PER_PROGRAM=per_program,
+    )  # fmt: skip
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """Dual RMSNorm; differentiable in ``y`` only (``y_t`` is detached, ``x_t`` gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, x_t, weight, eps):
+        y, y_t, rstd = _forward(x, x_t, weight.contiguous(), eps)
+        ctx.save_for_backward(x, weight, rstd)
+        if y_t is not None:
+            ctx.mark_non_differentiable(y_t)
+        return y, y_t
+
+    @staticmethod
+    def backward(ctx, dy, _dy_t):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(dy, x, weight.contiguous(), rstd)
+        return dx, None, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``y = x * rsqrt(mean(x^2) + eps) * weight`` over the last dim; differentiable in ``x`` and ``weight``.
+
+    ``x``: any shape ``(..., D)`` that flattens to rows without a copy; ``weight``: ``(D,)``, any float dtype.
+    """
+    _validate(x, None, weight)
+    return _RMSNormFn.apply(x, None, weight, eps)[0]
+
+
+def rms_norm_jvp(
+    x: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, y_t)``: :func:`rms_norm` and its tangent along ``x_t`` (``(n, ...)``, ``n <= x.shape[0]``).
+
+    ``y`` is differentiable in ``x`` and ``weight``; ``y_t`` is detached.
+    """
+    _validate(x, x_t, weight)
+    return _RMSNormFn.apply(x, x_t, weight, eps)

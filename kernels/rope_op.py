@@ -1,0 +1,263 @@
+"""Fused QK-RMSNorm + 1-D rotary embedding, with an optional fused tangent output.
+
+The iMF block normalises ``q`` and ``k`` over ``head_dim`` (RMSNorm with a learned weight) and
+then rotates them (RoPE, rotate-half layout as in :func:`imf_kernels.reference.rope`). Per row
+(one token of one head, length ``D = head_dim``, ``half = D / 2``), in fp32::
+
+    forward   r  = rsqrt(mean(x^2) + eps)     z = x * r * w
+              y[d] = z[d] cos[l, d] + sgn(d) z[rot(d)] sin[l, d],
+              rot(d) = (d + half) mod D,  sgn(d) = -1 for d < half, +1 otherwise
+    tangent   z_t = w * r * (x_t - xn * mean(xn * x_t)),  xn = x * r   (the RMSNorm tangent)
+              y_t = rope(z_t)                                          (RoPE is linear)
+    backward  dz[j] = dy[j] cos[l, j] - sgn(j) sin[l, rot(j)] dy[rot(j)]   (rope transposed; rot is
+                                                                         an involution, sgn(rot j) = -sgn(j))
+              g = dz * w;  dx = r * (g - xn * mean(g * xn));  dw = sum over (batch, token, head) of dz * xn
+
+The rotated partner ``x[rot(d)]`` is read with a second (cache-hitting) load at permuted offsets
+instead of a register shuffle. The intermediate ``z`` is never rounded to the input dtype (the
+reference rounds it once between its two ops, so the kernel is slightly more accurate).
+
+**Layouts.** The model computes ``qkv = Linear(x)`` as ``(B, L, 3, H, D)`` and attention wants
+``(B, H, L, D)``. The kernel reads ``x = qkv[:, :, i]`` -- any ``(B, L, H, D)`` view with unit stride
+in ``D`` -- through its strides and writes ``y`` as a contiguous ``(B, H, L, D)`` tensor, so the
+transpose copy is folded into the op. The backward returns ``dx`` as a contiguous ``(B, L, H, D)``
+tensor (autograd then scatters it into the ``qkv`` gradient). ``cos``, ``sin``: ``(L, D)`` from
+:func:`imf_kernels.reference.rope_tables`. Prefix tangents: ``x_t`` is ``(n, L, H, D)``, ``n <= B``;
+``y_t`` is ``(n, H, L, D)``.
+
+Backward: only the primal (``y_t`` detached, nothing saved for it); ``rstd`` (fp32, ``(B, H, L)``)
+is saved by the forward. One backward program per ``(batch, head)`` walks all tokens and writes
+one fp32 partial row of ``dw``; the ``(B * H, D)`` partials are summed (deterministic). The token
+count is a constexpr of the backward kernel (the Triton 3.6 interpreter cannot loop to a runtime
+bound under numpy >= 2.3), so it compiles once per sequence length.
+
+Tested: fp32/fp16 on CPU under the Triton interpreter (``tests/test_dual_ops.py``); the bf16 GPU
+tests there are written but were not run when this module was written (no GPU available).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_float, check_prefix, describe, interpreting
+
+# Largest tile (tokens x padded head_dim, fp32 elements) one program holds.
+_MAX_TILE = 8192
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_L": m}, num_warps=w) for m in (8, 16, 32, 64, 128) for w in (2, 4, 8)]
+
+
+def _prune(configs, named_args, **kwargs):
+    block_d = {**named_args, **kwargs}["BLOCK_D"]
+    fit = [c for c in configs if c.kwargs["BLOCK_L"] * block_d <= _MAX_TILE]
+    return fit or configs[:1]
+
+
+_PRUNE = {"early_config_prune": _prune}
+
+
+@triton.jit
+def _rope(z, zr, cos, sin, sgn):
+    """``z cos + sgn * z[rot] sin`` with ``zr = z[rot]`` already gathered."""
+    return z * cos + sgn * zr * sin
+
+
+@triton.autotune(configs=_configs(), key=["D", "WITH_TANGENT"], prune_configs_by=_PRUNE)
+@triton.jit
+def _qk_norm_rope_fwd_kernel(
+    X, XT, W, COS, SIN, Y, YT, RSTD,
+    sx_b, sx_l, sx_h, sxt_b, sxt_l, sxt_h,
+    L, H, n_t, D, eps,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WITH_TANGENT: tl.constexpr,
+):  # fmt: skip
+    pid_l = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    half = D // 2
+    rot_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
+    sgn = tl.where(offs_d < half, -1.0, 1.0)[None, :]
+    mask_d = offs_d < D
+    mask = (offs_l < L)[:, None] & mask_d[None, :]
+
+    w = tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    wr = tl.load(W + rot_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    tab = offs_l[:, None] * D
+    cos = tl.load(COS + tab + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + tab + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    x_row = X + b * sx_b + h * sx_h + offs_l[:, None] * sx_l
+    x = tl.load(x_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xr = tl.load(x_row + rot_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd_l = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    rstd = rstd_l[:, None]
+    xn = x * rstd
+    xnr = xr * rstd
+
+    row_out = (b * H + h) * L + offs_l
+    out = row_out[:, None] * D + offs_d[None, :]
+    tl.store(RSTD + row_out, rstd_l, mask=offs_l < L)
+    tl.store(Y + out, _rope(xn * w, xnr * wr, cos, sin, sgn).to(Y.dtype.element_ty), mask=mask)
+    if WITH_TANGENT:
+        if b < n_t:
+            xt_row = XT + b * sxt_b + h * sxt_h + offs_l[:, None] * sxt_l
+            xt = tl.load(xt_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            xtr = tl.load(xt_row + rot_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            dot = (tl.sum(xn * xt, axis=1) / D)[:, None]
+            zt = w * rstd * (xt - xn * dot)
+            ztr = wr * rstd * (xtr - xnr * dot)
+            tl.store(YT + out, _rope(zt, ztr, cos, sin, sgn).to(YT.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=["D", "SEQ"], prune_configs_by=_PRUNE)
+@triton.jit
+def _qk_norm_rope_bwd_kernel(
+    DY, X, W, COS, SIN, RSTD, DX, DW_PARTIAL,
+    sdy_b, sdy_h, sdy_l, sx_b, sx_l, sx_h,
+    H, D,
+    SEQ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    half = D // 2
+    rot_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
+    sgn = tl.where(offs_d < half, -1.0, 1.0)[None, :]
+    mask_d = offs_d < D
+    w = tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(0, SEQ, BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        mask_l = offs_l < SEQ
+        mask = mask_l[:, None] & mask_d[None, :]
+        tab = offs_l[:, None] * D
+        cos = tl.load(COS + tab + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        sinr = tl.load(SIN + tab + rot_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy_row = DY + b * sdy_b + h * sdy_h + offs_l[:, None] * sdy_l
+        dy = tl.load(dy_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        dyr = tl.load(dy_row + rot_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        dz = dy * cos - sgn * sinr * dyr
+
+        x = tl.load(X + b * sx_b + h * sx_h + offs_l[:, None] * sx_l + offs_d[None, :], mask=mask, other=0.0)
+        rstd = tl.load(RSTD + (b * H + h) * SEQ + offs_l, mask=mask_l, other=0.0)[:, None]
+        xn = x.to(tl.float32) * rstd
+        dw += tl.sum(dz * xn, axis=0)
+        g = dz * w
+        dot = (tl.sum(g * xn, axis=1) / D)[:, None]
+        dx = rstd * (g - xn * dot)
+        dx_off = ((b * SEQ + offs_l[:, None]) * H + h) * D + offs_d[None, :]
+        tl.store(DX + dx_off, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + (b * H + h) * D + offs_d, dw, mask=mask_d)
+
+
+def _validate(x, x_t, weight, cos, sin) -> None:
+    check_float("x", x, ndim=4)
+    batch, seq, heads, d = x.shape
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got {describe(x)}")
+    if d % 2:
+        raise ValueError(f"x must have an even head_dim (last dim) for RoPE, got {describe(x)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"x must have unit stride in head_dim (last dim), got strides {x.stride()}")
+    if x_t is not None:
+        check_prefix("x_t", x_t, "x", x)
+        if x_t.stride(-1) != 1:
+            raise ValueError(f"x_t must have unit stride in head_dim (last dim), got strides {x_t.stride()}")
+    check_float("weight", weight, ndim=1)
+    if weight.shape[0] != d:
+        raise ValueError(f"weight must have shape ({d},) (head_dim of x), got {describe(weight)}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        check_float(name, table, ndim=2)
+        if table.shape != (seq, d):
+            raise ValueError(f"{name} must have shape ({seq}, {d}) got {describe(table)}")
+    for name, t in (("weight", weight), ("cos", cos), ("sin", sin)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {describe(t)}")
+
+
+def _forward(x, x_t, weight, cos, sin, eps):
+    """``(y, y_t or None, rstd)`` with ``y``: ``(B, H, L, D)`` contiguous, ``rstd``: ``(B, H, L)`` fp32."""
+    batch, seq, heads, d = x.shape
+    xt = x_t if x_t is not None else x
+    y = torch.empty((batch, heads, seq, d), dtype=x.dtype, device=x.device)
+    y_t = torch.empty((xt.shape[0], heads, seq, d), dtype=x.dtype, device=x.device) if x_t is not None else y
+    rstd = torch.empty((batch, heads, seq), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_L"]), heads, batch)
+    _qk_norm_rope_fwd_kernel[grid](
+        x, xt, weight, cos, sin, y, y_t, rstd,
+        x.stride(0), x.stride(1), x.stride(2), xt.stride(0), xt.stride(1), xt.stride(2),
+        seq, heads, xt.shape[0], d, eps,
+        BLOCK_D=triton.next_power_of_2(d), WITH_TANGENT=x_t is not None,
+    )  # fmt: skip
+    return y, (y_t if x_t is not None else None), rstd
+
+
+def _backward(dy, x, weight, cos, sin, rstd):
+    batch, seq, heads, d = x.shape
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx = torch.empty((batch, seq, heads, d), dtype=x.dtype, device=x.device)
+    dw_partial = torch.empty((batch * heads, d), dtype=torch.float32, device=x.device)
+    _qk_norm_rope_bwd_kernel[(heads, batch)](
+        dy, x, weight, cos, sin, rstd, dx, dw_partial,
+        dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2),
+        heads, d,
+        SEQ=seq, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class _QKNormRopeFn(torch.autograd.Function):
+    """Dual QK-RMSNorm + RoPE; differentiable in ``y`` only (``y_t`` detached, no grad for ``x_t``)."""
+
+    @staticmethod
+    def forward(ctx, x, x_t, weight, cos, sin, eps):
+        weight, cos, sin = weight.contiguous(), cos.contiguous(), sin.contiguous()
+        y, y_t, rstd = _forward(x, x_t, weight, cos, sin, eps)
+        ctx.save_for_backward(x, weight, cos, sin, rstd)
+        if y_t is not None:
+            ctx.mark_non_differentiable(y_t)
+        return y, y_t
+
+    @staticmethod
+    def backward(ctx, dy, _dy_t):
+        x, weight, cos, sin, rstd = ctx.saved_tensors
+        dx, dw = _backward(dy, x, weight, cos, sin, rstd)
+        return dx, None, dw, None, None, None
+
+
+def qk_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``rope(rms_norm(x, weight), cos, sin)`` with the head transpose folded in.
+
+    ``x``: ``(B, L, H, D)``, any strides with unit stride in ``D`` (e.g. ``qkv[:, :, 0]`` of a
+    ``(B, L, 3, H, D)`` projection); ``weight``: ``(D,)``; ``cos``, ``sin``: ``(L, D)``.
+    Returns ``y``: ``(B, H, L, D)`` contiguous, dtype of ``x``; differentiable in ``x`` and ``weight``
+    (``cos``/``sin`` are constants and get no gradient).
+    """
+    _validate(x, None, weight, cos, sin)
+    return _QKNormRopeFn.apply(x, None, weight, cos, sin, eps)[0]
+
+
+def qk_norm_rope_jvp(
+    x: torch.Tensor,
+    x_t: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, y_t)``: :func:`qk_norm_rope` and its tangent along ``x_t`` (``(n, L, H, D)``, ``n <= B``).
+
+    ``y_t`` is ``(n, H, L, D)`` contiguous and detached.
+    """
+    _validate(x, x_t, weight, cos, sin)
+    return _QKNormRopeFn.apply(x, x_t, weight, cos, sin, eps)

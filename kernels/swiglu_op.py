@@ -1,0 +1,186 @@
+"""SwiGLU gate ``h = silu(a) * b``, with an optional fused tangent output.
+
+Math, elementwise, in fp32 (outputs in the dtype of ``a``); ``s = sigmoid(a)``::
+
+    forward   h   = silu(a) b,                      silu(a) = a s
+    tangent   h_t = silu'(a) a_t b + silu(a) b_t,  silu'(a) = s (1 + a (1 - s))
+    backward  da  = dh b silu'(a),   db = dh silu(a)
+
+The dual forward reads ``a`` and ``b`` once for both outputs; the backward is the primal one only
+(``h_t`` detached, nothing saved for it). Prefix tangents (see :mod:`imf_kernels.reference`):
+``a_t``, ``b_t`` may cover only the first ``n <= batch`` rows; the kernel masks the tangent by row.
+
+**Packed input.** The model computes ``ab = Linear(x)`` of width ``2 * hidden`` and splits it.
+``a`` and ``b`` (and ``a_t``, ``b_t``) may be those last-dim halves, ``ab[..., :hidden]`` and
+``ab[..., hidden:]``, passed as views: the kernels take a row stride per operand, so no
+``.contiguous()`` copy is made. Any operand that flattens to ``(rows, hidden)`` with unit stride
+in the last dim is accepted. Outputs (``h``, ``h_t``, and the gradients ``da``, ``db``) are
+contiguous; autograd scatters ``da`` and ``db`` into the gradient of ``ab``.
+
+Tiles: ``BLOCK_M`` rows x ``BLOCK_N`` columns of a 2-D grid, autotuned per ``hidden`` (one fixed
+config under ``TRITON_INTERPRET=1``).
+
+Tested: fp32/fp16 on CPU under the Triton interpreter (``tests/test_dual_ops.py``); the bf16 GPU
+tests there are written but were not run when this module was written (no GPU available).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import as_rows, check_float, check_like, check_prefix, interpreting
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
+        for m, n in ((1, 1024), (2, 1024), (4, 512), (4, 1024), (8, 256), (8, 512), (16, 256))
+        for w in (4, 8)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop column tiles much wider than a row."""
+    width = max(256, triton.next_power_of_2({**named_args, **kwargs}["N"]))
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= width]
+
+
+_PRUNE = {"early_config_prune": _prune}
+
+
+@triton.jit
+def _silu_and_grad(a):
+    """``(silu(a), silu'(a))`` in fp32."""
+    s = tl.sigmoid(a)
+    return a * s, s * (1.0 + a * (1.0 - s))
+
+
+@triton.autotune(configs=_configs(), key=["N", "WITH_TANGENT"], prune_configs_by=_PRUNE)
+@triton.jit
+def _swiglu_fwd_kernel(
+    A, B, AT, BT, H, HT,
+    sa, sb, sat, sbt,
+    rows, rows_t, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_TANGENT: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = offs_m.to(tl.int64)[:, None]
+    cols = offs_n[None, :]
+    mask_n = (offs_n < N)[None, :]
+    mask = (offs_m < rows)[:, None] & mask_n
+    a = tl.load(A + rows64 * sa + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + rows64 * sb + cols, mask=mask, other=0.0).to(tl.float32)
+    silu, dsilu = _silu_and_grad(a)
+    tl.store(H + rows64 * N + cols, (silu * b).to(H.dtype.element_ty), mask=mask)
+    if WITH_TANGENT:
+        mask_t = (offs_m < rows_t)[:, None] & mask_n
+        at = tl.load(AT + rows64 * sat + cols, mask=mask_t, other=0.0).to(tl.float32)
+        bt = tl.load(BT + rows64 * sbt + cols, mask=mask_t, other=0.0).to(tl.float32)
+        tl.store(HT + rows64 * N + cols, (dsilu * at * b + silu * bt).to(HT.dtype.element_ty), mask=mask_t)
+
+
+@triton.autotune(configs=_configs(), key=["N"], prune_configs_by=_PRUNE)
+@triton.jit
+def _swiglu_bwd_kernel(
+    DH, A, B, DA, DB,
+    sdh, sa, sb,
+    rows, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = offs_m.to(tl.int64)[:, None]
+    cols = offs_n[None, :]
+    mask = (offs_m < rows)[:, None] & (offs_n < N)[None, :]
+    dh = tl.load(DH + rows64 * sdh + cols, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(A + rows64 * sa + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + rows64 * sb + cols, mask=mask, other=0.0).to(tl.float32)
+    silu, dsilu = _silu_and_grad(a)
+    tl.store(DA + rows64 * N + cols, (dh * b * dsilu).to(DA.dtype.element_ty), mask=mask)
+    tl.store(DB + rows64 * N + cols, (dh * silu).to(DB.dtype.element_ty), mask=mask)
+
+
+def _grid(rows: int, n: int):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+
+
+def _validate(a, b, a_t, b_t) -> None:
+    check_float("a", a)
+    if a.numel() == 0:
+        raise ValueError(f"a must not be empty, got shape {tuple(a.shape)}")
+    check_like("b", b, "a", a)
+    if a_t is not None:
+        check_prefix("a_t", a_t, "a", a)
+        check_like("b_t", b_t, "a_t", a_t)
+
+
+def _forward(a, b, a_t, b_t):
+    n = a.shape[-1]
+    a2, b2 = as_rows("a", a), as_rows("b", b)
+    at2, bt2 = (as_rows("a_t", a_t), as_rows("b_t", b_t)) if a_t is not None else (a2, b2)
+    h = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    h_t = torch.empty(a_t.shape, dtype=a.dtype, device=a.device) if a_t is not None else h
+    _swiglu_fwd_kernel[_grid(a2.shape[0], n)](
+        a2, b2, at2, bt2, h, h_t,
+        a2.stride(0), b2.stride(0), at2.stride(0), bt2.stride(0),
+        a2.shape[0], at2.shape[0] if a_t is not None else 0, n,
+        WITH_TANGENT=a_t is not None,
+    )  # fmt: skip
+    return h, (h_t if a_t is not None else None)
+
+
+def _backward(dh, a, b):
+    n = a.shape[-1]
+    a2, b2 = as_rows("a", a), as_rows("b", b)
+    dh2 = dh.reshape(-1, n)
+    if dh2.stride(1) != 1:
+        dh2 = dh2.contiguous()
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    db = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    _swiglu_bwd_kernel[_grid(a2.shape[0], n)](
+        dh2, a2, b2, da, db,
+        dh2.stride(0), a2.stride(0), b2.stride(0),
+        a2.shape[0], n,
+    )  # fmt: skip
+    return da, db
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    """Dual SwiGLU; differentiable in ``h`` only (``h_t`` detached, no grads for ``a_t``, ``b_t``)."""
+
+    @staticmethod
+    def forward(ctx, a, b, a_t, b_t):
+        h, h_t = _forward(a, b, a_t, b_t)
+        ctx.save_for_backward(a, b)
+        if h_t is not None:
+            ctx.mark_non_differentiable(h_t)
+        return h, h_t
+
+    @staticmethod
+    def backward(ctx, dh, _dh_t):
+        a, b = ctx.saved_tensors
+        da, db = _backward(dh, a, b)
+        return da, db, None, None
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``h = silu(a) * b``; ``a``, ``b``: same shape ``(..., hidden)``, contiguous or last-dim halves of one
+    packed tensor. ``h`` is contiguous and differentiable in ``a`` and ``b``."""
+    _validate(a, b, None, None)
+    return _SwiGLUFn.apply(a, b, None, None)[0]
+
+
+def swiglu_jvp(
+    a: torch.Tensor, b: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, h_t)``: :func:`swiglu` and its tangent along ``(a_t, b_t)`` (``(n, ...)``, ``n <= a.shape[0]``).
+
+    ``h_t`` is contiguous and detached.
+    """
+    _validate(a, b, a_t, b_t)
+    return _SwiGLUFn.apply(a, b, a_t, b_t)

@@ -1,0 +1,314 @@
+"""Flash attention and the fused attention JVP against the math references.
+
+Bound (STYLE.md): relative error ``||x - ref|| / ||ref||`` against an fp64 reference must satisfy
+``err(kernel) <= 2 * err(the same math in the kernel's dtype) + floor``, where "the same math"
+is :mod:`imf_kernels.reference` (autograd / ``torch.func.jvp`` of math attention) run on the
+kernel's inputs in their own dtype. Gradients are normalised by the norm of all three reference
+gradients together (at ``seq = 1``, ``dq`` and ``dk`` are exactly zero). Every output buffer
+the ops allocate is filled with NaN first (autouse fixture), so an unwritten element fails the
+bound. CPU cases run under ``TRITON_INTERPRET=1`` in fp32/fp16 (interpreted bf16 ``tl.dot`` is
+wrong); bf16 and long sequences are in the GPU-marked tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from imf_kernels import _tuning, attention, attention_jvp, attention_jvp_op, attention_op, reference
+from imf_kernels._checks import interpreting
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA and not interpreting() else "cpu"
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1"
+)
+gpu = pytest.mark.skipif(not HAS_CUDA or interpreting(), reason="needs CUDA (without the interpreter)")
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Fresh random inputs each run; the seed is printed so a failure can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"seed {seed}")
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every buffer the ops allocate starts as NaN; returns the list of those buffers."""
+    buffers = []
+    alloc = attention_op.alloc
+
+    def nan_alloc(like, shape=None, dtype=None):
+        buffers.append(alloc(like, shape, dtype).fill_(float("nan")))
+        return buffers[-1]
+
+    monkeypatch.setattr(attention_op, "alloc", nan_alloc)
+    return buffers
+
+
+def make(shape, dtype, layout="blhd", device=DEVICE, grad=False):
+    """A ``(B, H, L, D)`` tensor; ``"blhd"`` is the model's layout: a transposed ``(B, L, H, D)`` view."""
+    b, h, seq, d = shape
+    if layout == "blhd":
+        x = torch.randn(b, seq, h, d, device=device, dtype=dtype).transpose(1, 2)
+    else:
+        x = torch.randn(b, h, seq, d, device=device, dtype=dtype)
+    return x.requires_grad_(grad)
+
+
+def rel_err(x, ref, norm=None) -> float:
+    return ((x.double() - ref).norm() / (ref.norm() if norm is None else norm)).item()
+
+
+def assert_bound(name, out, same_math, ref, dtype, norm=None):
+    err, err_torch = rel_err(out, ref, norm), rel_err(same_math, ref, norm)
+    assert err <= 2 * err_torch + FLOOR[dtype], (
+        f"{name}: err {err:.3g} > 2 * torch {dtype} err {err_torch:.3g}"
+    )
+
+
+def reference_grads(q, k, v, do, dtype):
+    """``(o, (dq, dk, dv))`` of math attention on ``q, k, v`` cast to ``dtype``."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    o = reference.attention(*leaves)
+    return o, torch.autograd.grad(o, leaves, do.to(dtype))
+
+
+def check_attention_grads(o, q, k, v, dtype):
+    """Bound ``o`` and its ``q, k, v`` gradients (``o`` from our kernels) against fp64 and ``dtype`` math."""
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    o64, grads64 = reference_grads(q, k, v, do, torch.float64)
+    o_lo, grads_lo = reference_grads(q, k, v, do, dtype)
+    assert_bound("o", o, o_lo, o64, dtype)
+    norm = torch.cat([g.flatten() for g in grads64]).norm()
+    for name, g, g_lo, g64 in zip(("dq", "dk", "dv"), grads, grads_lo, grads64, strict=True):
+        assert g.dtype == dtype and g.shape == g64.shape
+        assert_bound(name, g, g_lo, g64, dtype, norm)
+
+
+def check_attention_jvp(b, h, seq, d, n, dtype, layout, key_offset):
+    """``key_offset`` adds a shared vector to every key of a head: ``S_t`` then has a large common
+    offset per row, which a kernel that rounds ``P * S_t`` (not ``P * (S_t - mu)``) gets wrong."""
+    q, k, v = (make((b, h, seq, d), dtype, layout) for _ in range(3))
+    k = k + key_offset * torch.randn(b, h, 1, d, device=DEVICE, dtype=dtype)
+    for x in (q, k, v):
+        x.requires_grad_()
+    q_t, k_t, v_t = (make((n, h, seq, d), dtype, layout) for _ in range(3))
+    o, o_t = attention_jvp(q, k, v, q_t, k_t, v_t)
+    assert o_t.shape == q_t.shape and o_t.dtype == dtype and not o_t.requires_grad
+    if n:
+        args64 = [x[:n].detach().double() for x in (q, k, v)] + [x.double() for x in (q_t, k_t, v_t)]
+        _, o_t64 = reference.attention_jvp_autodiff(*args64)
+        _, o_t_lo = reference.attention_jvp_autodiff(*[x.to(dtype) for x in args64])
+        assert_bound("o_t", o_t, o_t_lo, o_t64, dtype)
+    check_attention_grads(o, q, k, v, dtype)
+
+
+F32, F16 = torch.float32, torch.float16
+ATTENTION_CASES = [
+    (F32, (2, 3, 17, 72), "blhd"),
+    (F16, (2, 3, 17, 72), "blhd"),
+    (F32, (1, 2, 33, 64), "bhld"),
+    (F16, (1, 2, 33, 64), "bhld"),
+    (F32, (2, 2, 1, 64), "blhd"),
+    (F16, (2, 2, 1, 64), "blhd"),
+    (F16, (1, 2, 33, 128), "blhd"),
+    (F32, (1, 2, 17, 8), "bhld"),
+    (F16, (1, 2, 276, 72), "blhd"),
+]
+
+
+@pytest.mark.parametrize("dtype, shape, layout", ATTENTION_CASES)
+def test_attention_matches_reference(dtype, shape, layout):
+    q, k, v = (make(shape, dtype, layout, grad=True) for _ in range(3))
+    o = attention(q, k, v)
+    assert o.shape == q.shape and o.dtype == dtype
+    check_attention_grads(o, q, k, v, dtype)
+
+
+JVP_CASES = [
+    (F32, (3, 2, 17, 72), 2, "blhd", 0.0),
+    (F16, (3, 2, 17, 72), 2, "blhd", 0.0),
+    (F32, (2, 2, 33, 64), 2, "bhld", 4.0),
+    (F16, (2, 2, 33, 64), 2, "bhld", 4.0),
+    (F32, (2, 1, 1, 64), 1, "blhd", 0.0),
+    (F16, (2, 1, 1, 64), 1, "blhd", 0.0),
+    (F32, (3, 2, 33, 64), 0, "blhd", 0.0),
+    (F16, (2, 2, 33, 128), 1, "blhd", 0.0),
+    (F32, (2, 1, 276, 64), 1, "blhd", 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype, shape, n, layout, key_offset", JVP_CASES)
+def test_attention_jvp_matches_reference(dtype, shape, n, layout, key_offset):
+    check_attention_jvp(*shape, n, dtype, layout, key_offset)
+
+
+def test_attention_jvp_primal_equals_attention():
+    """The fused forward's ``o`` is the plain forward's ``o`` up to rounding, and backward is shared."""
+    q, k, v = (make((2, 2, 33, 72), F32, grad=True) for _ in range(3))
+    q_t, k_t, v_t = (make((1, 2, 33, 72), F32) for _ in range(3))
+    o, _ = attention_jvp(q, k, v, q_t, k_t, v_t, scale=0.3)
+    o_ref = attention(q, k, v, scale=0.3)
+    assert torch.equal(o[1:], o_ref[1:])
+    torch.testing.assert_close(o[:1], o_ref[:1], rtol=1e-6, atol=1e-6)
+    assert o.grad_fn is not None and type(o.grad_fn).__name__.startswith("_AttentionJVP")
+
+
+def test_buffers_are_poisoned(poisoned):
+    """The NaN fixture really covers the ops' outputs (so the bounds above catch unwritten elements)."""
+    q, k, v = (make((2, 1, 17, 64), F32, grad=True) for _ in range(3))
+    q_t, k_t, v_t = (make((1, 1, 17, 64), F32) for _ in range(3))
+    o, o_t = attention_jvp(q, k, v, q_t, k_t, v_t)
+    grads = torch.autograd.grad(o.sum(), (q, k, v))
+    for out in (o, o_t, *grads):
+        assert any(out is buf for buf in poisoned)
+        assert not out.isnan().any()
+
+
+def test_backward_is_deterministic():
+    q, k, v = (make((2, 2, 33, 72), F32, grad=True) for _ in range(3))
+    do = torch.randn(2, 2, 33, 72)
+    o = attention(q, k, v)
+    first = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+    second = torch.autograd.grad(o, (q, k, v), do)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_no_grad_dual_forward():
+    """Guidance passes run without autograd: same values, nothing requires grad."""
+    q, k, v = (make((2, 2, 17, 64), F16, grad=True) for _ in range(3))
+    q_t, k_t, v_t = (make((2, 2, 17, 64), F16) for _ in range(3))
+    o, o_t = attention_jvp(q, k, v, q_t, k_t, v_t)
+    with torch.no_grad():
+        o_ng, o_t_ng = attention_jvp(q, k, v, q_t, k_t, v_t)
+        o_plain = attention(q, k, v)
+    assert not (o_ng.requires_grad or o_t_ng.requires_grad or o_plain.requires_grad)
+    assert torch.equal(o, o_ng) and torch.equal(o_t, o_t_ng)
+
+
+def test_broadcast_grad_output():
+    """``o.sum()`` backpropagates a stride-0 ``do``; it must give what a dense ``do`` of ones gives."""
+    q, k, v = (make((1, 2, 17, 72), F32, grad=True) for _ in range(3))
+    o = attention(q, k, v)
+    from_sum = torch.autograd.grad(o.sum(), (q, k, v), retain_graph=True)
+    from_ones = torch.autograd.grad(o, (q, k, v), torch.ones(o.shape, device=o.device))
+    for a, b in zip(from_sum, from_ones, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_explicit_scale():
+    q, k, v = (make((1, 2, 17, 64), F32, grad=True) for _ in range(3))
+    q_t, k_t, v_t = (make((1, 2, 17, 64), F32) for _ in range(3))
+    o, o_t = attention_jvp(q, k, v, q_t, k_t, v_t, scale=0.5)
+    args64 = [x.detach().double() for x in (q, k, v, q_t, k_t, v_t)]
+    o64, o_t64 = reference.attention_jvp_autodiff(*args64, scale=0.5)
+    o_lo, o_t_lo = reference.attention_jvp_autodiff(*[x.float() for x in args64], scale=0.5)
+    assert_bound("o", o, o_lo, o64, F32)
+    assert_bound("o_t", o_t, o_t_lo, o_t64, F32)
+
+
+def _bad_calls():
+    x = torch.randn(2, 2, 17, 64, device=DEVICE)
+    t = torch.randn(1, 2, 17, 64, device=DEVICE)
+    return [
+        ("q", lambda: attention(x[0], x, x)),
+        ("k", lambda: attention(x, x[:, :1], x)),
+        ("v", lambda: attention(x, x, x.half())),
+        ("q", lambda: attention(x.long(), x.long(), x.long())),
+        ("k", lambda: attention(x, x.to("meta"), x)),
+        ("q: head_dim", lambda: attention(*(torch.randn(1, 1, 4, 160, device=DEVICE),) * 3)),
+        ("scale", lambda: attention(x, x, x, scale="0.1")),
+        ("q_t", lambda: attention_jvp(x, x, x, torch.randn(3, 2, 17, 64, device=DEVICE), t, t)),
+        ("q_t", lambda: attention_jvp(x, x, x, torch.randn(1, 1, 17, 64, device=DEVICE), t, t)),
+        ("q_t", lambda: attention_jvp(x, x, x, t.half(), t, t)),
+        ("k_t", lambda: attention_jvp(x, x, x, t, x, t)),
+        ("v_t", lambda: attention_jvp(x, x, x, t, t, t.half())),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_bad_inputs_raise(index):
+    """Each bad call raises a ValueError whose message starts with the offending argument."""
+    name, call = _bad_calls()[index]
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        call()
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize(
+    "candidates, smem",
+    [
+        (attention_op.FWD_CONFIGS, attention_op._fwd_smem),
+        (attention_op.DKDV_CONFIGS, attention_op._dkdv_smem),
+        (attention_op.DQ_CONFIGS, attention_op._dq_smem),
+        (attention_jvp_op.JVP_CONFIGS, attention_jvp_op._jvp_smem),
+    ],
+)
+def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, itemsize):
+    dtype = torch.float16 if itemsize == 2 else torch.float32
+    meta = {"Q": torch.empty(0, dtype=dtype), "BLOCK_D": 128}
+    limit = 227 * 1024  # H100 opt-in shared memory per block
+    fits = [c for c in candidates if smem({**meta, **c.kwargs}, c.num_stages) <= limit]
+    assert fits and _tuning.prune_by_shared_memory(candidates, meta, smem, limit) == fits
+    assert len(_tuning.prune_by_shared_memory(candidates, meta, smem, 0)) == 1
+
+
+def test_autotune_prune_drops_deep_pipelines_at_head_dim_128():
+    """fp16, ``BLOCK_D = 128``: the fused JVP cannot buffer 4 stages of four 128-row tiles."""
+    meta = {"Q": torch.empty(0, dtype=torch.float16), "BLOCK_D": 128}
+    kept = _tuning.prune_by_shared_memory(
+        attention_jvp_op.JVP_CONFIGS, meta, attention_jvp_op._jvp_smem, 227 * 1024
+    )
+    assert 0 < len(kept) < len(attention_jvp_op.JVP_CONFIGS)
+    assert all(not (c.kwargs["BLOCK_N"] == 128 and c.num_stages == 4) for c in kept)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq, head_dim", [(256, 64), (276, 72), (1024, 64), (1024, 128), (4096, 64)])
+def test_attention_gpu(dtype, seq, head_dim):
+    batch, heads = (4, 6) if seq <= 1024 else (1, 4)
+    q, k, v = (make((batch, heads, seq, head_dim), dtype, grad=True, device="cuda") for _ in range(3))
+    check_attention_grads(attention(q, k, v), q, k, v, dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq, head_dim, n", [(256, 64, 3), (276, 72, 2), (1024, 64, 4), (4096, 64, 1)])
+def test_attention_jvp_gpu(dtype, seq, head_dim, n):
+    batch, heads = (4, 6) if seq <= 1024 else (1, 4)
+    q, k, v = (make((batch, heads, seq, head_dim), dtype, grad=True, device="cuda") for _ in range(3))
+    tangents = [make((n, heads, seq, head_dim), dtype, device="cuda") for _ in range(3)]
+    o, o_t = attention_jvp(q, k, v, *tangents)
+    args64 = [x[:n].detach().double() for x in (q, k, v)] + [x.double() for x in tangents]
+    _, o_t64 = reference.attention_jvp_autodiff(*args64)
+    _, o_t_lo = reference.attention_jvp_autodiff(*[x.to(dtype) for x in args64])
+    assert_bound("o_t", o_t, o_t_lo, o_t64, dtype)
+    check_attention_grads(o, q, k, v, dtype)
+
+
+@gpu
+@pytest.mark.gpu
+def test_attention_jvp_gpu_memory_is_linear_in_seq():
+    """Peak memory of the fused op beyond its inputs grows O(seq) (outputs and ``lse``), not O(seq^2)."""
+    extra = []
+    for seq in (2048, 8192):
+        inputs = [make((1, 8, seq, 64), torch.bfloat16, device="cuda") for _ in range(6)]
+        attention_jvp(*inputs)  # autotunes (its timing buffers are not part of the op's footprint)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        attention_jvp(*inputs)
+        torch.cuda.synchronize()
+        extra.append(torch.cuda.max_memory_allocated() - base)
+    assert extra[1] <= 4 * extra[0] + 2**20

@@ -1,0 +1,459 @@
+"""Dual (primal + tangent) block ops: RMSNorm, QK-RMSNorm + RoPE, SwiGLU, linear.
+
+Each op is checked against the plain-PyTorch reference (:mod:`imf_kernels.reference`) run in
+fp64: the primal output, the tangent against ``torch.func.jvp`` of the reference *primal*, and the
+gradient of every differentiable input against autograd of the reference. Bound (STYLE.md): the
+kernel's relative error is at most twice that of the same reference math run in the kernel's
+dtype, plus a small floor. Every allocation made while a test runs is poisoned with NaN, so an
+output element a kernel fails to write fails the comparison.
+
+CPU (Triton interpreter): fp32 and fp16 at small, odd sizes. GPU-marked: bf16/fp16/fp32 at model
+sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import imf_kernels
+import pytest
+import torch
+import torch.nn.functional as F
+from imf_kernels import reference as ref
+from imf_kernels._checks import interpreting
+
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+CPU_DTYPES = [torch.float32, torch.float16]
+FLOOR = 1e-6
+
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _nan_fill(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@pytest.fixture(autouse=True)
+def poison_allocations(monkeypatch):
+    """``torch.empty`` / ``torch.empty_like`` return NaN-filled tensors while a test runs."""
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _nan_fill(_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _nan_fill(_empty_like(*a, **k)))
+
+
+def test_allocations_are_poisoned():
+    assert torch.empty(3).isnan().all() and torch.empty_like(torch.ones(2)).isnan().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Harness: run an op and its reference, compare outputs, tangents and gradients.
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    """Max-abs error relative to the largest reference magnitude (NaN in ``out`` -> NaN -> fails)."""
+    return ((out.double() - want).abs().max() / want.abs().max()).item()
+
+
+def assert_close(name: str, out: torch.Tensor, want64: torch.Tensor, same_dtype_ref: torch.Tensor) -> None:
+    assert out.shape == want64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(want64.shape)}"
+    assert out.dtype == same_dtype_ref.dtype, f"{name}: dtype {out.dtype} != {same_dtype_ref.dtype}"
+    if want64.numel() == 0:  # a prefix tangent of no rows
+        return
+    err, err_ref = rel_err(out, want64), rel_err(same_dtype_ref, want64)
+    bound = 2 * err_ref + FLOOR
+    assert err <= bound, (
+        f"{name}: rel err {err:.3g} > {bound:.3g} (2 x reference in {out.dtype}: {err_ref:.3g})"
+    )
+
+
+def reference_run(reference, args, tangents, dy):
+    """``(y, y_t, grads)`` of ``reference(*args)``: ``y_t`` by ``torch.func.jvp`` along ``tangents``
+    (one per arg; ``None`` = constant), grads of every arg by autograd of ``y`` against ``dy``."""
+    args = [a.detach().requires_grad_() for a in args]
+    moving = [i for i, t in enumerate(tangents) if t is not None]
+
+    def f(*m):
+        full = list(args)
+        for i, v in zip(moving, m, strict=True):
+            full[i] = v
+        return reference(*full)
+
+    y, y_t = torch.func.jvp(f, tuple(args[i] for i in moving), tuple(tangents[i] for i in moving))
+    return y, y_t, torch.autograd.grad(y, args, dy)
+
+
+def kernel_run(fused, args, tangents, dy):
+    """``(y, y_t or None, grads)`` of ``fused(*args, *tangents)`` (``tangents`` empty: primal call)."""
+    args = [a.detach().requires_grad_() for a in args]
+    out = fused(*args, *tangents)
+    y, y_t = out if tangents else (out, None)
+    assert y.requires_grad
+    if y_t is not None:
+        assert not y_t.requires_grad, "tangent output must be detached"
+    return y, y_t, torch.autograd.grad(y, args, dy)
+
+
+def check_op(fused_primal, fused_dual, reference, args64, tangents64, dtype, mode, names):
+    """Compare ``fused`` with ``reference`` in ``dtype``; ``mode``: "primal", "full" or "prefix".
+
+    ``args64`` are the fp64 differentiable inputs; ``tangents64`` one per arg (``None``: no tangent).
+    The kernel sees the first ``n`` rows of each tangent (``n = batch``, or ``batch - 1`` for "prefix").
+    """
+    n = args64[0].shape[0] - (mode == "prefix")
+    tangents64 = [None if t is None else t.to(DEVICE) for t in tangents64]
+    args64 = [a.to(DEVICE) for a in args64]
+    dy64 = torch.randn(reference(*args64).shape, dtype=torch.float64, device=DEVICE)
+    y64, yt64, g64 = reference_run(reference, args64, tangents64, dy64)
+
+    low = lambda ts: [None if t is None else t.to(dtype) for t in ts]
+    dy = dy64.to(dtype)
+    y_r, yt_r, g_r = reference_run(reference, low(args64), low(tangents64), dy)
+    if mode == "primal":
+        y, y_t, g = kernel_run(fused_primal, low(args64), [], dy)
+    else:
+        y, y_t, g = kernel_run(fused_dual, low(args64), [t[:n] for t in low(tangents64) if t is not None], dy)
+        assert_close("tangent", y_t, yt64[:n], yt_r[:n])
+    assert_close("primal", y, y64, y_r)
+    for name, gk, gw, gr in zip(names, g, g64, g_r, strict=True):
+        assert_close(f"grad {name}", gk, gw, gr)
+
+
+MODES = ["primal", "full", "prefix"]
+
+
+def randn(*shape, scale=1.0):
+    return scale * torch.randn(*shape, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+def run_rms_norm(shape, dtype, mode):
+    torch.manual_seed(0)
+    x, w = randn(*shape, scale=2.0), 1 + 0.2 * randn(shape[-1])
+    check_op(
+        imf_kernels.rms_norm,
+        lambda x, w, x_t: imf_kernels.rms_norm_jvp(x, x_t, w),
+        ref.rms_norm,
+        [x, w],
+        [randn(*shape), None],
+        dtype,
+        mode,
+        ["x", "weight"],
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 37, 72), (3, 5, 100), (2, 40, 768)])
+def test_rms_norm(shape, dtype, mode):
+    """(2, 40, 768): 80 rows make two backward programs (64 rows each at D = 768)."""
+    run_rms_norm(shape, dtype, mode)
+
+
+def test_rms_norm_tangent_for_no_rows():
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    y, y_t = imf_kernels.rms_norm_jvp(x, x[:0], torch.ones(8, device=DEVICE))
+    assert y_t.shape == (0, 3, 8)
+    assert_close("primal", y, ref.rms_norm(x.double(), torch.ones(8, dtype=torch.float64, device=DEVICE)),
+                 ref.rms_norm(x, torch.ones(8, device=DEVICE)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# QK-RMSNorm + RoPE: x is (B, L, H, D); the kernel returns (B, H, L, D).
+
+
+def _qk_reference(cos, sin):
+    return lambda x, w: ref.rope(ref.rms_norm(x, w).transpose(1, 2), cos, sin)
+
+
+def run_qk_norm_rope(shape, packed, dtype, mode):
+    """``packed``: x is ``qkv[:, :, 1]`` of a ``(B, L, 3, H, D)`` projection (a strided view)."""
+    torch.manual_seed(0)
+    batch, seq, heads, d = shape
+    cos, sin = (t.to(DEVICE) for t in ref.rope_tables(seq, d))
+    reference = _qk_reference(cos, sin)
+    if packed:
+        pick = lambda qkv: qkv[:, :, 1]
+        leaf_shape = (batch, seq, 3, heads, d)
+        fused_primal = lambda qkv, w: imf_kernels.qk_norm_rope(pick(qkv), w, cos, sin)
+        fused_dual = lambda qkv, w, qkv_t: imf_kernels.qk_norm_rope_jvp(pick(qkv), pick(qkv_t), w, cos, sin)
+        reference = functools.partial(lambda f, qkv, w: f(pick(qkv), w), reference)
+    else:
+        leaf_shape = shape
+        fused_primal = lambda x, w: imf_kernels.qk_norm_rope(x, w, cos, sin)
+        fused_dual = lambda x, w, x_t: imf_kernels.qk_norm_rope_jvp(x, x_t, w, cos, sin)
+    check_op(
+        fused_primal,
+        fused_dual,
+        reference,
+        [randn(*leaf_shape, scale=2.0), 1 + 0.2 * randn(d)],
+        [randn(*leaf_shape), None],
+        dtype,
+        mode,
+        ["x", "weight"],
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize(
+    "shape, packed",
+    [((2, 37, 3, 64), True), ((2, 37, 3, 64), False), ((3, 17, 2, 72), True), ((1, 276, 2, 64), True)],
+)
+def test_qk_norm_rope(shape, packed, dtype, mode):
+    run_qk_norm_rope(shape, packed, dtype, mode)
+
+
+def test_qk_norm_rope_output_layout():
+    x = torch.randn(2, 5, 3, 8, device=DEVICE)
+    cos, sin = (t.to(DEVICE) for t in ref.rope_tables(5, 8))
+    y, y_t = imf_kernels.qk_norm_rope_jvp(x, x[:1], torch.ones(8, device=DEVICE), cos, sin)
+    assert y.shape == (2, 3, 5, 8) and y.is_contiguous()
+    assert y_t.shape == (1, 3, 5, 8) and y_t.is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU
+
+
+def run_swiglu(shape, packed, dtype, mode):
+    """``packed``: ``a, b`` are the last-dim halves of one ``(..., 2 * hidden)`` tensor (strided views)."""
+    torch.manual_seed(0)
+    if packed:
+        halves = lambda ab: ab.chunk(2, dim=-1)
+        leaves = [randn(*shape[:-1], 2 * shape[-1], scale=2.0)]
+        tangents = [randn(*shape[:-1], 2 * shape[-1])]
+        fused_primal = lambda ab: imf_kernels.swiglu(*halves(ab))
+        fused_dual = lambda ab, ab_t: imf_kernels.swiglu_jvp(*halves(ab), *halves(ab_t))
+        reference, names = lambda ab: ref.swiglu(*halves(ab)), ["ab"]
+    else:
+        leaves = [randn(*shape, scale=2.0), randn(*shape)]
+        tangents = [randn(*shape), randn(*shape)]
+        fused_primal, fused_dual, reference = imf_kernels.swiglu, imf_kernels.swiglu_jvp, ref.swiglu
+        names = ["a", "b"]
+    check_op(fused_primal, fused_dual, reference, leaves, tangents, dtype, mode, names)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape, packed", [((2, 37, 144), True), ((2, 37, 144), False), ((1, 276, 72), True)])
+def test_swiglu(shape, packed, dtype, mode):
+    run_swiglu(shape, packed, dtype, mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear
+
+
+def run_linear_dual(shape, out_features, bias, dtype, mode):
+    torch.manual_seed(0)
+    x, w = randn(*shape), randn(out_features, shape[-1], scale=shape[-1] ** -0.5)
+    args, tangents = [x, w], [randn(*shape), None]
+    if bias:
+        args, tangents = [*args, randn(out_features)], [*tangents, None]
+    fused = lambda x, w, *rest: imf_kernels.linear_dual(x, rest[-1], w, rest[0] if len(rest) == 2 else None)
+    reference = lambda x, w, b=None: F.linear(x, w, b)
+    check_op(None, fused, reference, args, tangents, dtype, mode, ["x", "weight", "bias"][: len(args)])
+
+
+@pytest.mark.parametrize("mode", ["full", "prefix"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_dual(bias, dtype, mode):
+    run_linear_dual((3, 17, 72), 200, bias, dtype, mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward contract: nothing saved for the tangent; deterministic gradients.
+
+
+def _dual_cases():
+    """``(name, fn, primal args (requiring grad), tangent args)`` with small fp32 inputs."""
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
+    cos, sin = (t.to(DEVICE) for t in ref.rope_tables(9, 16))
+    qkv, qkv_t = r(3, 9, 3, 2, 16), r(2, 9, 3, 2, 16)
+    ab, ab_t = r(3, 9, 96), r(2, 9, 96)
+    return [
+        (
+            "rms_norm",
+            lambda x, w, x_t: imf_kernels.rms_norm_jvp(x, x_t, w),
+            [r(3, 40, 72), r(72)],
+            [r(2, 40, 72)],
+        ),
+        (
+            "qk_norm_rope",
+            lambda qkv, w, qkv_t: imf_kernels.qk_norm_rope_jvp(qkv[:, :, 0], qkv_t[:, :, 0], w, cos, sin),
+            [qkv, r(16)],
+            [qkv_t],
+        ),
+        (
+            "swiglu",
+            lambda ab, ab_t: imf_kernels.swiglu_jvp(*ab.chunk(2, -1), *ab_t.chunk(2, -1)),
+            [ab],
+            [ab_t],
+        ),
+        (
+            "linear_dual",
+            lambda x, w, x_t: imf_kernels.linear_dual(x, x_t, w),
+            [r(3, 9, 24), r(40, 24)],
+            [r(2, 9, 24)],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _dual_cases(), ids=lambda c: c[0])
+def test_nothing_saved_for_tangent(case):
+    _, fn, primals, tangents = case
+    primals = [p.requires_grad_() for p in primals]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, y_t = fn(*primals, *tangents)
+    assert saved, "the op saved nothing for backward (the hook did not fire)"
+    tangent_storages = {t.untyped_storage().data_ptr() for t in [*tangents, y_t]}
+    assert all(s.untyped_storage().data_ptr() not in tangent_storages for s in saved)
+    assert not y_t.requires_grad and y_t.grad_fn is None
+
+
+@pytest.mark.parametrize("case", _dual_cases(), ids=lambda c: c[0])
+def test_backward_is_deterministic(case):
+    _, fn, primals, tangents = case
+    primals = [p.requires_grad_() for p in primals]
+    y, _ = fn(*primals, *tangents)
+    dy = torch.randn_like(y)
+    first = torch.autograd.grad(y, primals, dy, retain_graph=True)
+    second = torch.autograd.grad(y, primals, dy)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: ValueError naming the argument.
+
+
+def _bad_calls():
+    d = DEVICE
+    x, w = torch.randn(2, 5, 8, device=d), torch.ones(8, device=d)
+    cos, sin = (t.to(d) for t in ref.rope_tables(5, 8))
+    q = torch.randn(2, 5, 3, 8, device=d)
+    a = torch.randn(2, 5, 6, device=d)
+    lw = torch.randn(4, 8, device=d)
+    return [
+        ("rms_norm int x", lambda: imf_kernels.rms_norm(x.long(), w), "x must be float32"),
+        (
+            "rms_norm weight shape",
+            lambda: imf_kernels.rms_norm(x, torch.ones(7, device=d)),
+            "weight must have shape",
+        ),
+        ("rms_norm weight device", lambda: imf_kernels.rms_norm(x, w.to("meta")), "weight must be a CUDA"),
+        (
+            "rms_norm transposed x",
+            lambda: imf_kernels.rms_norm(x.transpose(0, 2), torch.ones(2, device=d)),
+            "x must",
+        ),
+        (
+            "rms_norm x_t too long",
+            lambda: imf_kernels.rms_norm_jvp(x, torch.cat([x, x]), w),
+            "x_t must have shape",
+        ),
+        ("rms_norm x_t dtype", lambda: imf_kernels.rms_norm_jvp(x, x.half(), w), "x_t must have the dtype"),
+        ("rms_norm empty x", lambda: imf_kernels.rms_norm(x[:0], w), "x must not be empty"),
+        ("rope 3-d x", lambda: imf_kernels.qk_norm_rope(x, w, cos, sin), "x must have 4 dims"),
+        ("rope odd head_dim", lambda: imf_kernels.qk_norm_rope(q[..., :7], w[:7], cos, sin), "even head_dim"),
+        (
+            "rope x stride",
+            lambda: imf_kernels.qk_norm_rope(q[..., ::2], w[:4], cos, sin),
+            "unit stride",
+        ),
+        ("rope cos shape", lambda: imf_kernels.qk_norm_rope(q, w, cos[:4], sin), "cos must have shape"),
+        ("rope sin dtype", lambda: imf_kernels.qk_norm_rope(q, w, cos, sin.long()), "sin must be float32"),
+        ("rope weight shape", lambda: imf_kernels.qk_norm_rope(q, w[:4], cos, sin), "weight must have shape"),
+        (
+            "rope x_t shape",
+            lambda: imf_kernels.qk_norm_rope_jvp(q, q[:, :4], w, cos, sin),
+            "x_t must have shape",
+        ),
+        ("swiglu b shape", lambda: imf_kernels.swiglu(a, a[..., :5]), "b must have the shape"),
+        ("swiglu b dtype", lambda: imf_kernels.swiglu(a, a.half()), "b must have the dtype"),
+        (
+            "swiglu a strided",
+            lambda: imf_kernels.swiglu(a.transpose(0, 1), a.transpose(0, 1)),
+            "a must flatten",
+        ),
+        (
+            "swiglu a_t batch",
+            lambda: imf_kernels.swiglu_jvp(a, a, torch.cat([a, a]), a),
+            "a_t must have shape",
+        ),
+        ("swiglu b_t shape", lambda: imf_kernels.swiglu_jvp(a, a, a[:1], a), "b_t must have the shape"),
+        ("linear weight shape", lambda: imf_kernels.linear_dual(x, x, lw.t()), "weight must have shape"),
+        ("linear weight dtype", lambda: imf_kernels.linear_dual(x, x, lw.half()), "weight must match x"),
+        (
+            "linear bias shape",
+            lambda: imf_kernels.linear_dual(x, x, lw, torch.ones(5, device=d)),
+            "bias must have",
+        ),
+        ("linear x_t shape", lambda: imf_kernels.linear_dual(x, x[..., :4], lw), "x_t must have shape"),
+        ("linear x int", lambda: imf_kernels.linear_dual(x.long(), x, lw), "x must be a float"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_bad_inputs(case):
+    _, call, message = case
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: model sizes (iMF-B/L: d 768/1024, head_dim 64; MF-XL: head_dim 72; 276 tokens).
+
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def on_gpu(test):
+    """Mark ``test`` as a GPU test, skipped without CUDA or under the interpreter."""
+    skip = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (and TRITON_INTERPRET unset)")
+    return pytest.mark.gpu(skip(test))
+
+
+@pytest.mark.parametrize("mode", ["primal", "prefix"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", [(16, 276, 768), (8, 276, 1024), (4, 276, 1152)])
+@on_gpu
+def test_rms_norm_gpu(shape, dtype, mode):
+    run_rms_norm(shape, dtype, mode)
+
+
+@pytest.mark.parametrize("mode", ["primal", "prefix"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize(
+    "shape, packed", [((16, 276, 12, 64), True), ((8, 276, 16, 72), True), ((8, 276, 16, 64), False)]
+)
+@on_gpu
+def test_qk_norm_rope_gpu(shape, packed, dtype, mode):
+    run_qk_norm_rope(shape, packed, dtype, mode)
+
+
+@pytest.mark.parametrize("mode", ["primal", "prefix"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize(
+    "shape, packed", [((16, 276, 2048), True), ((8, 276, 2730), True), ((8, 276, 2048), False)]
+)
+@on_gpu
+def test_swiglu_gpu(shape, packed, dtype, mode):
+    run_swiglu(shape, packed, dtype, mode)
+
+
+@pytest.mark.parametrize("mode", ["full", "prefix"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@on_gpu
+def test_linear_dual_gpu(dtype, mode):
+    run_linear_dual((16, 276, 768), 2304, True, dtype, mode)

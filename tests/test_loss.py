@@ -1,0 +1,221 @@
+"""Losses against an independent re-derivation with torch.func.jvp, and their limiting cases."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_
+from scipy import stats
+
+import imf
+from imf.config import LossConfig
+from imf.loss import imf_loss, mf_loss, sample_training_inputs
+
+TINY_IMF = dict(dim=32, heads=2, depth=3, head_depth=1, input_size=4, num_classes=5, freq_dim=16)
+TINY_MF = dict(dim=32, heads=2, depth=2, input_size=4, num_classes=5, freq_dim=16)
+
+
+def _batch(model, n, gen, dtype=torch.float64):
+    c = model.cfg
+    x = torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=gen, dtype=dtype)
+    e = torch.randn(x.shape, generator=gen, dtype=dtype)
+    y = torch.randint(0, c.num_classes, (n,), generator=gen)
+    return x, y, e
+
+
+def _imf_reference(model, x, y, e, t, r, omega, t_min, t_max, drop, eps=0.01):
+    """The iMF loss written out from ARCHITECTURE.md section 1, with torch.func.jvp for du/dt."""
+    null = model.cfg.num_classes
+    tb = t.view(-1, 1, 1, 1)
+    z = (1 - tb) * x + tb * e
+    v_t = e - x
+    y = torch.where(drop, torch.full_like(y, null), y)
+    inside = (t_min <= t) & (t <= t_max)
+    w_eff = torch.where(inside, omega, torch.ones_like(omega))
+    zeros, ones = torch.zeros_like(t), torch.ones_like(t)
+    with torch.no_grad():
+        v_c = model.velocity(z, t, t, y, w_eff, zeros, ones)
+        v_u = model.velocity(z, t, t, torch.full_like(y, null), ones, zeros, ones)
+        v_g = v_t + (1 - 1 / w_eff).view(-1, 1, 1, 1) * (v_c - v_u)
+        v_g = torch.where(drop.view(-1, 1, 1, 1), v_t, v_g)
+    u, du = torch.func.jvp(lambda zz, tt: model(zz, tt, r, y, omega, t_min, t_max), (z, t), (v_c, ones))
+    V = u + (t - r).view(-1, 1, 1, 1) * du.detach()
+    sq_V = (V - v_g).pow(2).flatten(1).sum(1)
+    loss = (sq_V / (sq_V.detach() + eps)).mean()
+    if model.has_v_head:
+        v = model.velocity(z, t, r, y, omega, t_min, t_max)
+        sq_v = (v - v_g).pow(2).flatten(1).sum(1)
+        loss = loss + (sq_v / (sq_v.detach() + eps)).mean()
+    return loss, sq_V.mean() / x[0].numel()
+
+
+def _mf_reference(model, x, y, e, t, r, omega, kappa, t_start, t_end, drop, eps=0.01):
+    null = model.cfg.num_classes
+    tb = t.view(-1, 1, 1, 1)
+    z = (1 - tb) * x + tb * e
+    v_t = e - x
+    with torch.no_grad():
+        v_u = model.velocity(z, t, t, torch.full_like(y, null))
+        v_c = model.velocity(z, t, t, y)
+        guided = ((t_start <= t) & (t <= t_end) & ~drop).view(-1, 1, 1, 1)
+        v_g = torch.where(guided, omega * v_t + (1 - omega - kappa) * v_u + kappa * v_c, v_t)
+    y = torch.where(drop, torch.full_like(y, null), y)
+    u, du = torch.func.jvp(lambda zz, tt: model(zz, tt, r, y), (z, t), (v_g, torch.ones_like(t)))
+    target = (v_g - (t - r).view(-1, 1, 1, 1) * du).detach()
+    sq = (u - target).pow(2).flatten(1).sum(1)
+    return (sq / (sq.detach() + eps)).mean(), sq.mean() / x[0].numel()
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("v_head", ["aux", "boundary"])
+def test_imf_loss_matches_reference(v_head):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = randomize_(imf.build_model("iMF-B/2", v_head=v_head, **TINY_IMF).double(), generator=gen)
+    n = 12
+    x, y, e = _batch(model, n, gen)
+    t, r, omega, t_min, t_max, drop = sample_training_inputs(n, LossConfig(class_drop=0.3), gen)
+    t, r, omega, t_min, t_max = (v.double() for v in (t, r, omega, t_min, t_max))
+    perm = torch.randperm(n, generator=gen)  # FM samples scattered: the loss must reorder them itself
+    args = [v[perm] for v in (x, y, e, t, r, omega, t_min, t_max, drop)]
+    loss, metrics = imf_loss(model, *args)
+    loss.backward()
+    g = _grads(model)
+    model.zero_grad()
+    ref, mse_V = _imf_reference(model, *args)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-10
+    assert abs(metrics["mse_V"].item() - mse_V.item()) < 1e-10 * max(1.0, mse_V.item())
+    assert ((g - _grads(model)).norm() / _grads(model).norm()).item() < 1e-9
+    assert metrics["n_tangent"] == int((args[4] < args[3]).sum())
+
+
+def test_mf_loss_matches_reference():
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = randomize_(imf.build_model("MF-B/2", **TINY_MF).double(), generator=gen)
+    n = 10
+    x, y, e = _batch(model, n, gen)
+    t, r, _, _, _, drop = sample_training_inputs(n, LossConfig.for_method("mf", class_drop=0.3), gen)
+    t, r = t.double(), r.double()
+    kw = dict(omega=2.5, kappa=0.4, t_start=0.1, t_end=0.7)
+    loss, metrics = mf_loss(model, x, y, e, t, r, drop=drop, **kw)
+    loss.backward()
+    g = _grads(model)
+    model.zero_grad()
+    ref, mse = _mf_reference(model, x, y, e, t, r, kw["omega"], kw["kappa"], kw["t_start"], kw["t_end"], drop)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-10
+    assert abs(metrics["mse_u"].item() - mse.item()) < 1e-10 * max(1.0, mse.item())
+    assert ((g - _grads(model)).norm() / _grads(model).norm()).item() < 1e-9
+
+
+def _plain_inputs(model, n, gen):
+    x, y, e = _batch(model, n, gen)
+    t = torch.rand(n, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+    return x, y, e, t
+
+
+def test_r_equal_t_reduces_to_flow_matching():
+    """With r = t, omega = 1 and no v-head: per-sample loss terms are adp(|u(z_t | h=0) - (e - x)|^2)."""
+    gen = torch.Generator().manual_seed(3)
+    model = randomize_(imf.build_model("iMF-B/2", v_head="boundary", **TINY_IMF).double(), generator=gen)
+    x, y, e, t = _plain_inputs(model, 6, gen)
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    loss, metrics = imf_loss(model, x, y, e, t, t, ones * 3.0, zeros, ones * 0.05)  # t outside: no guidance
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * e
+    u = model(z, t, t, y, ones * 3.0, zeros, ones * 0.05)
+    sq = (u - (e - x)).pow(2).flatten(1).sum(1)
+    assert metrics["n_tangent"] == 0
+    assert abs(loss.item() - (sq / (sq + 0.01)).mean().item()) < 1e-12
+
+
+def test_omega_one_means_no_guidance_and_outside_interval_target_is_v_t():
+    """omega = 1, or t outside [t_min, t_max], makes the target v_t = e - x exactly (r = t isolates it)."""
+    gen = torch.Generator().manual_seed(4)
+    model = randomize_(imf.build_model("iMF-B/2", v_head="boundary", **TINY_IMF).double(), generator=gen)
+    x, y, e, t = _plain_inputs(model, 6, gen)
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * e
+    for omega, t_min, t_max in ((ones, zeros, ones), (ones * 5, zeros, t * 0.5), (ones * 5, (t + 1) / 2, ones)):
+        _, metrics = imf_loss(model, x, y, e, t, t, omega, t_min, t_max)
+        u = model(z, t, t, y, omega, t_min, t_max)
+        assert abs(metrics["mse_V"].item() - (u - (e - x)).pow(2).mean().item()) < 1e-12
+    # ... and inside the interval with omega > 1 the target moves.
+    _, metrics = imf_loss(model, x, y, e, t, t, ones * 5, zeros, ones)
+    u = model(z, t, t, y, ones * 5, zeros, ones)
+    assert abs(metrics["mse_V"].item() - (u - (e - x)).pow(2).mean().item()) > 1e-6
+
+
+def test_tangent_gets_no_gradient():
+    """Scaling du/dt's graph cannot change the gradient: it flows through the primal only."""
+    gen = torch.Generator().manual_seed(5)
+    model = randomize_(imf.build_model("iMF-B/2", **TINY_IMF).double(), generator=gen)
+    x, y, e, t = _plain_inputs(model, 4, gen)
+    r = t * 0.3
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    loss, _ = imf_loss(model, x, y, e, t, r, ones * 2, zeros, ones)
+    loss.backward()
+    g = _grads(model)
+    model.zero_grad()
+    tb = t.view(-1, 1, 1, 1)
+    z = (1 - tb) * x + tb * e
+    v_c = model.velocity(z, t, t, y, ones * 2, zeros, ones).detach()
+    u, du = model.forward_with_tangent(z, v_c, t, r, y, ones * 2, zeros, ones)
+    assert not du.requires_grad
+    assert torch.isfinite(g).all() and g.norm() > 0
+
+
+def test_loss_bad_inputs():
+    model = imf.build_model("iMF-B/2", **TINY_IMF)
+    gen = torch.Generator().manual_seed(0)
+    x, y, e = _batch(model, 4, gen, torch.float32)
+    t, r, omega, t_min, t_max, drop = sample_training_inputs(4, LossConfig(), gen)
+    good = dict(x=x, y=y, e=e, t=t, r=r, omega=omega, t_min=t_min, t_max=t_max, drop=drop)
+    cases = {
+        "y must be in": dict(y=y + 10),
+        "r must satisfy": dict(r=t + 0.1),
+        "omega must be >= 1": dict(omega=omega * 0 + 0.5),
+        "t must be in": dict(t=t + 2, r=r),
+        "t_min, t_max": dict(t_min=t_max + 0.1),
+        "x must be a floating tensor of shape": dict(x=x[:, :, :2]),
+        "e must match x": dict(e=e.double()),
+        "drop must be a boolean": dict(drop=drop.int()),
+        "t must be a tensor of shape": dict(t=t[:3]),
+        "y must hold integer": dict(y=y.float()),
+        "must be finite": dict(x=x * float("nan")),
+    }
+    for msg, bad in cases.items():
+        with pytest.raises(ValueError, match=msg):
+            imf_loss(model, **{**good, **bad})
+    with pytest.raises(ValueError, match="omega must be >= 1"):
+        mf_loss(imf.build_model("MF-B/2", **TINY_MF), x, y, e, t, r, omega=0.5)
+
+
+def test_samplers_follow_published_distributions():
+    n = 20000
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    cfg = LossConfig()
+    t, r, omega, t_min, t_max, drop = sample_training_inputs(n, cfg, gen)
+    fm = torch.arange(n) >= n // 2
+    assert torch.equal(r[fm], t[fm]) and (r[~fm] <= t[~fm]).all() and (r[~fm] < t[~fm]).float().mean() > 0.99
+    # t is the max of two logit-normal(-0.4, 1) draws: P(t <= s) = Phi((logit s + 0.4))^2.
+    cdf_t = lambda s: stats.norm.cdf(np.log(s / (1 - s)) + 0.4) ** 2
+    assert stats.kstest(t.double().numpy(), cdf_t).pvalue > 1e-4
+    # omega ~ omega^-1 on [1, 8]: log(omega) / log(8) is uniform.
+    assert stats.kstest((omega.log() / math.log(8)).numpy(), "uniform").pvalue > 1e-4
+    assert stats.kstest((2 * t_min[~fm]).numpy(), "uniform").pvalue > 1e-4
+    assert stats.kstest((2 * t_max[~fm] - 1).numpy(), "uniform").pvalue > 1e-4
+    assert (t_min[fm] == 0).all() and (t_max[fm] == 1).all()
+    assert abs(drop.float().mean().item() - 0.1) < 0.01
+    beta2 = sample_training_inputs(n, LossConfig(omega_beta=2.0, omega_s_max=3.0), gen)[2]
+    # p ~ w^-2 on [1, 4]: CDF (1 - 1/w) / (3/4).
+    assert stats.kstest(beta2.numpy(), lambda w: (1 - 1 / w) / 0.75).pvalue > 1e-4
+    t, r, omega, t_min, t_max, drop = sample_training_inputs(n, LossConfig.for_method("mf", omega=2.0), gen)
+    assert abs((r < t).float().mean().item() - 0.25) < 0.01 and (omega == 2.0).all()
+    with pytest.raises(ValueError, match="batch_size"):
+        sample_training_inputs(0, cfg)
+    with pytest.raises(ValueError, match="loss method"):
+        LossConfig.for_method("fm")

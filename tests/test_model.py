@@ -1,0 +1,152 @@
+"""Model-level tests: the explicit dual forward equals torch.func.jvp of the reference forward."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import randomize_
+
+import imf
+from imf.config import PRESETS
+from imf.model import patchify, unpatchify
+
+TINY = {
+    "iMF-B/2": dict(dim=48, heads=4, depth=3, head_depth=1, input_size=6, num_classes=7),
+    "iMF-XL/2": dict(dim=32, heads=2, depth=4, head_depth=2, input_size=10, num_classes=5, v_head="boundary"),
+    "MF-B/2": dict(dim=48, heads=4, depth=2, input_size=6, num_classes=7),
+    "MF-XL/2": dict(dim=36, heads=2, depth=2, input_size=10, num_classes=5),
+    "demo": {},
+}
+
+
+def _inputs(cfg, batch, dtype, gen):
+    z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, dtype=dtype, generator=gen)
+    t = torch.rand(batch, dtype=dtype, generator=gen) * 0.9 + 0.1
+    r = t * torch.rand(batch, dtype=dtype, generator=gen)
+    y = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen)  # includes the null label
+    omega = 1 + 6 * torch.rand(batch, dtype=dtype, generator=gen)
+    t_min = 0.5 * torch.rand(batch, dtype=dtype, generator=gen)
+    t_max = 0.5 + 0.5 * torch.rand(batch, dtype=dtype, generator=gen)
+    return z, t, r, y, omega, t_min, t_max
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_forward_with_tangent_matches_func_jvp(name, dtype, bound):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = randomize_(imf.build_model(name, **TINY[name]).to(dtype), generator=gen)
+    z, t, r, y, omega, t_min, t_max = _inputs(model.cfg, 5, dtype, gen)
+    z_t = torch.randn(z.shape, dtype=dtype, generator=gen)
+    u_ref, u_t_ref = torch.func.jvp(lambda zz, tt: model(zz, tt, r, y, omega, t_min, t_max), (z, t),
+                                    (z_t, torch.ones_like(t)))
+    u, u_t = model.forward_with_tangent(z, z_t, t, r, y, omega, t_min, t_max)
+    assert _rel(u, u_ref) < bound
+    assert _rel(u_t, u_t_ref) < bound
+    assert u.requires_grad and not u_t.requires_grad
+    # A tangent prefix gives the same first rows and the same primal for every row.
+    u2, u2_t = model.forward_with_tangent(z, z_t[:2], t, r, y, omega, t_min, t_max)
+    assert u2_t.shape == (2, *z.shape[1:])
+    assert _rel(u2, u_ref) < bound
+    assert _rel(u2_t, u_t_ref[:2]) < bound
+
+
+@pytest.mark.parametrize("name", ["iMF-B/2", "MF-B/2"])
+def test_tangent_carries_the_time_condition(name):
+    """With z_t = 0 the tangent is the pure d/dt through h = t - r (iMF) or (t, h) (MF): non-zero."""
+    model = randomize_(imf.build_model(name, **TINY[name]).double())
+    z, t, r, y, omega, t_min, t_max = _inputs(model.cfg, 3, torch.float64, None)
+    _, u_t = model.forward_with_tangent(z, torch.zeros_like(z), t, r, y, omega, t_min, t_max)
+    _, ref = torch.func.jvp(lambda tt: model(z, tt, r, y, omega, t_min, t_max), (t,), (torch.ones_like(t),))
+    assert ref.abs().max() > 1e-3
+    assert _rel(u_t, ref) < 1e-10
+
+
+def test_gradients_flow_only_through_the_primal():
+    model = randomize_(imf.build_model("demo").double())
+    z, t, r, y, omega, t_min, t_max = _inputs(model.cfg, 4, torch.float64, None)
+    z_t = torch.randn_like(z)
+    u, u_t, v = model.forward_with_tangent(z, z_t, t, r, y, omega, t_min, t_max, with_velocity=True)
+    (u.square().sum() + v.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    (model(z, t, r, y, omega, t_min, t_max).square().sum()
+     + model.velocity(z, t, r, y, omega, t_min, t_max).sum()).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, rtol=1e-10, atol=1e-12), n
+
+
+def test_velocity_heads():
+    model = randomize_(imf.build_model("demo").double())
+    z, t, r, y, omega, t_min, t_max = _inputs(model.cfg, 3, torch.float64, None)
+    v = model.velocity(z, t, r, y, omega, t_min, t_max)
+    assert _rel(v, model(z, t, r, y, omega, t_min, t_max)) > 1e-3  # separate v-head
+    boundary = imf.build_model("demo", v_head="boundary").double()
+    boundary.load_state_dict({k: w for k, w in model.state_dict().items() if k in boundary.state_dict()})
+    vb = boundary.velocity(z, t, r, y, omega, t_min, t_max)
+    assert torch.equal(vb, boundary(z, t, t, y, omega, t_min, t_max))  # u at h = 0
+    with pytest.raises(ValueError, match="with_velocity"):
+        boundary.forward_with_tangent(z, z, t, r, y, omega, t_min, t_max, with_velocity=True)
+
+
+def test_backends_share_the_state_dict():
+    ref = imf.build_model("demo", backend="reference")
+    tri = imf.build_model("demo", backend="triton")
+    assert ref.state_dict().keys() == tri.state_dict().keys()
+    for k, w in ref.state_dict().items():
+        assert w.shape == tri.state_dict()[k].shape
+    tri.load_state_dict(ref.state_dict())
+
+
+def test_patchify_roundtrip():
+    z = torch.randn(2, 4, 8, 8)
+    x = patchify(z, 2)
+    assert x.shape == (2, 16, 16)
+    assert torch.equal(x[0, 1], z[0, :, 0:2, 2:4].permute(1, 2, 0).reshape(-1))
+    assert torch.equal(unpatchify(x, 2, 4), z)
+
+
+@pytest.mark.parametrize("name", ["iMF-B/2", "iMF-L/2", "iMF-XL/2"])
+def test_paper_parameter_counts(name):
+    """Inference parameters (trunk + u-head) within 3% of the paper's 89M / 409M / 610M."""
+    paper = {"iMF-B/2": 89e6, "iMF-L/2": 409e6, "iMF-XL/2": 610e6}[name]
+    with torch.device("meta"):
+        model = imf.build_model(name)
+    total = sum(p.numel() for p in model.parameters())
+    v_head = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("v_blocks", "v_out")))
+    assert abs((total - v_head) - paper) / paper < 0.03
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    model = imf.build_model("demo")
+    z, t, r, y, omega, t_min, t_max = _inputs(model.cfg, 3, torch.float32, None)
+    with pytest.raises(ValueError, match="z must have shape"):
+        model(z[:, :, :4], t, r, y, omega, t_min, t_max)
+    with pytest.raises(ValueError, match="t must be a tensor of shape"):
+        model(z, t[:2], r, y, omega, t_min, t_max)
+    with pytest.raises(ValueError, match="y must have an integer"):
+        model(z, t, r, y.float(), omega, t_min, t_max)
+    with pytest.raises(ValueError, match="omega must be a tensor"):
+        model(z, t, r, y, None, t_min, t_max)
+    with pytest.raises(ValueError, match="z_t must have shape"):
+        model.forward_with_tangent(z, torch.cat([z, z]), t, r, y, omega, t_min, t_max)
+    with pytest.raises(ValueError, match="z_t must match z"):
+        model.forward_with_tangent(z, z.double(), t, r, y, omega, t_min, t_max)
+    with pytest.raises(ValueError, match="unknown preset"):
+        imf.build_model("iMF-XXL/2")
+    with pytest.raises(ValueError, match="unknown model config field"):
+        imf.build_model("demo", widht=3)
+    with pytest.raises(ValueError, match="backend"):
+        imf.build_model("demo", backend="cuda")
+    with pytest.raises(ValueError, match="divisible by heads"):
+        imf.build_model("demo", heads=5)
+
+
+def test_presets_are_valid():
+    for name, cfg in PRESETS.items():
+        assert dataclasses.replace(cfg).validate() == cfg, name
+    assert PRESETS["iMF-XL/2"].head_dim == 64 and PRESETS["MF-XL/2"].head_dim == 72
+    assert PRESETS["iMF-B/2"].seq_len == 276
