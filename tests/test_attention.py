@@ -23,9 +23,7 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA and not interpreting() else "cpu"
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1"
-)
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
 gpu = pytest.mark.skipif(not HAS_CUDA or interpreting(), reason="needs CUDA (without the interpreter)")
 
 
@@ -67,9 +65,7 @@ def rel_err(x, ref, norm=None) -> float:
 
 def assert_bound(name, out, same_math, ref, dtype, norm=None):
     err, err_torch = rel_err(out, ref, norm), rel_err(same_math, ref, norm)
-    assert err <= 2 * err_torch + FLOOR[dtype], (
-        f"{name}: err {err:.3g} > 2 * torch {dtype} err {err_torch:.3g}"
-    )
+    assert err <= 2 * err_torch + FLOOR[dtype], f"{name}: err {err:.3g} > 2 * torch {dtype} err {err_torch:.3g}"
 
 
 def reference_grads(q, k, v, do, dtype):
@@ -264,11 +260,31 @@ def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, item
 def test_autotune_prune_drops_deep_pipelines_at_head_dim_128():
     """fp16, ``BLOCK_D = 128``: the fused JVP cannot buffer 4 stages of four 128-row tiles."""
     meta = {"Q": torch.empty(0, dtype=torch.float16), "BLOCK_D": 128}
-    kept = _tuning.prune_by_shared_memory(
-        attention_jvp_op.JVP_CONFIGS, meta, attention_jvp_op._jvp_smem, 227 * 1024
-    )
+    kept = _tuning.prune_by_shared_memory(attention_jvp_op.JVP_CONFIGS, meta, attention_jvp_op._jvp_smem, 227 * 1024)
     assert 0 < len(kept) < len(attention_jvp_op.JVP_CONFIGS)
     assert all(not (c.kwargs["BLOCK_N"] == 128 and c.num_stages == 4) for c in kept)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the smoke run uses CPU tensors")
+def test_bench_smoke():
+    """The benchmark harness produces a row with numbers for every implementation, op and mode."""
+    from bench import attention_bench
+
+    assert attention_bench.flops("attention_jvp", "fwd", 2, 3, 5, 8) == 3 * attention_bench.flops(
+        "attention", "fwd", 2, 3, 5, 8
+    )
+    rows = attention_bench.smoke()
+    expected = {
+        (op, mode, impl)
+        for op, impls in (
+            ("attention", ("imf_kernels", "sdpa_flash")),
+            ("attention_jvp", ("imf_kernels", "torch_func_jvp_math")),
+        )
+        for mode in ("fwd", "fwd+bwd")
+        for impl in impls
+    }
+    assert {(r["op"], r["mode"], r["impl"]) for r in rows} == expected
+    assert all("error" not in r and r["ms"] > 0 and r["tflops"] > 0 for r in rows)
 
 
 @gpu

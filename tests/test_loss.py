@@ -9,6 +9,7 @@ from conftest import randomize_
 from scipy import stats
 
 import imf
+from imf.baseline import imf_loss_func_jvp, mf_loss_func_jvp
 from imf.config import LossConfig
 from imf.loss import imf_loss, mf_loss, sample_training_inputs
 
@@ -22,49 +23,6 @@ def _batch(model, n, gen, dtype=torch.float64):
     e = torch.randn(x.shape, generator=gen, dtype=dtype)
     y = torch.randint(0, c.num_classes, (n,), generator=gen)
     return x, y, e
-
-
-def _imf_reference(model, x, y, e, t, r, omega, t_min, t_max, drop, eps=0.01):
-    """The iMF loss written out from ARCHITECTURE.md section 1, with torch.func.jvp for du/dt."""
-    null = model.cfg.num_classes
-    tb = t.view(-1, 1, 1, 1)
-    z = (1 - tb) * x + tb * e
-    v_t = e - x
-    y = torch.where(drop, torch.full_like(y, null), y)
-    inside = (t_min <= t) & (t <= t_max)
-    w_eff = torch.where(inside, omega, torch.ones_like(omega))
-    zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-    with torch.no_grad():
-        v_c = model.velocity(z, t, t, y, w_eff, zeros, ones)
-        v_u = model.velocity(z, t, t, torch.full_like(y, null), ones, zeros, ones)
-        v_g = v_t + (1 - 1 / w_eff).view(-1, 1, 1, 1) * (v_c - v_u)
-        v_g = torch.where(drop.view(-1, 1, 1, 1), v_t, v_g)
-    u, du = torch.func.jvp(lambda zz, tt: model(zz, tt, r, y, omega, t_min, t_max), (z, t), (v_c, ones))
-    V = u + (t - r).view(-1, 1, 1, 1) * du.detach()
-    sq_V = (V - v_g).pow(2).flatten(1).sum(1)
-    loss = (sq_V / (sq_V.detach() + eps)).mean()
-    if model.has_v_head:
-        v = model.velocity(z, t, r, y, omega, t_min, t_max)
-        sq_v = (v - v_g).pow(2).flatten(1).sum(1)
-        loss = loss + (sq_v / (sq_v.detach() + eps)).mean()
-    return loss, sq_V.mean() / x[0].numel()
-
-
-def _mf_reference(model, x, y, e, t, r, omega, kappa, t_start, t_end, drop, eps=0.01):
-    null = model.cfg.num_classes
-    tb = t.view(-1, 1, 1, 1)
-    z = (1 - tb) * x + tb * e
-    v_t = e - x
-    with torch.no_grad():
-        v_u = model.velocity(z, t, t, torch.full_like(y, null))
-        v_c = model.velocity(z, t, t, y)
-        guided = ((t_start <= t) & (t <= t_end) & ~drop).view(-1, 1, 1, 1)
-        v_g = torch.where(guided, omega * v_t + (1 - omega - kappa) * v_u + kappa * v_c, v_t)
-    y = torch.where(drop, torch.full_like(y, null), y)
-    u, du = torch.func.jvp(lambda zz, tt: model(zz, tt, r, y), (z, t), (v_g, torch.ones_like(t)))
-    target = (v_g - (t - r).view(-1, 1, 1, 1) * du).detach()
-    sq = (u - target).pow(2).flatten(1).sum(1)
-    return (sq / (sq.detach() + eps)).mean(), sq.mean() / x[0].numel()
 
 
 def _grads(model):
@@ -85,7 +43,7 @@ def test_imf_loss_matches_reference(v_head):
     loss.backward()
     g = _grads(model)
     model.zero_grad()
-    ref, mse_V = _imf_reference(model, *args)
+    ref, mse_V = imf_loss_func_jvp(model, *args)
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-10
     assert abs(metrics["mse_V"].item() - mse_V.item()) < 1e-10 * max(1.0, mse_V.item())
@@ -105,7 +63,7 @@ def test_mf_loss_matches_reference():
     loss.backward()
     g = _grads(model)
     model.zero_grad()
-    ref, mse = _mf_reference(model, x, y, e, t, r, kw["omega"], kw["kappa"], kw["t_start"], kw["t_end"], drop)
+    ref, mse = mf_loss_func_jvp(model, x, y, e, t, r, kw["omega"], kw["kappa"], kw["t_start"], kw["t_end"], drop)
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-10
     assert abs(metrics["mse_u"].item() - mse.item()) < 1e-10 * max(1.0, mse.item())
