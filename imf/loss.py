@@ -103,7 +103,8 @@ def imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop=None, cfg: LossConf
         v_g = v_t.clone()
         v_g[need_u] += _bcast(weight[need_u]) * (v_c[need_u] - v_u)
     aux = model.has_v_head
-    out = model.forward_with_tangent(z, v_c[:n_dual], t, r, y, omega, t_min, t_max, with_velocity=aux)
+    # under autocast v_c comes out in the compute dtype; the tangent must match z
+    out = model.forward_with_tangent(z, v_c[:n_dual].to(z.dtype), t, r, y, omega, t_min, t_max, with_velocity=aux)
     u, u_t = out[0], out[1]
     V = u.clone()
     V[:n_dual] = u[:n_dual] + _bcast(t - r)[:n_dual] * u_t

@@ -33,6 +33,14 @@ FlashAttention). fp32 inputs use IEEE fp32 matmuls (not TF32), like torch's defa
 Inputs are read through their strides, so a ``(B, L, H, D)`` tensor viewed as ``(B, H, L, D)``
 is used in place; outputs are allocated with ``empty_like`` and keep that layout.
 
+Block sizes: the head dim is one ``BLOCK_D = next_power_of_2(head_dim)`` tile (min 16), masked
+when ``head_dim`` is not a power of two (72 runs as 128: the padding costs matmul work, not
+memory traffic). ``seq`` is a compile-time constant, as in the Triton tutorial: the loop trip
+counts and the ragged tail are static (full key blocks run unmasked, the tail block masked),
+at the price of one compile per sequence length; the autotuner keys on it anyway. (It also
+keeps the kernels runnable in the Triton 3.6 interpreter with NumPy 2.4, which cannot use a
+runtime scalar as a ``range`` bound.)
+
 Tested: CPU Triton interpreter in fp32/fp16 (interpreted bf16 ``tl.dot`` is wrong, so bf16 is
 covered only by the GPU-marked tests); the autotune configs target H100.
 """
@@ -407,20 +415,6 @@ def row_grid(block: str, seq: int, batch_heads: int):
     return lambda meta: (triton.cdiv(seq, meta[block]), batch_heads)
 
 
-def flash_forward_into(q, k, v, o, lse, scale: float) -> None:
-    """Run the forward kernel on validated ``q, k, v``, writing ``o`` and ``lse`` (which may be views
-    into larger buffers: ``o`` through its strides, ``lse`` contiguous ``(batch, heads, seq)``)."""
-    batch, heads, seq, _ = q.shape
-    if q.numel() == 0:
-        return
-    _attn_fwd[row_grid("BLOCK_M", seq, batch * heads)](
-        q, k, v, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        heads, scale * LOG2E,
-        SEQ=seq, **kernel_meta(q),
-    )
-
-
 def alloc(like: torch.Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None):
     """An uninitialised buffer every element of which a kernel writes: ``empty_like(like)`` (same strides
     when ``like`` is dense, e.g. a ``(B, L, H, D)`` transpose view), or contiguous ``shape, dtype`` on
@@ -433,6 +427,20 @@ def alloc(like: torch.Tensor, shape: tuple[int, ...] | None = None, dtype: torch
 def empty_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``o`` like ``q`` and the fp32 log-sum-exp ``lse`` of shape ``(batch, heads, seq)``."""
     return alloc(q), alloc(q, q.shape[:3], torch.float32)
+
+
+def flash_forward_into(q, k, v, o, lse, scale: float) -> None:
+    """Run the forward kernel on validated ``q, k, v``, writing ``o`` and ``lse`` (which may be views
+    into larger buffers: ``o`` through its strides, ``lse`` contiguous ``(batch, heads, seq)``)."""
+    batch, heads, seq, _ = q.shape
+    if q.numel() == 0:
+        return
+    _attn_fwd[row_grid("BLOCK_M", seq, batch * heads)](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        heads, scale * LOG2E,
+        SEQ=seq, **kernel_meta(q),
+    )
 
 
 def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

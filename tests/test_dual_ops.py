@@ -457,3 +457,22 @@ def test_swiglu_gpu(shape, packed, dtype, mode):
 @on_gpu
 def test_linear_dual_gpu(dtype, mode):
     run_linear_dual((16, 276, 768), 2304, True, dtype, mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark harness (bench/block_ops_bench.py) on tiny shapes.
+
+
+@pytest.mark.skipif(not interpreting(), reason="the smoke run uses the Triton interpreter")
+def test_block_ops_bench_smoke():
+    from bench.block_ops_bench import smoke
+
+    rows = smoke()
+    assert {(r["op"], r["impl"]) for r in rows} == {
+        (op, impl)
+        for op in ("rms_norm", "qk_norm_rope", "swiglu", "linear")
+        for impl in ("imf_kernels", "torch_func_jvp", "reference_explicit")
+    }
+    for r in rows:
+        assert r["ms"] > 0 and r["gbps"] > 0, r
+        assert r["max_err_y"] < 1e-5 and r["max_err_y_t"] < 1e-5, r
