@@ -48,6 +48,7 @@ __all__ = [
     "ShardWriter",
     "LatentLoader",
     "SyntheticLatents",
+    "DigitsLoader",
     "build_loader",
     "check_dataset",
     "main",
@@ -275,6 +276,51 @@ class SyntheticLatents(_PositionedSource):
             yield x, y
 
 
+class DigitsLoader(_PositionedSource):
+    """The built-in pixel-space data: scikit-learn's 8x8 ``digits`` (:func:`imf.digits.load_digits_tensors`,
+    1797 images ``(1, 8, 8)`` in [-1, 1], 10 classes), no augmentation. Sharding and order follow the
+    latent loader's rule: epoch ``e`` permutes all images with a generator seeded by ``(seed, e)``, rank ``r``
+    of ``W`` takes the ``r``-th contiguous block of ``N // W`` and cuts it into ``(N // W) // B`` full batches.
+    Held in memory; batches are moved to ``device``."""
+
+    backend = "digits"
+
+    def __init__(self, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        from imf.digits import load_digits_tensors
+
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        self.x, self.y = load_digits_tensors()
+        self.shape, self.num_classes = tuple(self.x.shape[1:]), 10
+        self.per_rank = len(self.x) // world_size
+        if batch_size > self.per_rank:
+            raise ValueError(f"batch_size {batch_size} is larger than the per-rank digits set ({len(self.x)} "
+                             f"images // world_size {world_size} = {self.per_rank})")
+        self.batch_size, self.rank, self.world_size, self.seed = int(batch_size), rank, world_size, int(seed)
+        self.device = torch.device(device)
+        self._init_position(self.per_rank // self.batch_size)
+
+    def _identity(self) -> dict:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's image indices of ``epoch`` in order (batch ``k`` is entries ``k*B:(k+1)*B``)."""
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, epoch])))
+        a = self.rank * self.per_rank
+        return rng.permutation(len(self.x))[a : a + self.per_rank]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, order_epoch = None, None
+        while True:
+            e, s = self._next
+            if order_epoch != e:
+                order, order_epoch = torch.from_numpy(self.epoch_indices(e)), e
+            idx = order[s * self.batch_size : (s + 1) * self.batch_size]
+            self._advance()
+            yield self.x[idx].to(self.device), self.y[idx].to(self.device)
+
+
 def _dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -300,19 +346,26 @@ def build_loader(
 ):
     """Build the training data source.
 
-    ``data``: a dataset directory (with ``manifest.json``) or ``"synthetic"`` (then ``shape`` defaults to
-    (4, 32, 32) and ``num_classes`` to 1000). ``backend``: ``"dali"``, ``"torch"`` or ``"auto"`` (DALI when
-    ``nvidia.dali`` imports, else torch; rank 0 says which once). For a directory the dataset is validated
-    first (manifest, shard files, shapes/dtypes, counts, label range; checksums with ``verify_checksums``)
-    and ``shape``/``num_classes``, if given, must match the manifest: every problem raises
-    :class:`DataError` (a ``ValueError``) naming the file or field. Returns a loader with the iterator
-    protocol of :class:`LatentLoader` (``iter`` -> endless ``(x, y)``, ``epoch``, ``steps_per_epoch``,
-    ``state_dict``/``load_state_dict``)."""
+    ``data``: a dataset directory (with ``manifest.json``), ``"synthetic"`` (then ``shape`` defaults to
+    (4, 32, 32) and ``num_classes`` to 1000) or ``"digits"`` (the built-in 8x8 pixel-space set,
+    :class:`DigitsLoader`; ``backend``, ``num_workers``, ``flip`` and ``verify_checksums`` do not apply).
+    ``backend``: ``"dali"``, ``"torch"`` or ``"auto"`` (DALI when ``nvidia.dali`` imports, else torch; rank 0
+    says which once). For a directory the dataset is validated first (manifest, shard files, shapes/dtypes,
+    counts, label range; checksums with ``verify_checksums``) and ``shape``/``num_classes``, if given, must
+    match the manifest: every problem raises :class:`DataError` (a ``ValueError``) naming the file or field.
+    Returns a loader with the iterator protocol of :class:`LatentLoader` (``iter`` -> endless ``(x, y)``,
+    ``epoch``, ``steps_per_epoch``, ``state_dict``/``load_state_dict``)."""
     global _ANNOUNCED
     if backend not in ("auto", "dali", "torch"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if str(data) == "digits":
+        digits = DigitsLoader(batch_size, rank=rank, world_size=world_size, seed=seed, device=device)
+        for name, want, have in (("shape", shape, digits.shape), ("num_classes", num_classes, digits.num_classes)):
+            if want is not None and tuple(np.atleast_1d(want)) != tuple(np.atleast_1d(have)):
+                raise DataError(f"the digits data has {name} {have}, the run expects {want}")
+        return digits
     if str(data) == "synthetic":
         return SyntheticLatents(
             batch_size,

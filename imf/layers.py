@@ -132,6 +132,8 @@ class OutputHead(DualModule):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, x, x_t):
+    def forward(self, x, x_t, first: int = 0):
+        """Tokens ``first:`` of ``x`` to patch pixels (the norm runs on all rows: cheaper than a copy)."""
         h, h_t = self.ops.rms_norm(x, x_t, self.norm.weight, self.norm.eps)
-        return self.ops.linear(h, h_t, self.linear.weight, self.linear.bias)
+        return self.ops.linear(h[:, first:], None if h_t is None else h_t[:, first:], self.linear.weight,
+                               self.linear.bias)

@@ -210,8 +210,7 @@ class IMFTransformer(MeanFlowNet):
     def _head(self, blocks, out, x, x_t, cos, sin):
         for blk in blocks:
             x, x_t = blk(x, x_t, cos, sin)
-        c = self.cfg.cond_tokens
-        y, y_t = out(x[:, c:], None if x_t is None else x_t[:, c:])
+        y, y_t = out(x, x_t, first=self.cfg.cond_tokens)
         p, ch = self.cfg.patch_size, self.cfg.in_channels
         return unpatchify(y, p, ch), None if y_t is None else unpatchify(y_t, p, ch)
 

@@ -5,13 +5,12 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import randomize_
 from torch.utils.flop_counter import FlopCounterMode
 
 from imf import build_model, flops
 from imf.config import LossConfig, preset
 from imf.loss import imf_loss, mf_loss, sample_training_inputs
-
-from .conftest import randomize_
 
 
 def closed_form(cfg, head):
