@@ -1,30 +1,30 @@
-"""The main job on built-in data: train the ``demo`` iMF on scikit-learn digits on a CPU.
+"""The main job on built-in data: train the ``demo`` iMF on scikit-learn digits on a CPU, then score it.
 
     python -m imf.demo                      # ~5 minutes on 2 cores
     python -m imf.demo --steps 200 --out runs/quick
 
-Writes to ``--out``: ``checkpoint.pt`` (model, EMA, config, step), ``samples_1nfe.png`` and
-``samples_2nfe.png`` (one row per class), and ``metrics.json`` (class accuracy and Frechet
-distance of 1- and 2-NFE samples, per guidance scale, plus wall time).
+Training is :func:`imf.train.run` (the same as ``python -m imf.train --preset demo --data digits``); a
+rerun with the same ``--out`` resumes from its latest checkpoint. Writes to ``--out``: ``checkpoints/``
+(resumable training state), ``model.safetensors`` (EMA weights, :func:`imf.checkpoint.load_exported`),
+``metrics.jsonl`` (training curve), ``samples_1nfe.png`` and ``samples_2nfe.png`` (one row per class), and
+``metrics.json`` (class accuracy and Frechet distance of 1- and 2-NFE samples, per guidance scale, plus
+wall time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from imf.config import LossConfig
-from imf.digits import NUM_CLASSES, DigitsJudge, load_digits_tensors
-from imf.ema import EMA
-from imf.loss import imf_loss, sample_training_inputs
-from imf.model import build_model
+from imf.checkpoint import export_ema, load_exported
+from imf.digits import NUM_CLASSES, DigitsJudge
 from imf.sample import generate, save_grid
+from imf.train import TrainResult, run
+from imf.train_config import build_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,34 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train(args) -> tuple[torch.nn.Module, EMA, float]:
-    torch.manual_seed(args.seed)
-    x_all, y_all = load_digits_tensors()
-    model = build_model("demo", backend=args.backend)
-    ema = EMA(model, (args.ema,))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
-    cfg = LossConfig()
-    gen = torch.Generator().manual_seed(args.seed)
-    start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="demo", unit="step", dynamic_ncols=True)
-    for step in bar:
-        idx = torch.randint(0, len(x_all), (args.batch,), generator=gen)
-        x, y = x_all[idx], y_all[idx]
-        e = torch.randn(x.shape, generator=gen)
-        t, r, omega, t_min, t_max, drop = sample_training_inputs(args.batch, cfg, gen)
-        loss, metrics = imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop, cfg=cfg)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update(model)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", mse_V=f"{metrics['mse_V'].item():.3f}")
-    return model, ema, time.perf_counter() - start
+def train(args) -> TrainResult:
+    """Train with :func:`imf.train.run` on the demo preset's settings (resumes from ``--out``)."""
+    cfg = build_config(overrides={
+        "preset": "demo", "steps": args.steps, "data": {"source": "digits", "batch_size": args.batch},
+        "optim": {"lr": args.lr, "grad_clip": 1.0}, "schedule": {"warmup_steps": args.warmup},
+        "ema_decays": [args.ema], "backend": args.backend, "seed": args.seed, "out_dir": args.out,
+        "checkpoint": {"resume": "auto"}, "log": {"every_steps": 20}})
+    return run(cfg)
 
 
 def evaluate(model, omegas, n: int, seed: int, out: Path) -> dict:
@@ -99,19 +79,16 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, ema, train_s = train(args)
-    ema.copy_to(model)
-    model.eval()
-    ckpt = out / "checkpoint.pt"
-    tmp = ckpt.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "config": model.cfg.__dict__, "step": args.steps}, tmp)
-    tmp.replace(ckpt)
+    result = train(args)
+    weights = export_ema(result.checkpoint, out / "model.safetensors")
+    model = load_exported(weights, backend=args.backend)
     omegas = [float(w) for w in args.omegas.split(",")]
     results = evaluate(model, omegas, args.eval_samples, args.seed, out)
-    summary = {"train_seconds": train_s, "steps": args.steps, "batch": args.batch, "results": results}
+    summary = {"train_seconds": result.train_seconds, "steps": result.step, "batch": args.batch,
+               "skipped_steps": result.skipped, "results": results}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(f"trained {args.steps} steps in {train_s:.0f} s; wrote {ckpt}, {out / 'samples_1nfe.png'}")
+    print(f"trained to step {result.step} ({result.train_seconds:.0f} s in this run); wrote {weights}, "
+          f"{out / 'samples_1nfe.png'}")
     print(f"{'NFE':>3} {'omega':>6} {'accuracy':>9} {'frechet':>8}")
     for r in results.values():
         print(f"{r['steps']:>3} {r['omega']:>6g} {r['accuracy']:>9.3f} {r['frechet']:>8.3f}")

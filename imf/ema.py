@@ -36,6 +36,13 @@ class EMA:
         for n, s in zip(self.names, shadow, strict=True):
             params[n].copy_(s)
 
+    @torch.no_grad()
+    def full_tensors(self, decay: float | None = None) -> dict[str, torch.Tensor]:
+        """The averages of ``decay`` (default: the first) as whole tensors by parameter name. With sharded
+        (DTensor) parameters this all-gathers: every rank must call it."""
+        shadow = self.shadows[self.decays[0] if decay is None else decay]
+        return {n: s.full_tensor() if hasattr(s, "full_tensor") else s for n, s in zip(self.names, shadow, strict=True)}
+
     def state_dict(self) -> dict:
         return {f"{d}": dict(zip(self.names, s, strict=True)) for d, s in self.shadows.items()}
 

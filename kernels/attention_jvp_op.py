@@ -214,6 +214,7 @@ class _AttentionJVP(torch.autograd.Function):
         q, k, v, *_, scale = inputs
         o, o_t, lse = output
         ctx.mark_non_differentiable(o_t, lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
 

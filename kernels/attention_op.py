@@ -481,6 +481,7 @@ class _Attention(torch.autograd.Function):
         q, k, v, scale = inputs
         o, lse = output
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
 

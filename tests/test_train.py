@@ -1,0 +1,281 @@
+"""Trainer, single process on CPU: config errors, digits loader, LR schedule, exact resume, atomic
+checkpoints + keep-last-K, corrupt checkpoints, NaN guard, SIGTERM, export, sample grids, bf16, demo CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import imf.checkpoint as ckpt_mod
+from imf import build_model
+from imf.checkpoint import CheckpointError, export_ema, load_exported
+from imf.config import ModelConfig
+from imf.data import build_loader
+from imf.sample import generate
+from imf.train import NonFiniteError, lr_factor, main, run
+from imf.train_config import ConfigError, build_config, load_config
+
+TINY = {"dim": 32, "heads": 2}
+
+
+def _deep(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_config(out: Path, **over):
+    """The demo preset shrunk to dim 32 / batch 16 on digits, metrics every step, no progress bar."""
+    base = {"preset": "demo", "model_overrides": TINY, "steps": 8, "data": {"source": "digits", "batch_size": 16},
+            "schedule": {"warmup_steps": 2}, "out_dir": str(out), "log": {"every_steps": 1, "progress": False},
+            "checkpoint": {"every_steps": 0}}
+    return build_config(overrides=_deep(base, over))
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- configuration -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--preset", "iMF-Q/7"], 1, "unknown preset 'iMF-Q/7'"),
+    (["--preset", "demo", "--batch", "30"], 4, "batch_size 30 is not divisible by world_size 4 * grad_accum 1"),
+    (["--preset", "demo", "--batch", "64", "--grad-accum", "3"], 1, "not divisible by world_size 1 * grad_accum 3"),
+    (["--data", "/no/such/dir"], 1, "'/no/such/dir' is not 'synthetic', 'digits' or an existing directory"),
+    (["--preset", "demo", "--lr", "-1"], 1, "optim.lr must be > 0"),
+    (["--preset", "demo", "--lr", "fast"], 1, "optim.lr: cannot use 'fast'"),
+    (["--preset", "demo", "--optim.betas", "[0.9, 1.5]"], 1, "optim.betas must be two values in [0, 1)"),
+    (["--preset", "demo", "--optimizer.lr", "1"], 1, "unknown config field 'optimizer'"),
+    (["--preset", "demo", "--model_overrides.heads", "5"], 1, "model: dim (64) must be divisible by heads (5)"),
+    (["--preset", "demo", "--loss_overrides.class_dropp", "0.2"], 1, "unknown loss_overrides field(s) ['class_dropp']"),
+    (["--preset", "demo", "--ema_decays", "[1.5]"], 1, "ema_decays must be in [0, 1)"),
+    (["--preset", "iMF-B/2", "--data", "digits"], 1, "data 'digits' is 1x8x8 with 10 classes"),
+    (["--preset", "MF-B/2", "--loss", "imf", "--data", "synthetic"], 1, "loss 'imf' needs an iMF model"),
+    (["--preset", "demo", "--resume", "/no/such/ckpt"], 1, "checkpoint.resume must be 'auto' or a checkpoint"),
+    (["--config", "/no/such.yaml"], 1, "config file '/no/such.yaml' does not exist"),
+    (["--preset", "demo", "stray"], 1, "unexpected argument 'stray'"),
+])
+def test_config_errors_are_clear(argv, world, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(argv, world_size=world)
+    assert message in str(err.value)
+
+
+def test_config_layers_file_then_cli(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: demo\noptim: {lr: 0.002}\nmodel_overrides: {dim: 32}\n"
+                 "log: {sample_intervals: [[0.1, 0.9]]}\n")
+    cfg = load_config(["--config", str(f), "--model_overrides.heads", "2", "--resume", "--batch", "64"])
+    assert cfg.optim.lr == 0.002 and cfg.model_overrides == {"dim": 32, "heads": 2}
+    assert cfg.checkpoint.resume == "auto" and cfg.data.batch_size == 64 and cfg.data.source == "digits"
+    assert cfg.schedule.warmup_steps == 200 and cfg.ema_decays == (0.999,)  # demo preset defaults
+    assert cfg.log.sample_intervals == ((0.1, 0.9),)
+    t = tmp_path / "c.toml"
+    t.write_text('preset = "demo"\nsteps = 7\n[optim]\nlr = 0.003\n')
+    cfg = load_config(["--config", str(t)])
+    assert (cfg.steps, cfg.optim.lr) == (7, 0.003)
+
+
+def test_main_reports_config_error(capsys):
+    assert main(["--preset", "nope"]) == 2
+    assert "configuration error: unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_lr_schedule():
+    assert [lr_factor(k, 10, 4, "constant", 0.0) for k in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(4, 10, 4, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(7, 10, 4, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert lr_factor(10, 10, 4, "cosine", 0.1) == pytest.approx(0.1)
+
+
+# --- the digits source -------------------------------------------------------------------------------------
+
+def test_digits_loader_shards_and_resumes():
+    loaders = [build_loader("digits", batch_size=100, rank=r, world_size=2, seed=3) for r in range(2)]
+    assert loaders[0].steps_per_epoch == 8  # 1797 // 2 = 898 per rank -> 8 full batches
+    shards = [set(loader.epoch_indices(0).tolist()) for loader in loaders]
+    assert len(shards[0]) == len(shards[1]) == 898 and not shards[0] & shards[1]
+    it = iter(loaders[0])
+    batches = [next(it) for _ in range(11)]
+    assert loaders[0].epoch == 1 and batches[0][0].shape == (100, 1, 8, 8) and batches[0][1].dtype == torch.int64
+    state = loaders[0].state_dict()
+    after = [next(it) for _ in range(3)]
+    fresh = build_loader("digits", batch_size=100, rank=0, world_size=2, seed=3)
+    fresh.load_state_dict(state)
+    again = iter(fresh)
+    for x, y in after:
+        x2, y2 = next(again)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    with pytest.raises(ValueError, match="expects"):
+        build_loader("digits", batch_size=8, shape=(4, 8, 8))
+
+
+# --- resume, checkpoints, export ---------------------------------------------------------------------------
+
+def test_resume_is_bitwise_identical(tmp_path):
+    full = run(tiny_config(tmp_path / "full"))
+    assert full.step == 8 and len(full.losses) == 8 and full.stopped is None
+    first = run(tiny_config(tmp_path / "cut", debug={"interrupt_at_step": 4}))
+    assert first.step == 4 and first.stopped == "debug.interrupt_at_step 4"
+    assert first.losses == full.losses[:4]
+    resumed = run(tiny_config(tmp_path / "cut", checkpoint={"resume": "auto"}))
+    assert resumed.first_step == 5 and resumed.step == 8
+    assert resumed.losses == full.losses[4:]  # bitwise: the same floats
+    for k, v in _params(full.model).items():
+        assert torch.equal(v, _params(resumed.model)[k]), k
+    for a, b in zip(full.ema.shadows[0.999], resumed.ema.shadows[0.999], strict=True):
+        assert torch.equal(a, b)
+    # a fresh run refuses a directory with checkpoints instead of mixing runs
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        run(tiny_config(tmp_path / "cut"))
+
+
+def test_checkpoint_atomic_under_crash_and_keep_last(tmp_path, monkeypatch):
+    root = tmp_path / "run" / "checkpoints"
+    run(tiny_config(tmp_path / "run", steps=6, checkpoint={"every_steps": 2, "keep_last": 2}))
+    assert [p.name for p in ckpt_mod.step_dirs(root)] == ["step_000000004", "step_000000006"]
+    assert ckpt_mod.latest(root).name == "step_000000006"
+
+    real_save = ckpt_mod.dcp.save
+
+    def crashing_save(*args, **kwargs):
+        real_save(*args, **kwargs)  # the shard files are written, then the process "dies"
+        raise RuntimeError("simulated crash during checkpoint save")
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", crashing_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tiny_config(tmp_path / "run", steps=8, checkpoint={"every_steps": 2, "keep_last": 2, "resume": "auto"}))
+    monkeypatch.undo()
+    assert (root / ".tmp-step_000000008").is_dir()  # the half-written one never became visible
+    assert ckpt_mod.latest(root).name == "step_000000006"
+    assert [p.name for p in ckpt_mod.step_dirs(root)] == ["step_000000004", "step_000000006"]
+    done = run(tiny_config(tmp_path / "run", steps=8, checkpoint={"every_steps": 2, "keep_last": 2, "resume": "auto"}))
+    assert done.first_step == 7 and done.step == 8
+    assert not list(root.glob(".tmp-*"))
+    assert [p.name for p in ckpt_mod.step_dirs(root)] == ["step_000000006", "step_000000008"]
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
+    run(tiny_config(tmp_path / "run", steps=2))
+    root = tmp_path / "run" / "checkpoints"
+    step = root / "step_000000002"
+    resume = {"checkpoint": {"resume": str(step)}}
+    (step / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="meta.json is corrupt"):
+        run(tiny_config(tmp_path / "run", steps=3, **resume))
+    (step / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: no meta.json"):
+        run(tiny_config(tmp_path / "run", steps=3, **resume))
+    (root / "latest").write_text("step_000000099")
+    with pytest.raises(CheckpointError, match="names 'step_000000099', which is missing or incomplete"):
+        run(tiny_config(tmp_path / "run", steps=3, checkpoint={"resume": "auto"}))
+
+    run(tiny_config(tmp_path / "ok", steps=2))
+    good = tmp_path / "ok" / "checkpoints" / "step_000000002"
+    (good / "__0_0.distcp").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        run(tiny_config(tmp_path / "ok", steps=3, checkpoint={"resume": str(good)}))
+
+
+def test_export_matches_ema_model_and_sample_grids(tmp_path):
+    res = run(tiny_config(tmp_path / "run", steps=4, ema_decays=[0.9, 0.5], log={"sample_every": 4}))
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
+        "step000000004_w1_t0-1.png", "step000000004_w4_t0-1.png"]
+    out = tmp_path / "ema.safetensors"
+    assert main(["export", "--ckpt", str(tmp_path / "run" / "checkpoints"), "--out", str(out), "--decay", "0.5"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["imf.preset"] == "demo" and meta["imf.ema_decay"] == "0.5" and meta["imf.step"] == "4"
+    cfg = ModelConfig(**json.loads(meta["imf.model_config"]))
+    assert (cfg.dim, cfg.heads) == (32, 2)
+
+    reference = build_model(cfg)
+    reference.load_state_dict(res.ema.full_tensors(0.5))
+    exported = load_exported(out)
+    y = torch.arange(10)
+    a = generate(reference.eval(), y, omega=2.0, generator=torch.Generator().manual_seed(1))
+    b = generate(exported, y, omega=2.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(res.ema.full_tensors(0.5)["u_out.linear.weight"],
+                           res.ema.full_tensors(0.9)["u_out.linear.weight"])
+    with pytest.raises(CheckpointError, match="not 0.25"):
+        export_ema(res.checkpoint, tmp_path / "x.safetensors", decay=0.25)
+
+
+# --- robustness --------------------------------------------------------------------------------------------
+
+def test_nonfinite_step_is_skipped(tmp_path):
+    one = run(tiny_config(tmp_path / "one", steps=1))
+    skip = run(tiny_config(tmp_path / "skip", steps=2, debug={"nan_steps": [2]}))
+    assert skip.skipped == 1 and math.isnan(skip.losses[1]) and skip.losses[0] == one.losses[0]
+    for k, v in _params(one.model).items():  # step 2 changed nothing
+        assert torch.equal(v, _params(skip.model)[k]), k
+    rec = _read_jsonl(tmp_path / "skip" / "metrics.jsonl")
+    assert rec[1]["loss"] is None and rec[1]["skipped_total"] == 1 and rec[0]["skipped_total"] == 0
+
+
+def test_nonfinite_in_a_row_stops_with_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row") as err:
+        run(tiny_config(tmp_path / "run", steps=10, max_nonfinite=3, debug={"nan_steps": [2, 4, 5, 6, 7]}))
+    assert "stopped at step 6" in str(err.value)
+    root = tmp_path / "run" / "checkpoints"
+    assert ckpt_mod.latest(root).name == "step_000000006"
+    assert ckpt_mod.read_meta(ckpt_mod.latest(root))["step"] == 6
+    rec = _read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert rec[-1]["skipped_total"] == 4 and rec[-1]["nonfinite_in_a_row"] == 3
+
+
+def test_sigterm_writes_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "imf.train", "--preset", "demo", "--model_overrides.dim", "32",
+           "--model_overrides.heads", "2", "--batch", "16", "--steps", "100000", "--out", str(out),
+           "--log.every_steps", "1", "--log.progress", "false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 90
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no training steps within 90 s"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped at step" in err and "signal SIGTERM" in err
+    step = ckpt_mod.read_meta(ckpt_mod.latest(out / "checkpoints"))["step"]
+    assert 2 <= step < 100000
+
+
+# --- precision and the demo wrapper ------------------------------------------------------------------------
+
+def test_bf16_on_cpu_single_process(tmp_path):
+    res = run(tiny_config(tmp_path / "run", steps=3, precision="bf16"))
+    assert all(math.isfinite(v) for v in res.losses)
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())  # master weights stay fp32
+
+
+def test_demo_cli_runs_through_the_trainer(tmp_path):
+    from imf.demo import main as demo_main
+
+    out = tmp_path / "demo"
+    summary = demo_main(["--steps", "3", "--batch", "32", "--eval-samples", "20", "--omegas", "1,2", "--out", str(out)])
+    assert summary["steps"] == 3 and set(summary["results"]) == {"1nfe_omega1", "1nfe_omega2", "2nfe_omega1",
+                                                                  "2nfe_omega2"}
+    for name in ("model.safetensors", "metrics.json", "metrics.jsonl", "samples_1nfe.png", "samples_2nfe.png"):
+        assert (out / name).is_file(), name
+    assert ckpt_mod.latest(out / "checkpoints").name == "step_000000003"
