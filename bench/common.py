@@ -19,6 +19,7 @@ imported lazily) into the output directory.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -34,6 +35,18 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def one_cpu_thread():
+    """Run CPU smoke benchmarks on one intra-op thread: their ops are tiny, and on a shared CPU the
+    OpenMP threads of several processes spin against each other (100x slower steps seen here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def is_cuda(device) -> bool:
@@ -60,14 +73,13 @@ def summarize(times_ms: Sequence[float]) -> dict:
             "ms_p80": pct(0.8), "n": len(xs)}
 
 
-def bench_callable(fn: Callable[[], object], device, *, reps: int = 3, grad_to_none=None) -> dict:
-    """Time ``fn``: ``do_bench`` on CUDA, ``reps`` wall-clock calls after one warm-up call on a CPU.
-
-    Returns :func:`summarize`'s fields plus ``times_ms`` (every sample)."""
+def bench_callable(fn: Callable[[], object], device, *, reps: int = 3, rep_ms: int = 100, grad_to_none=None) -> dict:
+    """Time ``fn``: ``do_bench`` on CUDA (``rep_ms`` of timed calls, at least one), ``reps`` wall-clock
+    calls after one warm-up call on a CPU. Returns :func:`summarize`'s fields plus ``times_ms``."""
     if is_cuda(device):
         import triton.testing
 
-        times = triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="all")
+        times = triton.testing.do_bench(fn, rep=rep_ms, grad_to_none=grad_to_none, return_mode="all")
     else:
         fn()
         times = []
@@ -173,7 +185,7 @@ def env_info(device) -> dict:
     dev = torch.device(device)
     info = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(dev) if is_cuda(dev) else f"cpu ({platform.processor() or 'unknown'})",
+        "device": torch.cuda.get_device_name(dev) if is_cuda(dev) else f"cpu ({platform.machine()})",
         "device_type": dev.type,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,

@@ -51,12 +51,13 @@ import contextlib
 import dataclasses
 import gc
 import socket
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import is_cuda, matmul_peak, time_steps
+from bench.common import is_cuda, matmul_peak, one_cpu_thread, summarize, time_steps
 from imf import build_model, flops
 from imf.baseline import imf_loss_func_jvp, mf_loss_func_jvp
 from imf.config import LossConfig, preset
@@ -180,17 +181,41 @@ def _mark_guidance(model, timer_ref: list):
 
 
 def _row_from_timing(row: dict, timing: dict, compiled: bool, fm: bool) -> None:
-    ph = {k: sorted(v)[len(v) // 2] for k, v in timing["phases"].items()}
-    total = sorted(timing["total"])
-    row.update(ms=total[len(total) // 2], ms_min=total[0], ms_max=total[-1])
-    forward = ph.get("forward", 0.0) + ph.get("guidance", 0.0)
+    """Step-time statistics and per-phase medians into ``row``."""
+    ph = {k: statistics.median(v) for k, v in timing["phases"].items()}
+    total = summarize(timing["total"])
+    row.update(ms=total["ms"], ms_min=total["ms_min"], ms_max=total["ms_max"])
     if compiled or fm:
         row.update(ms_guidance=None, ms_dual_forward=None)
-    else:
+    else:  # no guidance mark: the step ran no guidance forward (MF with omega = 1, kappa = 0)
         row.update(ms_guidance=ph.get("guidance", 0.0), ms_dual_forward=ph.get("forward"))
-    row.update(ms_forward=forward, ms_backward=ph.get("backward"), ms_optimizer=ph.get("optimizer"),
-               peak_mem_gb=timing["peak_mem_gb"], compile_s=timing["warmup_s"][0] if timing["warmup_s"] else None,
-               times_ms=timing["total"])
+    row.update(ms_forward=ph.get("forward", 0.0) + ph.get("guidance", 0.0), ms_backward=ph.get("backward"),
+               ms_optimizer=ph.get("optimizer"), peak_mem_gb=timing["peak_mem_gb"],
+               compile_s=timing["warmup_s"][0] if timing["warmup_s"] else None, times_ms=timing["total"])
+
+
+def _time_train_steps(model, loss_fn, lc: LossConfig, inputs: list[tuple], *, dtype, device, warmup: int,
+                      iters: int, mark_guidance: bool) -> dict:
+    """:func:`bench.common.time_steps` of ``loss_fn`` + backward + fused AdamW, rotating ``inputs``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    timer_ref = [None]
+    if mark_guidance:
+        _mark_guidance(model, timer_ref)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(i, timer):
+        timer_ref[0] = timer
+        timer.mark("start")
+        with autocast:
+            loss = loss_fn(model, lc, *inputs[i % len(inputs)])
+        timer.mark("forward")
+        loss.backward()
+        timer.mark("backward")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        timer.mark("optimizer")
+
+    return time_steps(step, device, warmup=warmup, iters=iters, order=PHASES)
 
 
 def run_variant(variant: str, preset_name: str, batch: int, *, dtype: torch.dtype, device, warmup: int, iters: int,
@@ -204,57 +229,42 @@ def run_variant(variant: str, preset_name: str, batch: int, *, dtype: torch.dtyp
     lc = LossConfig.for_method(model_cfg.arch)
     fm = variant == "fm_compiled"
     compiled = variant.endswith("_compiled")
-    backend = {"engine": engine_backend, "engine_fsdp2": engine_backend, "fm_compiled": "sdpa"}.get(variant, "reference")
+    backend = {"engine": engine_backend, "engine_fsdp2": engine_backend, "fm_compiled": "sdpa"}.get(variant,
+                                                                                                    "reference")
     row = {"preset": preset_name, "method": "fm" if fm else lc.method, "variant": variant, "backend": backend,
            "compiled": compile_backend if compiled else None, "batch": batch, "input_size": model_cfg.input_size,
            "seq_len": model_cfg.seq_len, "dtype": str(dtype).removeprefix("torch."),
-           "flops_per_step": flops.fm_step_flops(model_cfg, batch) if fm else flops.train_step_flops(model_cfg, lc, batch)}
-    loss_fn = {"engine": _engine_loss, "engine_fsdp2": _engine_loss, "baseline_eager": _baseline_loss,
-               "baseline_compiled": _baseline_loss, "fm_compiled": _fm_loss}[variant]
-    group = contextlib.nullcontext()
+           "flops_per_step": flops.fm_step_flops(model_cfg, batch) if fm
+           else flops.train_step_flops(model_cfg, lc, batch)}
+    parallelize = None
     if variant == "engine_fsdp2":
         try:
             from imf.parallel import parallelize
         except ImportError as err:
             return {**row, "skipped": f"imf.parallel.parallelize not importable ({err}); no FSDP2 row"}
-        group = _single_rank_group(device)
-    model = opt = None
+    loss_fn = {"engine": _engine_loss, "engine_fsdp2": _engine_loss, "baseline_eager": _baseline_loss,
+               "baseline_compiled": _baseline_loss, "fm_compiled": _fm_loss}[variant]
+    if compiled:
+        torch._dynamo.reset()  # fresh caches: no recompile limit carried over from earlier variants
+        loss_fn = torch.compile(loss_fn, backend=compile_backend)
     try:
-        with group:
+        with _single_rank_group(device) if parallelize else contextlib.nullcontext():
             model = build(preset_name, backend, device, overrides)
-            if variant == "engine_fsdp2":
-                model = parallelize(model)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-            if compiled:
-                torch._dynamo.reset()
-                loss_fn = torch.compile(loss_fn, backend=compile_backend)
-            timer_ref = [None]
-            if not compiled and not fm:
-                _mark_guidance(model, timer_ref)
-            inputs = make_inputs(model_cfg, lc, batch, device, rotations)
-            autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+            if parallelize:
+                from torch.distributed.device_mesh import init_device_mesh
 
-            def step(i, timer):
-                timer_ref[0] = timer
-                timer.mark("start")
-                with autocast:
-                    loss = loss_fn(model, lc, *inputs[i % len(inputs)])
-                timer.mark("forward")
-                loss.backward()
-                timer.mark("backward")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                timer.mark("optimizer")
-
-            timing = time_steps(step, device, warmup=warmup, iters=iters, order=PHASES)
+                mesh = init_device_mesh(torch.device(device).type, (1,))
+                model = parallelize(model, mesh=mesh, param_dtype=None if dtype == torch.float32 else dtype,
+                                    reduce_dtype=torch.float32)
+            timing = _time_train_steps(model, loss_fn, lc, make_inputs(model_cfg, lc, batch, device, rotations),
+                                       dtype=dtype, device=device, warmup=warmup, iters=iters,
+                                       mark_guidance=not (compiled or fm))
         _row_from_timing(row, timing, compiled, fm)
     except Exception as err:  # a variant that cannot run here is a row, not a crash
         row["error"] = f"{type(err).__name__}: {err}"[:400]
-    finally:
-        del model, opt
-        gc.collect()
-        if is_cuda(device):
-            torch.cuda.empty_cache()
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.empty_cache()
     if "ms" in row:
         row["images_per_s"] = batch / (row["ms"] * 1e-3)
         row["tflops"] = row["flops_per_step"] / (row["ms"] * 1e-3) / 1e12
@@ -265,22 +275,25 @@ def run_variant(variant: str, preset_name: str, batch: int, *, dtype: torch.dtyp
 
 
 def _summary(rows: list[dict]) -> dict:
-    """Headline ratios from the main rows of the first preset (None where a row is missing)."""
+    """Headline ratios from the main rows of the first preset: the ``engine`` row, or ``engine_fsdp2``
+    when the plain engine has no timing (None where a row is missing)."""
     by = {r["variant"]: r for r in rows if "ms" in r}
-    eng = by.get("engine")
     out = {"preset": rows[0]["preset"], "batch": rows[0]["batch"]}
-    if eng is None:
-        return {**out, "engine": "no engine timing (see its row's error)"}
-    out.update(engine_images_per_s=eng["images_per_s"], engine_mfu=eng["mfu"], engine_mfu_datasheet=eng["mfu_datasheet"],
-               engine_peak_mem_gb=eng["peak_mem_gb"])
-    for name in ("baseline_eager", "baseline_compiled", "engine_fsdp2"):
-        if name in by:
-            out[f"speedup_vs_{name}"] = by[name]["ms"] / eng["ms"]
+    name = next((v for v in ("engine", "engine_fsdp2") if v in by), None)
+    if name is None:
+        return {**out, "engine": "no engine timing (see the rows' errors)"}
+    eng = by[name]
+    out.update(engine_variant=name, engine_images_per_s=eng["images_per_s"], engine_mfu=eng["mfu"],
+               engine_mfu_datasheet=eng["mfu_datasheet"], engine_peak_mem_gb=eng["peak_mem_gb"])
+    for other in ("baseline_eager", "baseline_compiled"):
+        if other in by:
+            out[f"speedup_vs_{other}"] = by[other]["ms"] / eng["ms"]
     fm = by.get("fm_compiled")
     if fm is not None:
         time_ratio = eng["ms"] / fm["ms"]
         flop_ratio = eng["flops_per_step"] / fm["flops_per_step"]
-        out.update(step_time_over_fm=time_ratio, step_flops_over_fm=flop_ratio, efficiency_ratio=time_ratio / flop_ratio)
+        out.update(step_time_over_fm=time_ratio, step_flops_over_fm=flop_ratio,
+                   efficiency_ratio=time_ratio / flop_ratio)
     return out
 
 
@@ -325,10 +338,12 @@ def run(presets=("iMF-B/2", "MF-B/2"), *, batch: int = 256, dtype: torch.dtype =
     return {"rows": rows, "summary": summary, "matmul_peak": peak, "config": config}
 
 
-def smoke() -> dict:
+def smoke(presets=("iMF-B/2", "MF-B/2")) -> dict:
     """Tiny CPU run of every variant and both sweeps (harness check, see the module docstring)."""
     t0 = time.perf_counter()
-    out = run(("iMF-B/2",), batch=4, dtype=torch.float32, device="cpu", warmup=1, iters=2, rotations=2,
-              batch_sweep=(2,), input_sizes=(8,), engine_backend="reference", compile_backend="eager", smoke=True)
+    with one_cpu_thread():
+        out = run(tuple(presets), batch=4, dtype=torch.float32, device="cpu", warmup=1, iters=2, rotations=2,
+                  batch_sweep=(2,), input_sizes=(8,), engine_backend="reference", compile_backend="eager",
+                  smoke=True)
     out["config"]["wall_s"] = time.perf_counter() - t0
     return out

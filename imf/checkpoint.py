@@ -31,11 +31,13 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from imf.config import ModelConfig
@@ -63,6 +65,13 @@ def _distributed() -> bool:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
+
+
+def _dcp(fn, state: dict, path: Path) -> None:
+    """``dcp.save``/``dcp.load`` of ``state`` at ``path``; in one process without a process group, quietly."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        fn(state, checkpoint_id=path, no_dist=not _distributed())
 
 
 def _rank_file(rank: int) -> str:
@@ -115,7 +124,7 @@ def save(root: str | os.PathLike, step: int, *, model, optimizer, ema, rank_stat
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}
-    dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
+    _dcp(dcp.save, state, tmp)
     torch.save(rank_state, tmp / _rank_file(rank))
     _barrier()
     if rank == 0:
@@ -157,9 +166,10 @@ def load(path: str | os.PathLike, *, model, optimizer, ema) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+        _dcp(dcp.load, state, path)
         rank_state = torch.load(rank_path, weights_only=True)
-    except Exception as e:  # any read/decode failure of the files means the checkpoint is unusable
+    except (Exception, CheckpointException) as e:  # any read/decode failure: the checkpoint is unusable
+        # (DCP's CheckpointException is a BaseException)
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     ema.load_state_dict(state["ema"])
@@ -182,8 +192,8 @@ def export_ema(ckpt: str | os.PathLike, out: str | os.PathLike, decay: float | N
     names = [n for n, p in model.named_parameters() if p.is_floating_point()]
     template = {"model": weights, "ema": {f"{decay}": {n: weights[n].clone() for n in names}}}
     try:
-        dcp.load(template, checkpoint_id=ckpt, no_dist=True)
-    except Exception as e:  # see load()
+        _dcp(dcp.load, template, ckpt)
+    except (Exception, CheckpointException) as e:  # see load()
         raise CheckpointError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {e})") from e
     weights.update(template["ema"][f"{decay}"])
     metadata = {"format": "pt", "imf.model_config": json.dumps(meta["model_config"]),

@@ -173,6 +173,13 @@ def tangent_flops(model_cfg: ModelConfig, batch_size: int) -> float:
     return sum(r["tangent"] for r in breakdown(model_cfg, batch_size) if r["part"] in parts)
 
 
+def block_flops(model_cfg: ModelConfig, batch_size: int) -> dict[str, float]:
+    """One transformer block for ``batch_size`` samples: ``{forward, tangent}`` (the tangent's extra FLOPs)."""
+    ops = _block_ops(model_cfg, mf=model_cfg.arch == "mf")
+    return {"forward": float(batch_size * sum(op[1] for op in ops)),
+            "tangent": float(batch_size * sum(op[2] for op in ops))}
+
+
 def fm_step_flops(model_cfg: ModelConfig, batch_size: int) -> float:
     """A plain flow-matching step of the same network: forward + backward (2x) of the u path."""
     return 3.0 * forward_flops(model_cfg, batch_size, "u")
@@ -266,6 +273,7 @@ def peak_flops(device: torch.device | str | int | None = None) -> float | None:
 
 
 __all__ = [
+    "block_flops",
     "breakdown",
     "fm_step_flops",
     "forward_flops",

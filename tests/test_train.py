@@ -28,6 +28,15 @@ from imf.train_config import ConfigError, build_config, load_config
 TINY = {"dim": 32, "heads": 2}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and steady on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _deep(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -246,7 +255,8 @@ def test_sigterm_writes_checkpoint(tmp_path):
     cmd = [sys.executable, "-m", "imf.train", "--preset", "demo", "--model_overrides.dim", "32",
            "--model_overrides.heads", "2", "--batch", "16", "--steps", "100000", "--out", str(out),
            "--log.every_steps", "1", "--log.progress", "false"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 90
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -273,7 +283,8 @@ def test_demo_cli_runs_through_the_trainer(tmp_path):
     from imf.demo import main as demo_main
 
     out = tmp_path / "demo"
-    summary = demo_main(["--steps", "3", "--batch", "32", "--eval-samples", "20", "--omegas", "1,2", "--out", str(out)])
+    summary = demo_main(["--steps", "3", "--batch", "32", "--eval-samples", "100", "--omegas", "1,2",
+                         "--out", str(out)])
     assert summary["steps"] == 3 and set(summary["results"]) == {"1nfe_omega1", "1nfe_omega2", "2nfe_omega1",
                                                                   "2nfe_omega2"}
     for name in ("model.safetensors", "metrics.json", "metrics.jsonl", "samples_1nfe.png", "samples_2nfe.png"):

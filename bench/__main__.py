@@ -1,0 +1,207 @@
+"""CLI: ``python -m bench {kernels,block,step,loader,scaling,all} [options]`` (also ``imf-bench``).
+
+    kernels   attention and attention_jvp vs SDPA (flash, cuDNN), torch.func.jvp over math attention
+              and jvp-flash-attention                                  -> kernels.{json,md,png}
+    block     per-op dual kernels (block_ops_bench), then one block and the whole network, dual
+              forward + primal backward vs torch.func.jvp (eager and compiled)
+                                                                       -> block_ops.*, block.*
+    step      full training step: engine vs the plain-PyTorch reference step (eager, compiled),
+              FSDP2 variant, flow-matching floor, MFU, batch and sequence sweeps -> step.*
+    loader    latent loaders (DALI, torch, synthetic) against the step's demand -> loader.*
+    scaling   FSDP2 scaling projection (a model) from the step's measured time  -> scaling.*
+    all       all of the above, in that order (loader and scaling use the step's numbers)
+
+``--smoke`` (the default without a GPU) runs tiny CPU versions that check the harness, not speed;
+it sets ``TRITON_INTERPRET=1`` when no GPU is present, and writes to a fresh temp dir unless
+``--out`` is given: smoke numbers are never performance results. On a GPU the default output is
+``bench/results/<gpu name>``; the committed H100 results come from ``python -m bench all --out
+bench/results/h100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMMANDS = ("kernels", "block", "step", "loader", "scaling")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=(*COMMANDS, "all"))
+    p.add_argument("--preset", action="append", default=None,
+                   help="model preset (repeatable); step default iMF-B/2 and MF-B/2, block default iMF-B/2 and "
+                        "iMF-XL/2; the first one is swept and projected by scaling")
+    p.add_argument("--batch", type=int, default=None,
+                   help="per-GPU batch (step default 256, block 64, loader 256)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--out", type=Path, default=None, help="output directory (created)")
+    smoke = p.add_mutually_exclusive_group()
+    smoke.add_argument("--smoke", dest="smoke", action="store_true", default=None,
+                       help="tiny CPU run that checks the harness (default without a GPU)")
+    smoke.add_argument("--no-smoke", dest="smoke", action="store_false", help="full GPU benchmark")
+    return p
+
+
+def _speedup_summary(rows: list[dict], keys: tuple[str, ...], ratio: str, ours: str) -> dict:
+    """``"<keys...> <impl>": "min - max"`` of ``ratio`` (a baseline's time over ours) over the rows of
+    each group; our own rows and failed rows are skipped."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("impl") != ours and isinstance(r.get(ratio), int | float):
+            groups.setdefault(" ".join(str(r[k]) for k in (*keys, "impl")), []).append(r[ratio])
+    return {f"{k}: {ratio}": f"{min(v):.3g} - {max(v):.3g}" for k, v in groups.items()}
+
+
+def cmd_kernels(args, device, env) -> dict:
+    from bench import attention_bench
+
+    rows = attention_bench.smoke() if args.smoke else attention_bench.run(dtype=DTYPES[args.dtype], device=device)
+    plots = []
+    for op in ("attention", "attention_jvp"):
+        for mode in ("fwd", "fwd+bwd"):
+            sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
+            for hd in sorted({r["head_dim"] for r in sel}):
+                plots.append({"file": f"kernels_{op}_{mode.replace('+', '_')}_d{hd}.png", "x": "seq",
+                              "ys": ["tflops", "peak_mem_mb"], "series": "impl", "logx": True,
+                              "title": f"{op} {mode}, head_dim {hd}",
+                              "rows": [r for r in sel if r["head_dim"] == hd]})
+    columns = ["op", "mode", "impl", "dtype", "batch", "heads", "seq", "head_dim", "ms", "ms_p20", "ms_p80",
+               "tflops", "peak_mem_mb", "imf_speedup", "error"]
+    summary = _speedup_summary(rows, ("op", "mode"), "imf_speedup", "imf_kernels")
+    tf = [r["tflops"] for r in rows if r["op"] == "attention_jvp" and r["impl"] == "imf_kernels" and "tflops" in r]
+    if tf:
+        summary["attention_jvp imf_kernels max TFLOP/s (6-matmul fwd count)"] = max(tf)
+    return {"kernels": _write(args, "kernels", rows, env, summary=summary, columns=columns, plots=plots,
+                              config={"smoke": args.smoke, "dtype": args.dtype, "device": device})}
+
+
+def cmd_block(args, device, env) -> dict:
+    from bench import block_bench, block_ops_bench
+
+    dtype = DTYPES[args.dtype]
+    ops_rows = block_ops_bench.smoke() if args.smoke else block_ops_bench.run(dtype=dtype, device=device)
+    out = {"block_ops": _write(args, "block_ops", ops_rows, env, config={"smoke": args.smoke, "dtype": args.dtype},
+                               summary=_speedup_summary(ops_rows, ("op",), "imf_speedup", "imf_kernels"))}
+    if args.smoke:
+        rows = block_bench.smoke()
+    else:
+        rows = block_bench.run(tuple(args.preset or ("iMF-B/2", "iMF-XL/2")), batch=args.batch or 64, dtype=dtype,
+                               device=device)
+    columns = ["preset", "scope", "impl", "compiled", "engine_backend", "batch", "seq_len", "dtype", "ms", "ms_min",
+               "ms_max", "tflops", "peak_mem_mb", "engine_speedup", "error"]
+    config = {"smoke": args.smoke, "dtype": args.dtype, "batch": rows[0]["batch"] if rows else None}
+    out["block"] = _write(args, "block", rows, env, columns=columns, config=config,
+                          summary=_speedup_summary(rows, ("preset", "scope"), "engine_speedup", "engine"))
+    return out
+
+
+def cmd_step(args, device, env) -> dict:
+    from bench import step_bench
+
+    if args.smoke:
+        result = step_bench.smoke(tuple(args.preset or ("iMF-B/2", "MF-B/2")))
+    else:
+        result = step_bench.run(tuple(args.preset or ("iMF-B/2", "MF-B/2")), batch=args.batch or 256,
+                                dtype=DTYPES[args.dtype], device=device)
+    rows = result["rows"]
+    first = rows[0]["preset"]
+    sweep_variants = result["config"]["sweep_variants"]
+    main = [r for r in rows if r["sweep"] == "main" and r["preset"] == first and r["variant"] in sweep_variants]
+    plots = [
+        {"file": "step_batch_sweep.png", "x": "batch", "ys": ["images_per_s", "peak_mem_gb", "mfu"],
+         "series": "variant", "logx": True, "title": f"{first}: batch sweep",
+         "rows": main + [r for r in rows if r["sweep"] == "batch"]},
+        {"file": "step_seq_sweep.png", "x": "seq_len", "ys": ["images_per_s", "tflops", "peak_mem_gb"],
+         "series": "variant", "logx": True, "title": f"{first}: sequence sweep (constant tokens per step)",
+         "rows": main + [r for r in rows if r["sweep"] == "seq"]},
+    ]
+    columns = ["sweep", "preset", "method", "variant", "backend", "compiled", "batch", "seq_len", "dtype", "ms",
+               "ms_min", "ms_max", "ms_guidance", "ms_dual_forward", "ms_forward", "ms_backward", "ms_optimizer",
+               "images_per_s", "peak_mem_gb", "flops_per_step", "tflops", "mfu", "mfu_datasheet", "compile_s",
+               "skipped", "error"]
+    config = {**result["config"], "matmul_peak": {k: v for k, v in result["matmul_peak"].items() if k != "times_ms"},
+              "matmul_peak_times_ms": result["matmul_peak"]["times_ms"]}
+    summary = {**result["summary"], "measured_matmul_peak_tflops": result["matmul_peak"]["tflops"]}
+    return {"step": _write(args, "step", rows, env, summary=summary, columns=columns, plots=plots, config=config)}
+
+
+def _step_summary(out_dir: Path) -> dict | None:
+    path = out_dir / "step.json"
+    return json.loads(path.read_text())["summary"] if path.exists() else None
+
+
+def cmd_loader(args, device, env) -> dict:
+    from bench import loader_bench
+
+    step = _step_summary(args.out)
+    demand = step.get("engine_images_per_s") if step else None
+    if args.smoke:
+        rows = loader_bench.smoke()
+    else:
+        rows = loader_bench.measure_loaders(batch_size=args.batch or 256, device=device,
+                                            demand_images_per_s=demand or 1000.0)
+    source = "the step benchmark's engine images/s in this output dir" if demand else "1,000 img/s (target)"
+    return {"loader": _write(args, "loader", rows, env, config={"smoke": args.smoke, "demand_source": source})}
+
+
+def cmd_scaling(args, device, env) -> dict:
+    """The projection for the step's first preset from its measured engine time (``step.json`` in the
+    output dir), or communication only for ``--preset`` (default iMF-B/2) without one."""
+    from bench import scaling
+
+    step = _step_summary(args.out)
+    want = (args.preset or [None])[0]
+    if step and isinstance(step.get("engine_images_per_s"), float) and want in (None, step["preset"]):
+        batch = step["batch"]
+        ms = batch / step["engine_images_per_s"] * 1e3
+        source = f"the {step.get('engine_variant')} row of step.json, {env['device']}"
+        rows, notes = scaling.report(step["preset"], step_ms=ms, batch=batch, source=source)
+    else:
+        rows, notes = scaling.report(want or "iMF-B/2")
+    config = {"smoke": args.smoke, "links_GBps": dataclasses.asdict(scaling.Links())}
+    return {"scaling": _write(args, "scaling", rows, env, config=config, notes=notes)}
+
+
+def _write(args, name, rows, env, **kw) -> dict:
+    from bench.common import write_results
+
+    paths = write_results(args.out, name, rows, env=env, **kw)
+    for p in paths.values():
+        print(f"wrote {p}")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if args.smoke is None:
+        args.smoke = not cuda
+    if not args.smoke and not cuda:
+        raise SystemExit("full benchmarks need a CUDA device; run with --smoke on a CPU")
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors through the kernels; set before they load
+    from bench.common import default_out_dir, env_info
+
+    device = "cuda" if cuda and not args.smoke else "cpu"
+    args.out = Path(args.out) if args.out is not None else default_out_dir(args.smoke)
+    env = env_info(device)
+    commands = COMMANDS if args.command == "all" else (args.command,)
+    handlers = {"kernels": cmd_kernels, "block": cmd_block, "step": cmd_step, "loader": cmd_loader,
+                "scaling": cmd_scaling}
+    written = {}
+    for command in commands:
+        written.update(handlers[command](args, device, env))
+    print(json.dumps({"out": str(args.out), "smoke": args.smoke, "written": written}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
