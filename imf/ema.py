@@ -1,7 +1,9 @@
 """Exponential moving averages of parameters in fp32, several decays at once.
 
-``ema <- decay * ema + (1 - decay) * param`` for every floating parameter, with one
-``torch._foreach_lerp_`` per decay. Works on plain and on FSDP2-sharded (DTensor) parameters:
+``ema <- d * ema + (1 - d) * param`` for every floating parameter, with one ``torch._foreach_lerp_``
+per decay, where ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates (warm-up, on by default):
+without it a short run's average keeps a large share of the initial weights (0.999^1000 = 37%;
+on the digits demo the EMA model at step 1000 then scored 9% class accuracy). Works on plain and on FSDP2-sharded (DTensor) parameters:
 each rank averages its own shard.
 """
 
@@ -12,11 +14,13 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decays: tuple[float, ...] = (0.9999,)):
+    def __init__(self, model: nn.Module, decays: tuple[float, ...] = (0.9999,), *, warmup: bool = True):
         for d in decays:
             if not 0.0 <= d < 1.0:
                 raise ValueError(f"EMA decays must be in [0, 1), got {d}")
         self.decays = tuple(decays)
+        self.warmup = warmup
+        self.updates = 0
         self.names = [n for n, p in model.named_parameters() if p.is_floating_point()]
         params = dict(model.named_parameters())
         self.shadows = {d: [params[n].detach().float().clone() for n in self.names] for d in self.decays}
@@ -25,8 +29,10 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
         current = [params[n].detach().float() for n in self.names]
+        cap = (1 + self.updates) / (10 + self.updates) if self.warmup else 1.0
+        self.updates += 1
         for d, shadow in self.shadows.items():
-            torch._foreach_lerp_(shadow, current, 1.0 - d)
+            torch._foreach_lerp_(shadow, current, 1.0 - min(d, cap))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module, decay: float | None = None) -> None:
@@ -44,9 +50,12 @@ class EMA:
         return {n: s.full_tensor() if hasattr(s, "full_tensor") else s for n, s in zip(self.names, shadow, strict=True)}
 
     def state_dict(self) -> dict:
-        return {f"{d}": dict(zip(self.names, s, strict=True)) for d, s in self.shadows.items()}
+        state = {f"{d}": dict(zip(self.names, s, strict=True)) for d, s in self.shadows.items()}
+        state["updates"] = self.updates
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state.get("updates", 0))
         for d in self.decays:
             if f"{d}" not in state:
                 raise ValueError(f"EMA state has no decay {d}; it holds {sorted(state)}")
