@@ -23,12 +23,26 @@ from imf_kernels import reference as ref
 Pair = tuple[torch.Tensor, torch.Tensor | None]
 
 
+def matmul_operands(x, x_t, weight, bias):
+    """Cast a linear layer's operands to one dtype: autocast's when it is on, else the weight's.
+
+    Under bf16 autocast (fp32 master weights) or an FSDP2 bf16 ``param_dtype``, inputs computed in
+    fp32 (time-embedding features, the fp32 residual stream) meet bf16 weights; the fused kernels
+    need one dtype, and this is the cast autocast would have made for ``F.linear``.
+    """
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+    cast = lambda v: v if v is None or v.dtype == dtype else v.to(dtype)
+    return cast(x), cast(x_t), cast(weight), cast(bias)
+
+
 class ReferenceOps:
     """Plain-PyTorch ops. Primal-only calls are pure torch and differentiable in both AD modes."""
 
     name = "reference"
 
     def linear(self, x, x_t, weight, bias=None) -> Pair:
+        x, x_t, weight, bias = matmul_operands(x, x_t, weight, bias)
         if x_t is None:
             return F.linear(x, weight, bias), None
         return ref.linear_dual(x, x_t, weight, bias)
@@ -121,7 +135,7 @@ class TritonOps(ReferenceOps):
     def linear(self, x, x_t, weight, bias=None) -> Pair:
         if x_t is None or "linear" in self.missing:
             return super().linear(x, x_t, weight, bias)
-        return imf_kernels.linear_dual(x, x_t, weight, bias)
+        return imf_kernels.linear_dual(*matmul_operands(x, x_t, weight, bias))
 
     def rms_norm(self, x, x_t, weight, eps) -> Pair:
         if "rms_norm" in self.missing:

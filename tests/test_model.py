@@ -150,3 +150,17 @@ def test_presets_are_valid():
         assert dataclasses.replace(cfg).validate() == cfg, name
     assert PRESETS["iMF-XL/2"].head_dim == 64 and PRESETS["MF-XL/2"].head_dim == 72
     assert PRESETS["iMF-B/2"].seq_len == 276
+
+
+def test_bf16_autocast_and_bf16_parameters_track_fp32():
+    """fp32 master weights under bf16 autocast, and bf16 parameters (FSDP2 param_dtype), both run and agree."""
+    model = randomize_(imf.build_model("demo"))
+    z, t, r, y, omega, t_min, t_max = _inputs(model.cfg, 4, torch.float32, None)
+    u32, ut32 = model.forward_with_tangent(z, z, t, r, y, omega, t_min, t_max)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u16, ut16 = model.forward_with_tangent(z, z, t, r, y, omega, t_min, t_max)
+    assert _rel(u16.float(), u32) < 0.05 and _rel(ut16.float(), ut32) < 0.05
+    model.to(torch.bfloat16)
+    ub, utb = model.forward_with_tangent(z.bfloat16(), z.bfloat16(), t, r, y, omega, t_min, t_max)
+    assert ub.dtype == torch.bfloat16
+    assert _rel(ub.float(), u32) < 0.05 and _rel(utb.float(), ut32) < 0.05
