@@ -3,8 +3,8 @@
 ``ema <- d * ema + (1 - d) * param`` for every floating parameter, with one ``torch._foreach_lerp_``
 per decay, where ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates (warm-up, on by default):
 without it a short run's average keeps a large share of the initial weights (0.999^1000 = 37%;
-on the digits demo the EMA model at step 1000 then scored 9% class accuracy). Works on plain and on FSDP2-sharded (DTensor) parameters:
-each rank averages its own shard.
+on the digits demo the EMA model at step 1000 then scored 9% class accuracy).
+Works on plain and on FSDP2-sharded (DTensor) parameters: each rank averages its own shard.
 """
 
 from __future__ import annotations
