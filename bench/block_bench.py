@@ -142,7 +142,7 @@ def measure(case: dict, impl: str, *, dtype, device, compile_backend: str, reps:
         with autocast:
             out = forward(jvp)
         outs = list(out) if isinstance(out, tuple | list) else [out]
-        torch.autograd.grad(outs, leaves, case["cotangents"])
+        torch.autograd.grad(outs, leaves, [c.to(o.dtype) for c, o in zip(case["cotangents"], outs, strict=True)])
 
     stats = bench_callable(step, device, reps=reps, rep_ms=1000)
     return {**stats, "peak_mem_mb": _peak_mb(step, device)}

@@ -5,10 +5,12 @@ fused AdamW with the published lr 1e-4, betas (0.9, 0.95), no weight decay) on t
 
 * ``engine``             :func:`imf.loss.imf_loss` / :func:`imf.loss.mf_loss` on the ``"triton"``
                          backend (explicit dual forward, tangent only for ``r < t`` samples, ``v_u`` only
-                         where its weight is non-zero), bf16 autocast.
-* ``engine_fsdp2``       the same model wrapped by ``imf.parallel.parallelize(model)`` (FSDP2) on one
-                         GPU, when that module is importable (a ``skipped`` row otherwise); a one-rank
-                         process group is created for it.
+                         where its weight is non-zero), fp32 parameters under bf16 autocast (what
+                         the trainer runs on one process).
+* ``engine_fsdp2``       the same model wrapped by ``imf.parallel.parallelize(model, mesh=<1 GPU>,
+                         param_dtype=bf16, reduce_dtype=fp32)`` (FSDP2, what the trainer runs on
+                         several GPUs), when that module is importable (a ``skipped`` row otherwise);
+                         a one-rank process group is created for it.
 * ``baseline_eager``     :func:`imf.baseline.imf_loss_func_jvp` / ``mf_loss_func_jvp`` on the
                          ``"reference"`` backend: ``torch.func.jvp`` over math attention, every sample
                          with a tangent, both guidance forwards for every sample, bf16 autocast.
@@ -32,9 +34,11 @@ speed), ``fm_step_flops`` for the FM row; ``mfu`` = FLOPs / time / the bf16 matm
 the same run (:func:`bench.common.matmul_peak`), ``mfu_datasheet`` against
 :func:`imf.flops.peak_flops`; ``compile_s``: the first warm-up step (compilation, autotuning).
 
-**Summary** (first preset, main batch): the engine's images/s, its speedup over both baselines,
-its MFU, and the efficiency ratio ``(engine step time / FM step time) / (step FLOPs / FM FLOPs)``
-(ARCHITECTURE.md section 7: <= 1.1).
+**Summary** (first preset, main batch; the ``engine`` row, or ``engine_fsdp2`` if the former
+failed): the engine's images/s, MFU, its speedup over both baselines (at the largest common batch
+of the batch sweep if a baseline failed at the main batch, e.g. out of memory), and the efficiency
+ratio ``(engine step time / FM step time) / (step FLOPs / FM FLOPs)`` (ARCHITECTURE.md section 7:
+<= 1.1).
 
 **Sweeps** (first preset, ``sweep_variants``): batch size, and sequence length through the latent
 size ``input_size`` at a constant token count per step (``batch * seq_len``); plotted by the CLI.
@@ -274,21 +278,26 @@ def run_variant(variant: str, preset_name: str, batch: int, *, dtype: torch.dtyp
     return row
 
 
-def _summary(rows: list[dict]) -> dict:
-    """Headline ratios from the main rows of the first preset: the ``engine`` row, or ``engine_fsdp2``
-    when the plain engine has no timing (None where a row is missing)."""
-    by = {r["variant"]: r for r in rows if "ms" in r}
-    out = {"preset": rows[0]["preset"], "batch": rows[0]["batch"]}
-    name = next((v for v in ("engine", "engine_fsdp2") if v in by), None)
+def _summary(rows: list[dict], batch: int) -> dict:
+    """Headline numbers for the first preset at the main ``batch``: the ``engine`` row, or ``engine_fsdp2``
+    when the plain engine has no timing. A baseline that failed at ``batch`` (e.g. out of memory) is
+    compared at the largest batch-sweep point where it and the engine both ran (``*_batch`` says which)."""
+    timed = [r for r in rows if "ms" in r and r["sweep"] in ("main", "batch")]
+    at = lambda variant, b: next((r for r in timed if r["variant"] == variant and r["batch"] == b), None)
+    out = {"preset": rows[0]["preset"], "batch": batch}
+    name = next((v for v in ("engine", "engine_fsdp2") if at(v, batch)), None)
     if name is None:
         return {**out, "engine": "no engine timing (see the rows' errors)"}
-    eng = by[name]
+    eng = at(name, batch)
     out.update(engine_variant=name, engine_images_per_s=eng["images_per_s"], engine_mfu=eng["mfu"],
                engine_mfu_datasheet=eng["mfu_datasheet"], engine_peak_mem_gb=eng["peak_mem_gb"])
     for other in ("baseline_eager", "baseline_compiled"):
-        if other in by:
-            out[f"speedup_vs_{other}"] = by[other]["ms"] / eng["ms"]
-    fm = by.get("fm_compiled")
+        both = sorted(r["batch"] for r in timed if r["variant"] == other and at(name, r["batch"]))
+        if both:
+            b = batch if batch in both else both[-1]
+            out[f"speedup_vs_{other}"] = at(other, b)["ms"] / at(name, b)["ms"]
+            out[f"speedup_vs_{other}_batch"] = b
+    fm = at("fm_compiled", batch)
     if fm is not None:
         time_ratio = eng["ms"] / fm["ms"]
         flop_ratio = eng["flops_per_step"] / fm["flops_per_step"]
@@ -315,7 +324,6 @@ def run(presets=("iMF-B/2", "MF-B/2"), *, batch: int = 256, dtype: torch.dtype =
         ov = smoke_overrides(name) if smoke else {}
         for variant in variants:
             rows.append({"sweep": "main", **run_variant(variant, name, batch, overrides=ov, **kw)})
-    summary = _summary([r for r in rows if r["preset"] == presets[0]])
     first = presets[0]
     ov = smoke_overrides(first) if smoke else {}
     main_size = preset(first, **ov).input_size
@@ -329,6 +337,7 @@ def run(presets=("iMF-B/2", "MF-B/2"), *, batch: int = 256, dtype: torch.dtype =
             b = max(1, round(batch * main_seq / seq))
             rows += [{"sweep": "seq", **run_variant(v, first, b, overrides={**ov, "input_size": size}, **kw)}
                      for v in sweep_variants]
+    summary = _summary([r for r in rows if r["preset"] == first], batch)
     config = {"presets": list(presets), "batch": batch, "dtype": str(dtype), "device": str(device), "warmup": warmup,
               "iters": iters, "rotations": rotations, "variants": list(variants), "batch_sweep": list(batch_sweep),
               "input_sizes": list(input_sizes), "sweep_variants": list(sweep_variants),

@@ -2,8 +2,8 @@
 
 **Convention.** Real FLOPs: 2 per multiply-accumulate, matmuls only (every linear layer and
 attention's two ``L x L x Dh`` products per head). Norms, RoPE, softmax, activations, gates and the
-loss are elementwise and not counted (the usual MFU convention; they are O(L d) per token against
-O(L d^2) for the matmuls). The papers' "GFLOPs" follow the DiT / fvcore convention and count
+loss are elementwise and not counted (the usual MFU convention; they are O(L d + heads L^2) per
+sample against O(L d^2 + L^2 d) for the matmuls). The papers' "GFLOPs" follow the DiT / fvcore convention and count
 multiply-accumulates: iMF-B/2's "24.9 GFLOPs" is about 49.7 GFLOP here.
 
 **One forward, per sample** (``L = seq_len`` tokens, ``d = dim``, ``H`` = MLP hidden, ``P`` image
@@ -42,11 +42,13 @@ every adaLN projection have a tangent too.
   by quadrature over the sampler's distributions (:func:`guidance_fraction`).
   ``dual_forward``: primal of all ``B`` samples through trunk + u-head (+ v-head) and the tangent of
   the ``n`` samples through trunk + u-head. ``backward``: 2x the primal forward of the dual pass
-  (``dX`` and ``dW`` per matmul; the patch and condition layers skip ``dX`` and the flash-attention
-  recompute of ``S`` is not counted, both by convention).
-* MF (:func:`imf.loss.mf_loss`). ``guidance``: with ``omega != 1`` or ``kappa != 0``, two no-grad
-  forwards of the whole net on the ``n_g`` samples with ``t`` in ``[t_start, t_end]`` and no class
-  dropout (expected count, same quadrature); none with the published ``omega = 1, kappa = 0``.
+  (``dX`` and ``dW`` per matmul), by convention: the input-side layers (patch and condition MLPs)
+  need no ``dX``, so autograd executes slightly less (tests/test_flops.py: within 5%), and the
+  flash-attention backward's recompute of ``S`` is not counted.
+* MF (:func:`imf.loss.mf_loss`). ``guidance``: with ``omega != 1`` or ``kappa != 0``, one no-grad
+  forward of the whole net on ``2 n_g`` rows (``v_u`` and ``v_cond`` of the ``n_g`` samples with ``t``
+  in ``[t_start, t_end]`` and no class dropout; expected count in closed form); none with the
+  published ``omega = 1, kappa = 0``.
   ``dual_forward``: primal of ``B`` plus tangent of ``n``. ``backward``: 2x the primal forward.
 
 A plain flow-matching step of the same network (:func:`fm_step_flops`) is one forward and its
