@@ -80,6 +80,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     result = train(args)
+    if result.stopped is not None:
+        raise SystemExit(f"training stopped at step {result.step} ({result.stopped}); run the same command again "
+                         "to resume")
     weights = export_ema(result.checkpoint, out / "model.safetensors")
     model = load_exported(weights, backend=args.backend)
     omegas = [float(w) for w in args.omegas.split(",")]

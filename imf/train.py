@@ -33,7 +33,11 @@ max RSS on CPU), data-wait fraction, skipped steps), ``tb/`` (TensorBoard, optio
 ``samples/`` (sample grids from the first EMA), ``checkpoints/`` (:mod:`imf.checkpoint`).
 
 Model initialisation: every rank builds the model on the CPU from the same seed (identical weights, no
-broadcast needed), moves it to its device and shards it. Verified here: CPU/gloo with 1 and 2 processes
+broadcast needed), moves it to its device and shards it (not on the meta device: the model computes
+its non-persistent buffers, e.g. RoPE tables, in ``__init__`` and has no re-initialisation method).
+One process is not sharded: its parameters stay fp32 under autocast, so elementwise ops on parameters
+(gates, norm weights) and the residual stream run in fp32 there, and in bf16 under FSDP's bf16
+``param_dtype``; matmuls are bf16 either way. Verified here: CPU/gloo with 1 and 2 processes
 (fp32 and bf16 parameters). Not verified here: nccl, CUDA, multi-node, ``torch.compile``.
 """
 
@@ -372,88 +376,89 @@ def _train(cfg: TrainConfig, env: _Dist) -> TrainResult:
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=rank != 0 or not cfg.log.progress)
-    with _StopSignals() as signals:
-        while step < total:
-            step += 1
-            t0 = time.perf_counter()
-            data_s = 0.0
-            optimizer.zero_grad(set_to_none=True)
-            sums = {}
-            for _ in range(accum):
-                td = time.perf_counter()
-                x, y = next(data_iter)
-                data_s += time.perf_counter() - td
-                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                    loss, metrics = loss_fn(*draw(x, y))
-                if step in cfg.debug.nan_steps and cfg.debug.nan_rank in (None, rank):
-                    loss = loss * float("nan")
-                    metrics["loss"] = loss.detach()
-                (loss / accum).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device) / accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf, foreach=True)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            names = names or sorted(sums)
-            stop_now = signals.requested is not None or cfg.debug.interrupt_at_step == step
-            packed = torch.stack([sums[k] for k in names] + [
-                (~torch.isfinite(sums["loss"])).float(), torch.tensor(float(stop_now), device=device)])
-            if world > 1:
-                dist.all_reduce(packed)
-            values = packed.tolist()
-            reduced = {k: v / world for k, v in zip(names, values[:-2], strict=True)}
-            bad = values[-2] > 0 or not math.isfinite(grad_norm.item())
-            stop_now = values[-1] > 0
-            if bad:
-                skipped += 1
-                in_a_row += 1
-            else:
-                optimizer.step()
-                ema.update(model)
-                in_a_row = 0
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            losses.append(reduced["loss"])
-            dt = time.perf_counter() - t0
-            window["steps"] += 1
-            window["time"] += dt
-            window["data"] += data_s
-            bar.update(1)
+    try:
+        with _StopSignals() as signals:
+            while step < total:
+                step += 1
+                t0 = time.perf_counter()
+                data_s = 0.0
+                optimizer.zero_grad(set_to_none=True)
+                sums = {}
+                for _ in range(accum):
+                    td = time.perf_counter()
+                    x, y = next(data_iter)
+                    data_s += time.perf_counter() - td
+                    with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                        loss, metrics = loss_fn(*draw(x, y))
+                    if step in cfg.debug.nan_steps and cfg.debug.nan_rank in (None, rank):
+                        loss = loss * float("nan")
+                        metrics["loss"] = loss.detach()
+                    (loss / accum).backward()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device) / accum
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf, foreach=True)
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                names = names or sorted(sums)
+                stop_now = signals.requested is not None or cfg.debug.interrupt_at_step == step
+                packed = torch.stack([sums[k] for k in names] + [
+                    (~torch.isfinite(sums["loss"])).float(), torch.tensor(float(stop_now), device=device)])
+                if world > 1:
+                    dist.all_reduce(packed)
+                values = packed.tolist()
+                reduced = {k: v / world for k, v in zip(names, values[:-2], strict=True)}
+                bad = values[-2] > 0 or not math.isfinite(grad_norm.item())
+                stop_now = values[-1] > 0
+                if bad:
+                    skipped += 1
+                    in_a_row += 1
+                else:
+                    optimizer.step()
+                    ema.update(model)
+                    in_a_row = 0
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                losses.append(reduced["loss"])
+                dt = time.perf_counter() - t0
+                window["steps"] += 1
+                window["time"] += dt
+                window["data"] += data_s
+                bar.update(1)
 
-            if step % cfg.log.every_steps == 0 or step == total or stop_now or in_a_row:
-                img_s = micro * accum * window["steps"] / window["time"]
-                rec = {"step": step, "epoch": loader.epoch, **reduced, "grad_norm": grad_norm.item(), "lr": lr,
-                       "img_per_s_per_device": img_s, "img_per_s": img_s * world,
-                       "step_time_s": window["time"] / window["steps"],
-                       "tflops_per_device": flops_per_step * window["steps"] / window["time"] / 1e12,
-                       "peak_mem_gib": _peak_memory_gib(device), "data_wait_frac": window["data"] / window["time"],
-                       "skipped_total": skipped, "nonfinite_in_a_row": in_a_row}
-                if peak:
-                    rec["mfu"] = flops_per_step * window["steps"] / window["time"] / peak
-                log.write(rec)
-                bar.set_postfix(loss=f"{reduced['loss']:.4f}", img_s=f"{img_s * world:.0f}", skipped=skipped)
-                window = {"steps": 0, "time": 0.0, "data": 0.0}
+                if step % cfg.log.every_steps == 0 or step == total or stop_now or in_a_row:
+                    img_s = micro * accum * window["steps"] / window["time"]
+                    rec = {"step": step, "epoch": loader.epoch, **reduced, "grad_norm": grad_norm.item(), "lr": lr,
+                           "img_per_s_per_device": img_s, "img_per_s": img_s * world,
+                           "step_time_s": window["time"] / window["steps"],
+                           "tflops_per_device": flops_per_step * window["steps"] / window["time"] / 1e12,
+                           "peak_mem_gib": _peak_memory_gib(device), "data_wait_frac": window["data"] / window["time"],
+                           "skipped_total": skipped, "nonfinite_in_a_row": in_a_row}
+                    if peak:
+                        rec["mfu"] = flops_per_step * window["steps"] / window["time"] / peak
+                    log.write(rec)
+                    bar.set_postfix(loss=f"{reduced['loss']:.4f}", img_s=f"{img_s * world:.0f}", skipped=skipped)
+                    window = {"steps": 0, "time": 0.0, "data": 0.0}
 
-            if in_a_row >= cfg.max_nonfinite:
-                ckpt_path = save()
-                bar.close()
-                log.close()
-                raise NonFiniteError(
-                    f"{in_a_row} non-finite steps in a row (loss or grad norm NaN/inf; {skipped} skipped in total), "
-                    f"stopped at step {step}; checkpoint {ckpt_path}. Lower the learning rate, check the data, or "
-                    "resume from an earlier checkpoint.")
-            if grids is not None and (step % cfg.log.sample_every == 0 or step == total):
-                grids(step, ema)
-            every = cfg.checkpoint.every_steps
-            if stop_now or step == total or (every and step % every == 0):
-                ckpt_path = save()
-            if stop_now:
-                stopped = (f"signal {signal.Signals(signals.requested).name}" if signals.requested is not None
-                           else f"debug.interrupt_at_step {step}")
-                break
-    bar.close()
-    log.close()
-    loader.close()
+                if in_a_row >= cfg.max_nonfinite:
+                    ckpt_path = save()
+                    raise NonFiniteError(
+                        f"{in_a_row} non-finite steps in a row (loss or grad norm NaN/inf; {skipped} skipped in "
+                        f"total), stopped at step {step}; checkpoint {ckpt_path}. Lower the learning rate, check the "
+                        "data, or resume from an earlier checkpoint.")
+                if grids is not None and (step % cfg.log.sample_every == 0 or step == total):
+                    grids(step, ema)
+                every = cfg.checkpoint.every_steps
+                if stop_now or step == total or (every and step % every == 0):
+                    ckpt_path = save()
+                if stop_now:
+                    stopped = (f"signal {signal.Signals(signals.requested).name}" if signals.requested is not None
+                               else f"debug.interrupt_at_step {step}" if cfg.debug.interrupt_at_step == step
+                               else "stop requested on another rank")
+                    break
+    finally:
+        bar.close()
+        log.close()
+        loader.close()
     return TrainResult(step=step, first_step=first_step, losses=losses, skipped=skipped, stopped=stopped,
                        checkpoint=ckpt_path, train_seconds=time.perf_counter() - start, model=model, ema=ema)
 

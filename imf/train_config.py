@@ -188,8 +188,9 @@ class TrainConfig:
             self.loss_config()
         except ValueError as e:
             raise ConfigError(f"loss: {e}") from None
-        if self.loss == "imf" and model_cfg.arch != "imf":
-            raise ConfigError(f"loss 'imf' needs an iMF model, preset {self.preset!r} is arch {model_cfg.arch!r}")
+        if self.loss != model_cfg.arch:
+            raise ConfigError(f"loss {self.loss!r} needs an {self.loss!r} model; preset {self.preset!r} is arch "
+                              f"{model_cfg.arch!r}")
         _choice("backend", self.backend, ("auto", "reference", "triton"))
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -75,7 +75,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     (["--preset", "demo", "--loss_overrides.class_dropp", "0.2"], 1, "unknown loss_overrides field(s) ['class_dropp']"),
     (["--preset", "demo", "--ema_decays", "[1.5]"], 1, "ema_decays must be in [0, 1)"),
     (["--preset", "iMF-B/2", "--data", "digits"], 1, "data 'digits' is 1x8x8 with 10 classes"),
-    (["--preset", "MF-B/2", "--loss", "imf", "--data", "synthetic"], 1, "loss 'imf' needs an iMF model"),
+    (["--preset", "MF-B/2", "--loss", "imf", "--data", "synthetic"], 1, "loss 'imf' needs an 'imf' model"),
     (["--preset", "demo", "--resume", "/no/such/ckpt"], 1, "checkpoint.resume must be 'auto' or a checkpoint"),
     (["--config", "/no/such.yaml"], 1, "config file '/no/such.yaml' does not exist"),
     (["--preset", "demo", "stray"], 1, "unexpected argument 'stray'"),
@@ -203,14 +203,14 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_export_matches_ema_model_and_sample_grids(tmp_path):
-    res = run(tiny_config(tmp_path / "run", steps=4, ema_decays=[0.9, 0.5], log={"sample_every": 4}))
+    res = run(tiny_config(tmp_path / "run", steps=12, ema_decays=[0.9, 0.5], log={"sample_every": 12}))
     assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
-        "step000000004_w1_t0-1.png", "step000000004_w4_t0-1.png"]
+        "step000000012_w1_t0-1.png", "step000000012_w4_t0-1.png"]
     out = tmp_path / "ema.safetensors"
     assert main(["export", "--ckpt", str(tmp_path / "run" / "checkpoints"), "--out", str(out), "--decay", "0.5"]) == 0
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
-    assert meta["imf.preset"] == "demo" and meta["imf.ema_decay"] == "0.5" and meta["imf.step"] == "4"
+    assert meta["imf.preset"] == "demo" and meta["imf.ema_decay"] == "0.5" and meta["imf.step"] == "12"
     cfg = ModelConfig(**json.loads(meta["imf.model_config"]))
     assert (cfg.dim, cfg.heads) == (32, 2)
 
@@ -221,10 +221,29 @@ def test_export_matches_ema_model_and_sample_grids(tmp_path):
     a = generate(reference.eval(), y, omega=2.0, generator=torch.Generator().manual_seed(1))
     b = generate(exported, y, omega=2.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-    assert not torch.equal(res.ema.full_tensors(0.5)["u_out.linear.weight"],
+    assert not torch.equal(res.ema.full_tensors(0.5)["u_out.linear.weight"],  # (past the EMA warm-up)
                            res.ema.full_tensors(0.9)["u_out.linear.weight"])
     with pytest.raises(CheckpointError, match="not 0.25"):
         export_ema(res.checkpoint, tmp_path / "x.safetensors", decay=0.25)
+
+
+def test_latent_sample_grids_decode_with_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = tiny_config(tmp_path / "run", steps=2, model_overrides={"in_channels": 4}, data={"source": "synthetic"},
+                      log={"sample_every": 2, "sample_omegas": [2.0], "sample_intervals": [[0.2, 0.8]],
+                           "sample_labels": [3, 7], "sample_per_label": 3, "vae": str(tmp_path / "vae")})
+    run(cfg)
+    samples = tmp_path / "run" / "samples"
+    latents = torch.load(samples / "step000000002_w2_t0.2-0.8.pt")
+    assert latents.shape == (6, 4, 8, 8) and torch.isfinite(latents).all()
+    from PIL import Image
+
+    grid = Image.open(samples / "step000000002_w2_t0.2-0.8.png")
+    assert grid.size == (3 * 17 + 1, 2 * 17 + 1)  # 3 per row, 2 labels, 16x16 decoded images + 1 px borders
 
 
 # --- robustness --------------------------------------------------------------------------------------------
@@ -277,6 +296,15 @@ def test_bf16_on_cpu_single_process(tmp_path):
     res = run(tiny_config(tmp_path / "run", steps=3, precision="bf16"))
     assert all(math.isfinite(v) for v in res.losses)
     assert all(p.dtype == torch.float32 for p in res.model.parameters())  # master weights stay fp32
+
+
+def test_mf_loss_on_the_mf_dit(tmp_path):
+    mf = {"arch": "mf", "input_size": 8, "in_channels": 1, "patch_size": 2, "num_classes": 10, "dim": 32,
+          "heads": 2, "depth": 2, "freq_dim": 32}
+    res = run(tiny_config(tmp_path / "run", preset="MF-B/2", model_overrides=mf, loss="mf", steps=3,
+                          loss_overrides={"omega": 2.0}, data={"batch_size": 16}))
+    assert res.step == 3 and all(math.isfinite(v) for v in res.losses)
+    assert "mse_u" in _read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
 
 
 def test_demo_cli_runs_through_the_trainer(tmp_path):
