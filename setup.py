@@ -31,11 +31,14 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "scipy>=1.10", "matplotlib>=3.7"],
         "data": ["nvidia-dali-cuda130", "diffusers>=0.30"],
         "bench": ["matplotlib>=3.7"],
+        # FID / IS; install next to the torchvision that matches your torch, or pip upgrades torch.
+        "eval": ["torch-fidelity>=0.4"],
     },
     entry_points={
         "console_scripts": [
             "imf-demo=imf.demo:main",
             "imf-train=imf.train:main",
+            "imf-evaluate=imf.evaluate:main",
             "imf-bench=bench.__main__:main",
         ],
     },

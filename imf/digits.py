@@ -38,7 +38,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     if min(len(a), len(b)) < 2:
         raise ValueError("need at least 2 samples in each set")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     w, v = np.linalg.eigh(s_a)
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.linalg.eigvalsh(root_a @ s_b @ root_a)
