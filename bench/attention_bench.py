@@ -35,17 +35,16 @@ memory numbers) to check the harness, not speed.
 from __future__ import annotations
 
 import importlib.util
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import imf_kernels
 import torch
 import torch.nn.functional as F
-import triton.testing
 from imf_kernels import reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.common import bench_callable, is_cuda
 
 
 def flops(op: str, mode: str, batch: int, heads: int, seq: int, head_dim: int) -> float:
@@ -126,16 +125,11 @@ def _step(fn: Callable[[Inputs], torch.Tensor], x: Inputs, mode: str) -> Callabl
 
 
 def _measure(step: Callable[[], None], x: Inputs, device, reps: int) -> dict:
-    """``ms`` (median), ``ms_p20``, ``ms_p80`` and ``peak_mem_mb`` of ``step``."""
-    if torch.device(device).type != "cuda":
-        step()  # warm-up
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return {"ms": statistics.median(times), "ms_p20": min(times), "ms_p80": max(times), "peak_mem_mb": None}
-    ms, p20, p80 = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8], grad_to_none=x.leaves)
+    """``ms`` (median), ``ms_p20``, ``ms_p80`` (:func:`bench.common.bench_callable`) and ``peak_mem_mb`` of ``step``."""
+    stats = bench_callable(step, device, reps=reps, grad_to_none=x.leaves)
+    row = {k: stats[k] for k in ("ms", "ms_p20", "ms_p80")}
+    if not is_cuda(device):
+        return {**row, "peak_mem_mb": None}
     for t in x.leaves:
         t.grad = None
     torch.cuda.synchronize(device)
@@ -146,7 +140,7 @@ def _measure(step: Callable[[], None], x: Inputs, device, reps: int) -> dict:
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     for t in x.leaves:
         t.grad = None
-    return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "peak_mem_mb": peak}
+    return {**row, "peak_mem_mb": peak}
 
 
 def bench_op(

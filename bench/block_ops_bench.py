@@ -40,17 +40,16 @@ numbers) to check the harness, not speed.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import imf_kernels
 import torch
 import torch.nn.functional as F
-import triton.testing
 from imf_kernels import reference
 from imf_kernels._checks import interpreting
+
+from bench.common import bench_callable
 
 Dual = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
@@ -168,16 +167,9 @@ def _memory(case: Case, impl: str, device) -> dict:
 
 
 def _time(step: Callable[[], None], device, reps: int) -> dict:
-    if torch.device(device).type == "cuda":
-        ms, p20, p80 = triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8])
-        return {"ms": ms, "ms_p20": p20, "ms_p80": p80}
-    step()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return {"ms": statistics.median(times), "ms_p20": min(times), "ms_p80": max(times)}
+    """``ms`` (median), ``ms_p20`` and ``ms_p80`` of ``step`` (:func:`bench.common.bench_callable`)."""
+    stats = bench_callable(step, device, reps=reps)
+    return {k: stats[k] for k in ("ms", "ms_p20", "ms_p80")}
 
 
 def measure(case: Case, device, reps: int = 3) -> list[dict]:

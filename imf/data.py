@@ -112,6 +112,57 @@ class _PositionedSource:
         self._reset()
 
 
+class _PlanLoader(_PositionedSource):
+    """A source over a latent dataset directory whose batches come from a :class:`BatchPlan`
+    (:class:`LatentLoader`, :class:`imf.data_dali.DaliLatentLoader`): builds the plan and holds the
+    settings a saved position belongs to."""
+
+    def _init_plan(
+        self,
+        root: str | os.PathLike,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: str | torch.device,
+        flip: bool,
+        verify_checksums: bool,
+        checked: dict | None,
+    ) -> None:
+        """Validate ``root`` (unless ``checked`` holds its summary already), build the plan, set the
+        settings, ``shape``, ``num_classes``, ``device`` and the position at the start."""
+        self.root = Path(root)
+        if checked is None:
+            check_dataset(self.root, checksums=verify_checksums)
+        self.index = LatentIndex(self.root)
+        self.plan = BatchPlan(
+            self.index, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, flip=flip
+        )
+        self.batch_size, self.rank, self.world_size, self.seed, self.flip = (
+            self.plan.batch_size,
+            rank,
+            world_size,
+            seed,
+            flip,
+        )
+        self.shape, self.num_classes = self.index.latent_shape, self.index.num_classes
+        self.device = torch.device(device)
+        self._init_position(self.plan.steps_per_epoch)
+
+    def _identity(self) -> dict:
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "flip": self.flip,
+        }
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices of ``epoch`` in order (batch ``k`` is entries ``k*B:(k+1)*B``)."""
+        return self.plan.epoch_indices(epoch).copy()
+
+
 class _EpochStepDataset(torch.utils.data.Dataset):
     """Map-style dataset whose item ``(epoch, step)`` is a whole normalised batch (built in the worker)."""
 
@@ -140,7 +191,7 @@ class _Positions(torch.utils.data.Sampler):
                 e, s = e + 1, 0
 
 
-class LatentLoader(_PositionedSource):
+class LatentLoader(_PlanLoader):
     """Torch ``DataLoader`` over a latent dataset directory (memory-mapped shards, worker processes,
     pinned memory when the target device is CUDA). See the module docstring for the sampling semantics.
 
@@ -168,40 +219,10 @@ class LatentLoader(_PositionedSource):
         prefetch_factor: int = 4,
         _checked: dict | None = None,
     ):
-        self.root = Path(root)
-        if _checked is None:
-            check_dataset(self.root, checksums=verify_checksums)
-        self.index = LatentIndex(self.root)
-        self.plan = BatchPlan(
-            self.index, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, flip=flip
-        )
-        self.batch_size, self.rank, self.world_size, self.seed, self.flip = (
-            self.plan.batch_size,
-            rank,
-            world_size,
-            seed,
-            flip,
-        )
-        self.shape = self.index.latent_shape
-        self.num_classes = self.index.num_classes
-        self.device = torch.device(device)
+        self._init_plan(root, batch_size, rank, world_size, seed, device, flip, verify_checksums, _checked)
         self.num_workers = int(num_workers)
         self.prefetch_factor = prefetch_factor
-        self._init_position(self.plan.steps_per_epoch)
         self._it = None
-
-    def _identity(self) -> dict:
-        return {
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "flip": self.flip,
-        }
-
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices of ``epoch`` in order (batch ``k`` is entries ``k*B:(k+1)*B``)."""
-        return self.plan.epoch_indices(epoch).copy()
 
     def _reset(self) -> None:
         self._it = None  # drops the DataLoader iterator (its workers shut down)

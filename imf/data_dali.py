@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from imf.data import _PositionedSource
-from imf.data_format import BatchPlan, LatentIndex, check_dataset
+from imf.data import _PlanLoader
+from imf.data_format import BatchPlan
 
 
 class _PlanSource:
@@ -90,7 +89,7 @@ def _build_pipeline(
     return pipe
 
 
-class DaliLatentLoader(_PositionedSource):
+class DaliLatentLoader(_PlanLoader):
     """DALI loader with the interface and the exact batches of :class:`imf.data.LatentLoader`.
 
     ``device``: CUDA device -> the pipeline runs there (``device_id`` = its index), else on the CPU.
@@ -121,22 +120,7 @@ class DaliLatentLoader(_PositionedSource):
     ):
         import nvidia.dali  # noqa: F401  (fail early with ImportError when DALI is absent)
 
-        self.root = Path(root)
-        if _checked is None:
-            check_dataset(self.root, checksums=verify_checksums)
-        self.index = LatentIndex(self.root)
-        self.plan = BatchPlan(
-            self.index, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, flip=flip
-        )
-        self.batch_size, self.rank, self.world_size, self.seed, self.flip = (
-            self.plan.batch_size,
-            rank,
-            world_size,
-            seed,
-            flip,
-        )
-        self.shape, self.num_classes = self.index.latent_shape, self.index.num_classes
-        self.device = torch.device(device)
+        self._init_plan(root, batch_size, rank, world_size, seed, device, flip, verify_checksums, _checked)
         if self.device.type == "cuda":
             self.device_id = (
                 self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -149,22 +133,8 @@ class DaliLatentLoader(_PositionedSource):
             int(num_threads),
             int(prefetch),
         )
-        self._init_position(self.plan.steps_per_epoch)
         self._pipe = None
         self._live = None
-
-    def _identity(self) -> dict:
-        return {
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "flip": self.flip,
-        }
-
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices of ``epoch`` in order (batch ``k`` is entries ``k*B:(k+1)*B``)."""
-        return self.plan.epoch_indices(epoch).copy()
 
     def _reset(self) -> None:
         self._live = None

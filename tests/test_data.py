@@ -3,6 +3,7 @@ DALI pipeline (bit-identical to the torch path), validation errors, imf.prepare 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -501,48 +502,24 @@ def test_prepare_end_to_end_and_resume(tmp_path):
     for i in (1, 2):
         (out / shard_names(i)[2]).unlink()
     (out / "manifest.json").unlink()
-    man2 = encode_folder(
+    encode = functools.partial(
+        encode_folder,
         tmp_path / "img",
         tmp_path / "vae",
         out,
         resolution=32,
-        flip=True,
-        batch_size=3,
         shard_size=4,
         device="cpu",
         num_workers=0,
         progress=False,
     )
+    man2 = encode(flip=True, batch_size=3)
     assert (out / shard_names(0)[0]).stat().st_mtime_ns == ino
     assert man2["shards"] == man["shards"] and man2["channel_std"] == man["channel_std"]
     # a finished directory is left alone; other settings are refused
-    assert (
-        encode_folder(
-            tmp_path / "img",
-            tmp_path / "vae",
-            out,
-            resolution=32,
-            flip=True,
-            batch_size=3,
-            shard_size=4,
-            device="cpu",
-            num_workers=0,
-            progress=False,
-        )
-        == man2
-    )
+    assert encode(flip=True, batch_size=3) == man2
     with pytest.raises(DataError, match="other inputs/settings"):
-        encode_folder(
-            tmp_path / "img",
-            tmp_path / "vae",
-            out,
-            resolution=32,
-            flip=False,
-            shard_size=4,
-            device="cpu",
-            num_workers=0,
-            progress=False,
-        )
+        encode(flip=False)
     # and the result trains: the torch loader reads it
     loader = build_loader(out, batch_size=4, backend="torch", num_workers=0, num_classes=3, shape=(4, 16, 16))
     x, y = next(iter(loader))
