@@ -100,8 +100,8 @@ PRESETS: dict[str, ModelConfig] = {
     "MF-B/2": ModelConfig(arch="mf", dim=768, depth=12, heads=12),
     "MF-XL/2": ModelConfig(arch="mf", dim=1152, depth=28, heads=16),
     # Pixel-space 8x8 digits (scikit-learn) for the CPU demo: 16 image tokens + 7 condition tokens
-    # (the same five groups, fewer tokens each), 2 trunk blocks + 1-block u- and v-heads.
-    "demo": ModelConfig(input_size=8, in_channels=1, patch_size=2, dim=64, depth=3, heads=4, head_depth=1,
+    # (the same five groups, fewer tokens each), 3 trunk blocks + 1-block u- and v-heads.
+    "demo": ModelConfig(input_size=8, in_channels=1, patch_size=2, dim=96, depth=4, heads=4, head_depth=1,
                         num_classes=10, freq_dim=64, class_tokens=2, omega_tokens=1, t_min_tokens=1,
                         t_max_tokens=1, time_tokens=2),
 }

@@ -71,7 +71,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     (["--preset", "demo", "--lr", "fast"], 1, "optim.lr: cannot use 'fast'"),
     (["--preset", "demo", "--optim.betas", "[0.9, 1.5]"], 1, "optim.betas must be two values in [0, 1)"),
     (["--preset", "demo", "--optimizer.lr", "1"], 1, "unknown config field 'optimizer'"),
-    (["--preset", "demo", "--model_overrides.heads", "5"], 1, "model: dim (64) must be divisible by heads (5)"),
+    (["--preset", "demo", "--model_overrides.heads", "5"], 1, "model: dim (96) must be divisible by heads (5)"),
     (["--preset", "demo", "--loss_overrides.class_dropp", "0.2"], 1, "unknown loss_overrides field(s) ['class_dropp']"),
     (["--preset", "demo", "--ema_decays", "[1.5]"], 1, "ema_decays must be in [0, 1)"),
     (["--preset", "iMF-B/2", "--data", "digits"], 1, "data 'digits' is 1x8x8 with 10 classes"),
