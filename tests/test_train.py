@@ -45,9 +45,14 @@ def _deep(base: dict, over: dict) -> dict:
 
 
 def tiny_config(out: Path, **over):
-    """The demo preset shrunk to dim 32 / batch 16 on digits, metrics every step, no progress bar."""
+    """The demo preset shrunk to dim 32 / batch 16 on digits, metrics every step, no progress bar.
+
+    The optimizer settings are pinned (lr 1e-3, constant after warm-up) so that tuning the demo preset's
+    schedule for its full-length run does not change what these short runs test.
+    """
     base = {"preset": "demo", "model_overrides": TINY, "steps": 8, "data": {"source": "digits", "batch_size": 16},
-            "schedule": {"warmup_steps": 2}, "out_dir": str(out), "log": {"every_steps": 1, "progress": False},
+            "optim": {"lr": 1e-3}, "schedule": {"warmup_steps": 2, "decay": "constant"}, "out_dir": str(out),
+            "log": {"every_steps": 1, "progress": False},
             "checkpoint": {"every_steps": 0}}
     return build_config(overrides=_deep(base, over))
 

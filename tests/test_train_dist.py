@@ -40,6 +40,7 @@ def _free_port() -> int:
 def _cli(out: Path, *extra: str) -> list[str]:
     return ["--preset", "demo", "--model_overrides.dim", str(TINY["dim"]), "--model_overrides.heads",
             str(TINY["heads"]), "--batch", "32", "--steps", str(STEPS), "--schedule.warmup_steps", "5",
+            "--lr", "1e-3", "--schedule.decay", "constant",
             "--debug.global_batch", "--debug.nan_steps", "[5]", "--log.every_steps", "1", "--log.progress", "false",
             "--checkpoint.every_steps", "0", "--out", str(out), *extra]
 
