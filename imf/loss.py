@@ -82,10 +82,9 @@ def imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop=None, cfg: LossConf
     """iMF v-loss; returns ``(loss, metrics)``. See the module docstring for the math."""
     cfg = LossConfig() if cfg is None else cfg
     null = model.cfg.num_classes
-    batch = _check_inputs(model, x, y, e, t, r, drop, omega=omega, t_min=t_min, t_max=t_max)
+    batch, n_dual, ordered = _check_inputs(model, x, y, e, t, r, drop, omega=omega, t_min=t_min, t_max=t_max)
     drop = torch.zeros_like(y, dtype=torch.bool) if drop is None else drop
-    x, y, e, t, r, omega, t_min, t_max, drop, n_dual = _tangent_first(
-        model, x, y, e, t, r, omega, t_min, t_max, drop)
+    x, y, e, t, r, omega, t_min, t_max, drop = _tangent_first(ordered, x, y, e, t, r, omega, t_min, t_max, drop)
     z, v_t = _interpolate(x, e, t)
     y = torch.where(drop, null, y)
     omega_eff = torch.where((t >= t_min) & (t <= t_max), omega, torch.ones_like(omega))
@@ -131,9 +130,9 @@ def mf_loss(model, x, y, e, t, r, omega=1.0, kappa=0.0, t_start=0.0, t_end=1.0, 
     if not 0.0 <= t_start <= t_end <= 1.0:
         raise ValueError(f"need 0 <= t_start <= t_end <= 1, got t_start={t_start}, t_end={t_end}")
     null = model.cfg.num_classes
-    _check_inputs(model, x, y, e, t, r, drop)
+    _, n_dual, ordered = _check_inputs(model, x, y, e, t, r, drop)
     drop = torch.zeros_like(y, dtype=torch.bool) if drop is None else drop
-    x, y, e, t, r, drop, n_dual = _tangent_first(model, x, y, e, t, r, drop)
+    x, y, e, t, r, drop = _tangent_first(ordered, x, y, e, t, r, drop)
     z, v_t = _interpolate(x, e, t)
     v_g = v_t
     if omega != 1.0 or kappa != 0.0:
@@ -165,23 +164,23 @@ def _interpolate(x, e, t):
     return (1 - tb) * x + tb * e, e - x
 
 
-def _tangent_first(model, *tensors):
-    """Move samples with ``r < t`` to the front (stable); return the tensors and their count.
+def _tangent_first(ordered: bool, *tensors):
+    """Move samples with ``r < t`` (``tensors[3] > tensors[4]``) to the front, stably, unless ``ordered``.
 
-    One host sync per step reads the count and whether the batch is already in that order (the
-    sampler puts its ``r = t`` samples last, so no copy is made then).
+    The sampler puts its ``r = t`` samples last, so usually nothing is copied.
     """
-    t, r = tensors[3], tensors[4]
-    needs = r < t
-    n_dual, ordered = torch.stack([needs.sum(), (needs[1:] <= needs[:-1]).all()]).tolist()
-    if not ordered:
-        perm = torch.argsort((~needs).to(torch.int8), stable=True)
-        tensors = tuple(v[perm] for v in tensors)
-    return (*tensors, int(n_dual))
+    if ordered:
+        return tensors
+    perm = torch.argsort((tensors[4] >= tensors[3]).to(torch.int8), stable=True)
+    return tuple(v[perm] for v in tensors)
 
 
 def _check_inputs(model, x, y, e, t, r, drop, **cond):
-    """Shapes, dtypes and value ranges of a loss's inputs; one host sync for the value checks."""
+    """Shapes, dtypes and value ranges of a loss's inputs, and the tangent schedule, in one host sync.
+
+    Returns ``(batch, n_dual, ordered)``: the number of samples with ``r < t`` (they get a tangent) and
+    whether they already come first.
+    """
     cfg = model.cfg
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape \
@@ -214,7 +213,10 @@ def _check_inputs(model, x, y, e, t, r, drop, **cond):
         checks["omega must be >= 1"] = (cond["omega"] < 1).any()
         checks["t_min, t_max must satisfy 0 <= t_min <= t_max <= 1"] = (
             (cond["t_min"] < 0) | (cond["t_min"] > cond["t_max"]) | (cond["t_max"] > 1)).any()
-    bad = [msg for msg, flag in zip(checks, torch.stack(list(checks.values())).tolist(), strict=True) if flag]
+    needs = r < t
+    stats = [*checks.values(), needs.sum(), (needs[1:] <= needs[:-1]).all()]
+    *flags, n_dual, ordered = torch.stack([v.long() for v in stats]).tolist()
+    bad = [msg for msg, flag in zip(checks, flags, strict=True) if flag]
     if bad:
         raise ValueError("; ".join(bad))
-    return batch
+    return batch, int(n_dual), bool(ordered)
