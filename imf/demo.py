@@ -1,6 +1,6 @@
 """The main job on built-in data: train the ``demo`` iMF on scikit-learn digits on a CPU, then score it.
 
-    python -m imf.demo                      # ~9.5 minutes on 2 cores
+    python -m imf.demo                      # ~7.5 minutes on 2 cores
     python -m imf.demo --steps 200 --out runs/quick
 
 Training is :func:`imf.train.run` (the same as ``python -m imf.train --preset demo --data digits``); a
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="peak learning rate (default: the demo preset's)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default: the demo preset's)")
     p.add_argument("--ema", type=float, help="EMA decay (default: the demo preset's)")
-    p.add_argument("--omegas", default="1.0,1.5,2.0,3.0", help="guidance scales to evaluate")
+    p.add_argument("--omegas", default="1.0,1.25,1.5,2.0", help="guidance scales to evaluate")
     p.add_argument("--eval-samples", type=int, default=1000, help="generated samples per evaluation")
     p.add_argument("--backend", default="reference", choices=("reference", "triton"))
     p.add_argument("--seed", type=int, default=0)

@@ -106,6 +106,15 @@ def test_config_layers_file_then_cli(tmp_path):
     assert (cfg.steps, cfg.optim.lr) == (7, 0.003)
 
 
+def test_demo_config_file_is_the_demo_preset():
+    """configs/demo.yaml says it is `--preset demo --data digits` written out; keep that true."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    from_file = load_config(["--config", str(path)]).to_dict()
+    from_preset = load_config(["--preset", "demo", "--data", "digits"]).to_dict()
+    assert from_file == from_preset
+    assert from_file["loss_overrides"] == {"fm_fraction": 0.0, "p_std": 1.6}
+
+
 def test_main_reports_config_error(capsys):
     assert main(["--preset", "nope"]) == 2
     assert "configuration error: unknown preset 'nope'" in capsys.readouterr().err
