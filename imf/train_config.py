@@ -282,12 +282,8 @@ PRESET_DEFAULTS: dict[str, dict] = {
     # The digits demo on a CPU (2 cores, ~8 minutes): batch 32, lr 1e-3 with 200 warm-up steps and a cosine
     # decay, EMA 0.999, 5000 steps, and two departures from the published iMF (t, r) sampler: no r = t samples
     # (fm_fraction 0; the v-head's loss still learns the instantaneous velocity) and a wider logit-normal
-    # (p_std 1.6), which puts more pairs near (t, r) = (1, 0), the one-step jump. Measured 1-NFE Frechet
-    # distance (omega 1, 1000 samples) at 2000 steps: published sampler 3.90, fm_fraction 0.25 2.88, 0 2.48,
-    # 0 with p_std 1.6 1.81 (seed 1: 2.01), 0 with p_std 2.0 1.83; with these settings 1.29 at 5000 steps (the
-    # default, 442 s of training) and 1.18 at 6000 (575 s). At 6000 steps with the published sampler:
-    # lr 1e-3 cosine 2.35, lr 5e-4 cosine 2.82, lr 5e-4 constant 2.66; dim 64 / depth 3 plateaued near 3.5;
-    # batch 128 was worse per second of training.
+    # (p_std 1.6), which puts more pairs near (t, r) = (1, 0), the one-step jump. The measurements behind
+    # these choices, and the settings tried before them, are in the README's main-job section.
     "demo": {"data": {"source": "digits", "batch_size": 32}, "optim": {"lr": 1e-3, "grad_clip": 1.0},
              "schedule": {"warmup_steps": 200, "decay": "cosine"}, "steps": 5000,
              "loss_overrides": {"fm_fraction": 0.0, "p_std": 1.6},
