@@ -2,10 +2,9 @@
 
 Each op is checked against the plain-PyTorch reference (:mod:`imf_kernels.reference`) run in
 fp64: the primal output, the tangent against ``torch.func.jvp`` of the reference *primal*, and the
-gradient of every differentiable input against autograd of the reference. Bound (STYLE.md): the
-kernel's relative error is at most twice that of the same reference math run in the kernel's
-dtype, plus a small floor. Every allocation made while a test runs is poisoned with NaN, so an
-output element a kernel fails to write fails the comparison.
+gradient of every differentiable input against autograd of the reference, with the shared bound of
+:mod:`numerics` (``err <= 2 * err(reference math in the kernel's dtype) + floor``). Every
+allocation made while a test runs is NaN-poisoned and every test draws a fresh, printed seed.
 
 CPU (Triton interpreter): fp32 and fp16 at small, odd sizes. GPU-marked: bf16/fp16/fp32 at model
 sizes.
@@ -20,49 +19,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 from imf_kernels import reference as ref
-from imf_kernels._checks import interpreting
+from numerics import DEVICE, INTERPRETING, assert_bound
 
-DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("poisoned", "seeded")]
 CPU_DTYPES = [torch.float32, torch.float16]
-FLOOR = 1e-6
-
-_empty, _empty_like = torch.empty, torch.empty_like
 
 
-def _nan_fill(t: torch.Tensor) -> torch.Tensor:
-    return t.fill_(float("nan")) if t.is_floating_point() else t
+def test_outputs_come_from_poisoned_buffers(poisoned):
+    """The NaN fixture covers the ops' outputs, so the bounds catch unwritten elements."""
+    x, w = torch.randn(3, 5, 8, device=DEVICE), torch.ones(8, device=DEVICE)
+    y, y_t = imf_kernels.rms_norm_jvp(x, x[:2], w)
+    h, h_t = imf_kernels.swiglu_jvp(x, x, x[:1], x[:1])
+    for out in (y, y_t, h, h_t):
+        assert any(out is b for b in poisoned) and not out.isnan().any()
 
 
-@pytest.fixture(autouse=True)
-def poison_allocations(monkeypatch):
-    """``torch.empty`` / ``torch.empty_like`` return NaN-filled tensors while a test runs."""
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: _nan_fill(_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _nan_fill(_empty_like(*a, **k)))
-
-
-def test_allocations_are_poisoned():
-    assert torch.empty(3).isnan().all() and torch.empty_like(torch.ones(2)).isnan().all()
+def test_bound_can_fail():
+    """The shared bound rejects one NaN element and an error a few times that of the dtype's rounding."""
+    ref64 = torch.randn(1000, dtype=torch.float64)
+    same = ref64.half()
+    assert_bound("exact", ref64.half(), same, ref64)
+    nan = ref64.half()
+    nan[7] = float("nan")
+    worse = (ref64 + 4 * (same.double() - ref64)).half()
+    for name, out in (("nan", nan), ("worse", worse)):
+        with pytest.raises(AssertionError, match=name):
+            assert_bound(name, out, same, ref64)
 
 
 # ---------------------------------------------------------------------------------------------
 # Harness: run an op and its reference, compare outputs, tangents and gradients.
-
-
-def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
-    """Max-abs error relative to the largest reference magnitude (NaN in ``out`` -> NaN -> fails)."""
-    return ((out.double() - want).abs().max() / want.abs().max()).item()
-
-
-def assert_close(name: str, out: torch.Tensor, want64: torch.Tensor, same_dtype_ref: torch.Tensor) -> None:
-    assert out.shape == want64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(want64.shape)}"
-    assert out.dtype == same_dtype_ref.dtype, f"{name}: dtype {out.dtype} != {same_dtype_ref.dtype}"
-    if want64.numel() == 0:  # a prefix tangent of no rows
-        return
-    err, err_ref = rel_err(out, want64), rel_err(same_dtype_ref, want64)
-    bound = 2 * err_ref + FLOOR
-    assert err <= bound, (
-        f"{name}: rel err {err:.3g} > {bound:.3g} (2 x reference in {out.dtype}: {err_ref:.3g})"
-    )
 
 
 def reference_run(reference, args, tangents, dy):
@@ -111,10 +97,10 @@ def check_op(fused_primal, fused_dual, reference, args64, tangents64, dtype, mod
         y, y_t, g = kernel_run(fused_primal, low(args64), [], dy)
     else:
         y, y_t, g = kernel_run(fused_dual, low(args64), [t[:n] for t in low(tangents64) if t is not None], dy)
-        assert_close("tangent", y_t, yt64[:n], yt_r[:n])
-    assert_close("primal", y, y64, y_r)
+        assert_bound("tangent", y_t, yt_r[:n], yt64[:n])
+    assert_bound("primal", y, y_r, y64)
     for name, gk, gw, gr in zip(names, g, g64, g_r, strict=True):
-        assert_close(f"grad {name}", gk, gw, gr)
+        assert_bound(f"grad {name}", gk, gr, gw)
 
 
 MODES = ["primal", "full", "prefix"]
@@ -129,7 +115,6 @@ def randn(*shape, scale=1.0):
 
 
 def run_rms_norm(shape, dtype, mode):
-    torch.manual_seed(0)
     x, w = randn(*shape, scale=2.0), 1 + 0.2 * randn(shape[-1])
     check_op(
         imf_kernels.rms_norm,
@@ -155,8 +140,8 @@ def test_rms_norm_tangent_for_no_rows():
     x = torch.randn(2, 3, 8, device=DEVICE)
     y, y_t = imf_kernels.rms_norm_jvp(x, x[:0], torch.ones(8, device=DEVICE))
     assert y_t.shape == (0, 3, 8)
-    assert_close("primal", y, ref.rms_norm(x.double(), torch.ones(8, dtype=torch.float64, device=DEVICE)),
-                 ref.rms_norm(x, torch.ones(8, device=DEVICE)))  # fmt: skip
+    w = torch.ones(8, device=DEVICE)
+    assert_bound("primal", y, ref.rms_norm(x, w), ref.rms_norm(x.double(), w.double()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +154,6 @@ def _qk_reference(cos, sin):
 
 def run_qk_norm_rope(shape, packed, dtype, mode):
     """``packed``: x is ``qkv[:, :, 1]`` of a ``(B, L, 3, H, D)`` projection (a strided view)."""
-    torch.manual_seed(0)
     batch, seq, heads, d = shape
     cos, sin = (t.to(DEVICE) for t in ref.rope_tables(seq, d))
     reference = _qk_reference(cos, sin)
@@ -219,7 +203,6 @@ def test_qk_norm_rope_output_layout():
 
 def run_swiglu(shape, packed, dtype, mode):
     """``packed``: ``a, b`` are the last-dim halves of one ``(..., 2 * hidden)`` tensor (strided views)."""
-    torch.manual_seed(0)
     if packed:
         halves = lambda ab: ab.chunk(2, dim=-1)
         leaves = [randn(*shape[:-1], 2 * shape[-1], scale=2.0)]
@@ -247,7 +230,6 @@ def test_swiglu(shape, packed, dtype, mode):
 
 
 def run_linear_dual(shape, out_features, bias, dtype, mode):
-    torch.manual_seed(0)
     x, w = randn(*shape), randn(out_features, shape[-1], scale=shape[-1] ** -0.5)
     args, tangents = [x, w], [randn(*shape), None]
     if bias:
@@ -418,16 +400,10 @@ def test_bad_inputs(case):
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def on_gpu(test):
-    """Mark ``test`` as a GPU test, skipped without CUDA or under the interpreter."""
-    skip = pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA (and TRITON_INTERPRET unset)")
-    return pytest.mark.gpu(skip(test))
-
-
 @pytest.mark.parametrize("mode", ["primal", "prefix"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("shape", [(16, 276, 768), (8, 276, 1024), (4, 276, 1152)])
-@on_gpu
+@pytest.mark.gpu
 def test_rms_norm_gpu(shape, dtype, mode):
     run_rms_norm(shape, dtype, mode)
 
@@ -437,24 +413,22 @@ def test_rms_norm_gpu(shape, dtype, mode):
 @pytest.mark.parametrize(
     "shape, packed", [((16, 276, 12, 64), True), ((8, 276, 16, 72), True), ((8, 276, 16, 64), False)]
 )
-@on_gpu
+@pytest.mark.gpu
 def test_qk_norm_rope_gpu(shape, packed, dtype, mode):
     run_qk_norm_rope(shape, packed, dtype, mode)
 
 
 @pytest.mark.parametrize("mode", ["primal", "prefix"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize(
-    "shape, packed", [((16, 276, 2048), True), ((8, 276, 2730), True), ((8, 276, 2048), False)]
-)
-@on_gpu
+@pytest.mark.parametrize("shape, packed", [((16, 276, 2048), True), ((8, 276, 2730), True), ((8, 276, 2048), False)])
+@pytest.mark.gpu
 def test_swiglu_gpu(shape, packed, dtype, mode):
     run_swiglu(shape, packed, dtype, mode)
 
 
 @pytest.mark.parametrize("mode", ["full", "prefix"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@on_gpu
+@pytest.mark.gpu
 def test_linear_dual_gpu(dtype, mode):
     run_linear_dual((16, 276, 768), 2304, True, dtype, mode)
 
@@ -463,7 +437,7 @@ def test_linear_dual_gpu(dtype, mode):
 # Benchmark harness (bench/block_ops_bench.py) on tiny shapes.
 
 
-@pytest.mark.skipif(not interpreting(), reason="the smoke run uses the Triton interpreter")
+@pytest.mark.skipif(not INTERPRETING, reason="the smoke run uses the Triton interpreter")
 def test_block_ops_bench_smoke():
     from bench.block_ops_bench import smoke
 
