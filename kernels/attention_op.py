@@ -24,8 +24,38 @@ computed by two kernels without atomics (so the gradients are deterministic): on
 key block accumulates ``dk, dv`` over all query blocks, one program per query block
 accumulates ``dq`` over all key blocks; both recompute ``P`` from ``lse``.
 
-The tangent (forward-mode) of this op is :mod:`imf_kernels.attention_jvp_op`, which shares the
-backward below.
+Tangent (forward mode), tangents ``q_t, k_t, v_t``::
+
+    S_t = s (q_t k^T + q k_t^T)   mu = rowsum(P * S_t)   P_t = P * (S_t - mu)   o_t = P_t v + P v_t
+
+Fused JVP forward (:func:`_attn_jvp_fwd`): primal and tangent in one pass, sharing the primal's
+online-softmax rescaling. With ``p = 2^(x - m)`` and ``alpha = 2^(m_old - m)`` as above, each
+program keeps, per query row::
+
+    l   = alpha l + rowsum(p)                     (softmax denominator)
+    r   = alpha r + rowsum(p * S_t)               (so mu = r / l once all keys are seen)
+    c'  = r / l                                   (running estimate of mu)
+    acc = alpha acc + p v                         (-> o   = acc / l)
+    t   = alpha t + (c - c') alpha acc_old + (p * (S_t - c')) v + p v_t
+                                                  (-> o_t = t / l)
+
+The invariant is ``t = sum_j p_j (S_t,j - c) v_j + sum_j p_j v_t,j`` for the current shift ``c``;
+at the end ``c = mu``, so ``t / l = P_t v + P v_t`` exactly. Centring ``S_t`` on the running mean
+before the product is rounded to the input dtype for the ``v`` matmul keeps the rounding error
+proportional to ``|P_t|`` rather than ``|P * S_t|`` (the two differ a lot when ``S_t`` has a large
+common offset; at ``seq = 1``, ``P_t = 0`` exactly). ``P_t v`` and ``P v_t`` share the accumulator
+``t``. ``S_t`` and ``p * (S_t - c')`` are formed in fp32. The fused forward costs 6 matmuls of
+``L x L x D`` (``S``, the two of ``S_t``, ``P v``, ``P_t v``, ``P v_t``) against 2 for the primal,
+and O(L) memory.
+
+Forward-mode AD: :class:`_Attention` has a ``jvp`` rule, so ``torch.func.jvp(attention, ...)`` and
+``torch.autograd.forward_ad`` dual tensors work. Both call ``forward`` first (the primal kernel,
+2 matmuls), then the rule, which runs the fused JVP kernel for ``o_t`` (6 matmuls; its primal
+result is recomputed and dropped): 8 matmuls in all, 1.33x the explicit
+:func:`imf_kernels.attention_jvp` route, which runs the fused kernel once. The primal output keeps
+its ordinary autograd graph (flash backward), so ``u, dudt = torch.func.jvp(f, ...)`` followed by a
+loss on ``u`` and ``.backward()`` works (the py-meanflow pattern). ``o_t`` is a stop-gradient
+output: backward through it raises (the MeanFlow losses detach ``du/dt``).
 
 Numerics: scores, softmax statistics and all accumulators are fp32; ``P`` and ``dS`` are
 rounded to the input dtype only as operands of the ``v``/``q``/``k`` matmuls (as in
@@ -162,6 +192,130 @@ def _attn_fwd(
     tl.store(LSE + off_bh.to(tl.int64) * SEQ + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
     o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od)
     tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _jvp_inner(
+    acc, acc_t, l_i, m_i, r_i, c_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+    stride_kl, stride_vl, stride_ktl, stride_vtl, offs_n, d_ok, qk_scale, scale,
+    start: tl.constexpr, end: tl.constexpr, seq_len: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Primal and tangent online-softmax update over key blocks ``[start, end)``."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+        k_t = load_rows(kt_ptrs + start_n * stride_ktl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+        x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s_t = tl.dot(q_t, tl.trans(k), input_precision=PRECISION)
+        s_t = tl.dot(q, tl.trans(k_t), s_t, input_precision=PRECISION) * scale
+        if MASK_N:
+            x = tl.where((cols < seq_len)[None, :], x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        p = tl.math.exp2(x - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        r_i = r_i * alpha + tl.sum(p * s_t, 1)
+        c_new = r_i / l_i
+        acc = acc * alpha[:, None]
+        acc_t = acc_t * alpha[:, None] + (c_i - c_new)[:, None] * acc
+        v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+        v_t = load_rows(vt_ptrs + start_n * stride_vtl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+        p_lo = p.to(v.dtype)
+        acc_t = tl.dot((p * (s_t - c_new[:, None])).to(v.dtype), v, acc_t, input_precision=PRECISION)
+        acc_t = tl.dot(p_lo, v_t, acc_t, input_precision=PRECISION)
+        acc = tl.dot(p_lo, v, acc, input_precision=PRECISION)
+        m_i = m_new
+        c_i = c_new
+    return acc, acc_t, l_i, m_i, r_i, c_i
+
+
+def _jvp_smem(meta: dict, num_stages: int) -> int:
+    """Shared memory of :func:`_attn_jvp_fwd`: ``q, q_t`` plus ``num_stages`` buffered ``k, v, k_t, v_t``."""
+    tile = meta["BLOCK_D"] * meta["Q"].element_size()
+    return tile * (2 * meta["BLOCK_M"] + num_stages * 4 * meta["BLOCK_N"])
+
+
+JVP_CONFIGS = _tuning.configs(
+    BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)
+)
+
+
+@_tuning.autotune(
+    candidates=JVP_CONFIGS,
+    key=["SEQ", "HEAD_DIM"],
+    smem_bytes=_jvp_smem,
+    tensor_arg="Q",
+    interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
+)
+@triton.jit
+def _attn_jvp_fwd(
+    Q, K, V, QT, KT, VT, O, OT, LSE,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_qtb, stride_qth, stride_qtl, stride_qtd,
+    stride_ktb, stride_kth, stride_ktl, stride_ktd,
+    stride_vtb, stride_vth, stride_vtl, stride_vtd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_otb, stride_oth, stride_otl, stride_otd,
+    n_heads, qk_scale, scale,
+    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: ``o, o_t`` and ``lse`` for ``BLOCK_M`` query rows of one (batch, head)."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q = load_rows(
+        tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd),
+        offs_m, SEQ, d_ok, True, EVEN_D,
+    )
+    q_t = load_rows(
+        tile_ptrs(QT, off_b, off_h, offs_m, offs_d, stride_qtb, stride_qth, stride_qtl, stride_qtd),
+        offs_m, SEQ, d_ok, True, EVEN_D,
+    )
+    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd)
+    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd)
+    kt_ptrs = tile_ptrs(KT, off_b, off_h, offs_n, offs_d, stride_ktb, stride_kth, stride_ktl, stride_ktd)
+    vt_ptrs = tile_ptrs(VT, off_b, off_h, offs_n, offs_d, stride_vtb, stride_vth, stride_vtl, stride_vtd)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)
+    c_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_full: tl.constexpr = (SEQ // BLOCK_N) * BLOCK_N
+    acc, acc_t, l_i, m_i, r_i, c_i = _jvp_inner(
+        acc, acc_t, l_i, m_i, r_i, c_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+        stride_kl, stride_vl, stride_ktl, stride_vtl, offs_n, d_ok, qk_scale, scale,
+        0, n_full, SEQ, BLOCK_N, False, EVEN_D, PRECISION,
+    )
+    acc, acc_t, l_i, m_i, r_i, c_i = _jvp_inner(
+        acc, acc_t, l_i, m_i, r_i, c_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+        stride_kl, stride_vl, stride_ktl, stride_vtl, offs_n, d_ok, qk_scale, scale,
+        n_full, SEQ, SEQ, BLOCK_N, True, EVEN_D, PRECISION,
+    )
+
+    row_ok = offs_m < SEQ
+    mask = row_ok[:, None] & d_ok[None, :]
+    l_inv = 1.0 / l_i
+    o = acc * l_inv[:, None]
+    o_t = acc_t * l_inv[:, None]
+    tl.store(LSE + off_bh.to(tl.int64) * SEQ + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=mask)
+    ot_ptrs = tile_ptrs(OT, off_b, off_h, offs_m, offs_d, stride_otb, stride_oth, stride_otl, stride_otd)
+    tl.store(ot_ptrs, o_t.to(OT.dtype.element_ty), mask=mask)
 
 
 def _rows_smem(meta: dict, num_stages: int) -> int:
@@ -443,6 +597,22 @@ def flash_forward_into(q, k, v, o, lse, scale: float) -> None:
     )
 
 
+def jvp_forward_into(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale: float) -> None:
+    """Run the fused kernel on validated inputs of one batch size, writing ``o, o_t, lse`` (views allowed:
+    ``o, o_t`` through their strides, ``lse`` contiguous ``(batch, heads, seq)``)."""
+    batch, heads, seq, _ = q.shape
+    if q.numel() == 0:
+        return
+    _attn_jvp_fwd[row_grid("BLOCK_M", seq, batch * heads)](
+        q, k, v, q_t, k_t, v_t, o, o_t, lse,
+        *q.stride(), *k.stride(), *v.stride(), *q_t.stride(), *k_t.stride(), *v_t.stride(),
+        *o.stride(), *o_t.stride(),
+        heads, scale * LOG2E, scale,
+        SEQ=seq, **kernel_meta(q),
+    )
+
+
+
 def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` from the saved forward (shared with :mod:`imf_kernels.attention_jvp_op`)."""
     batch, heads, seq, _ = q.shape
@@ -467,8 +637,45 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
     return dq, dk, dv
 
 
+@torch.library.custom_op("imf_kernels::attention_tangent", mutates_args=())
+def attention_tangent(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``o_t`` from the fused JVP kernel (its ``o`` and ``lse`` are dropped). A custom op, so that the
+    jvp rule below receives plain tensors under ``torch.func.jvp`` (functorch unwraps its levels at
+    the dispatcher), and so that backward through ``o_t`` raises instead of silently dropping."""
+    o, lse = empty_outputs(q)
+    o_t = alloc(q)
+    jvp_forward_into(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale)
+    return o_t
+
+
+@attention_tangent.register_fake
+def _(q, k, v, q_t, k_t, v_t, scale):
+    return torch.empty_like(q)
+
+
+def _tangent_backward(ctx, _do_t):
+    raise RuntimeError(
+        "imf_kernels.attention: the tangent from its jvp rule is a stop-gradient output; "
+        "detach it (e.g. dudt.detach()), as the MeanFlow losses do"
+    )
+
+
+attention_tangent.register_autograd(_tangent_backward)
+
+
+def zero_tangent(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``t``, or a stride-0 zero tensor shaped like ``like`` where forward AD passes no tangent."""
+    return like.new_zeros(()).expand_as(like) if t is None else t
+
+
 class _Attention(torch.autograd.Function):
-    """``o = attention(q, k, v)``; ``lse`` is a non-differentiable second output kept for backward."""
+    """``o = attention(q, k, v)``; ``lse`` is a non-differentiable second output kept for backward.
+
+    ``jvp``: see the module docstring (forward-mode AD); ``backward``: the flash backward of ``o``.
+    """
 
     @staticmethod
     def forward(q, k, v, scale):
@@ -483,11 +690,25 @@ class _Attention(torch.autograd.Function):
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
         ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v)
         ctx.scale = scale
+
+    @staticmethod
+    def jvp(ctx, q_t, k_t, v_t, _scale_t):
+        q, k, v = ctx.saved_tensors
+        tangents = [zero_tangent(t, x) for t, x in zip((q_t, k_t, v_t), (q, k, v), strict=True)]
+        validate_tangent_dtypes(q, tangents)
+        return attention_tangent(q, k, v, *tangents, ctx.scale), None
 
     @staticmethod
     def backward(ctx, do, _dlse):
         return (*flash_backward(do, *ctx.saved_tensors, ctx.scale), None)
+
+
+def validate_tangent_dtypes(q: torch.Tensor, tangents: list[torch.Tensor]) -> None:
+    """Forward-AD tangents reach the jvp rule unchecked: they must match the primal's shape and dtype."""
+    for name, t in zip(("q_t", "k_t", "v_t"), tangents, strict=True):
+        check_like(name, t, "q", q)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None):

@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from imf_kernels import _tuning, attention, attention_jvp, attention_jvp_op, attention_op, reference
+from imf_kernels import _tuning, attention, attention_jvp, attention_op, reference
 from imf_kernels._checks import interpreting
 
 HAS_CUDA = torch.cuda.is_available()
@@ -149,6 +149,68 @@ def test_attention_jvp_matches_reference(dtype, shape, n, layout, key_offset):
     check_attention_jvp(*shape, n, dtype, layout, key_offset)
 
 
+FUNC_JVP_CASES = [
+    (F32, (2, 1, 1, 16), "blhd"),
+    (F16, (1, 2, 17, 72), "blhd"),
+    (F32, (1, 2, 33, 64), "bhld"),
+    (F16, (1, 1, 33, 16), "bhld"),
+    (F32, (2, 1, 17, 72), "blhd"),
+]
+
+
+def reference_jvp(primals, tangents, dtype):
+    """``torch.func.jvp`` of math attention on the inputs cast to ``dtype``."""
+    cast = [x.detach().to(dtype) for x in (*primals, *tangents)]
+    return torch.func.jvp(reference.attention, tuple(cast[:3]), tuple(cast[3:]))
+
+
+@pytest.mark.parametrize("dtype, shape, layout", FUNC_JVP_CASES)
+def test_func_jvp_through_attention(dtype, shape, layout):
+    """``torch.func.jvp(attention, ...)``: primal and tangent against fp64 math attention, and the
+    primal stays differentiable for an ordinary backward (the py-meanflow pattern)."""
+    q, k, v = (make(shape, dtype, layout, grad=True) for _ in range(3))
+    tangents = tuple(make(shape, dtype, layout) for _ in range(3))
+    o, o_t = torch.func.jvp(attention, (q, k, v), tangents)
+    assert o_t.shape == q.shape and o_t.dtype == dtype
+    o64, o_t64 = reference_jvp((q, k, v), tangents, torch.float64)
+    o_lo, o_t_lo = reference_jvp((q, k, v), tangents, dtype)
+    assert_bound("o", o, o_lo, o64, dtype)
+    assert_bound("o_t", o_t, o_t_lo, o_t64, dtype)
+    check_attention_grads(o, q, k, v, dtype)
+
+
+def test_forward_ad_dual_tensors():
+    """``torch.autograd.forward_ad``: a tangent on ``q`` only (``k, v`` reach the rule without one)."""
+    import torch.autograd.forward_ad as fwad
+
+    q, k, v, q_t = (make((2, 2, 17, 72), F32) for _ in range(4))
+    zeros = torch.zeros_like(q_t)
+    o64, o_t64 = reference_jvp((q, k, v), (q_t, zeros, zeros), torch.float64)
+    o_lo, o_t_lo = reference_jvp((q, k, v), (q_t, zeros, zeros), F32)
+    with fwad.dual_level():
+        o, o_t = fwad.unpack_dual(attention(fwad.make_dual(q, q_t), k, v, scale=None))
+    assert_bound("o", o, o_lo, o64, F32)
+    assert_bound("o_t", o_t, o_t_lo, o_t64, F32)
+
+
+def test_func_jvp_tangent_is_stop_gradient():
+    """Under ``torch.func.jvp`` of a model with weights, the primal trains and backward through the
+    tangent raises (it would otherwise drop the attention term of ``d(dudt)/dW`` silently)."""
+    w = torch.randn(16, 16, device=DEVICE, requires_grad=True)
+    x, x_t = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(2))
+
+    def model(z):
+        return attention(z @ w, z @ w.T, z)
+
+    u, dudt = torch.func.jvp(model, (x,), (x_t,))
+    (u.square().sum() + dudt.detach().sum()).backward()
+    w64 = w.detach().double().requires_grad_()
+    reference.attention(x.double() @ w64, x.double() @ w64.T, x.double()).square().sum().backward()
+    assert rel_err(w.grad, w64.grad) <= 1e-5
+    with pytest.raises(RuntimeError, match="stop-gradient"):
+        dudt.sum().backward()
+
+
 def test_attention_jvp_primal_equals_attention():
     """The fused forward's ``o`` is the plain forward's ``o`` up to rounding, and backward is shared."""
     q, k, v = (make((2, 2, 33, 72), F32, grad=True) for _ in range(3))
@@ -248,7 +310,7 @@ def test_bad_inputs_raise(index):
         (attention_op.FWD_CONFIGS, attention_op._fwd_smem),
         (attention_op.DKDV_CONFIGS, attention_op._dkdv_smem),
         (attention_op.DQ_CONFIGS, attention_op._dq_smem),
-        (attention_jvp_op.JVP_CONFIGS, attention_jvp_op._jvp_smem),
+        (attention_op.JVP_CONFIGS, attention_op._jvp_smem),
     ],
 )
 def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, itemsize):
@@ -263,8 +325,8 @@ def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, item
 def test_autotune_prune_drops_deep_pipelines_at_head_dim_128():
     """fp16, ``BLOCK_D = 128``: the fused JVP cannot buffer 4 stages of four 128-row tiles."""
     meta = {"Q": torch.empty(0, dtype=torch.float16), "BLOCK_D": 128}
-    kept = _tuning.prune_by_shared_memory(attention_jvp_op.JVP_CONFIGS, meta, attention_jvp_op._jvp_smem, 227 * 1024)
-    assert 0 < len(kept) < len(attention_jvp_op.JVP_CONFIGS)
+    kept = _tuning.prune_by_shared_memory(attention_op.JVP_CONFIGS, meta, attention_op._jvp_smem, 227 * 1024)
+    assert 0 < len(kept) < len(attention_op.JVP_CONFIGS)
     assert all(not (c.kwargs["BLOCK_N"] == 128 and c.num_stages == 4) for c in kept)
 
 
