@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imf.data import build_loader
-from imf.data_format import ShardWriter
+from imf.cli import MissingDependencyError
+from imf.data import ShardWriter, build_loader
 
 
 def make_dataset(
@@ -106,7 +106,7 @@ def measure_loaders(
                     loader = build_loader(
                         data, batch_size=batch_size, device=dev, backend=backend, num_workers=workers
                     )
-            except ImportError as e:
+            except MissingDependencyError as e:  # DALI not installed
                 rows.append({**row, "latents_per_s": None, "skipped": f"{backend}: {e}"})
                 continue
             rate = _time(loader, steps, warmup, dev)

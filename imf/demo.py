@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from imf.checkpoint import export_ema, load_exported
-from imf.digits import NUM_CLASSES, DigitsJudge
+from imf.data.digits import NUM_CLASSES, DigitsJudge
 from imf.sample import generate, save_grid
 from imf.train import TrainResult, run
 from imf.train_config import build_config

@@ -21,7 +21,7 @@ cell (NFE, omega, interval) reuses the same noise and labels. Sampling runs unde
 (``--precision auto``), fp32 on a CPU.
 
 **Decoding.** Latent models: the trainer's latents are ``(z - channel_mean) / channel_std`` of the scaled
-VAE latent ``z = (latent - shift_factor) * scaling_factor`` (:mod:`imf.prepare`, :mod:`imf.data_format`), so
+VAE latent ``z = (latent - shift_factor) * scaling_factor`` (:mod:`imf.prepare`, :mod:`imf.data.format`), so
 ``latent = (x * channel_std + channel_mean) / scaling_factor + shift_factor`` (channel statistics and factors
 from the dataset's manifest: ``--data``, default the checkpoint's ``data.source``), decoded with the diffusers
 ``AutoencoderKL`` at ``--vae`` (local directory, never downloaded). Images in ``[-1, 1]`` become uint8 as
@@ -41,7 +41,7 @@ Inception weights: ``weights-inception-2015-12-05-6726825d.pth`` from the torch-
 passed as ``--inception PATH`` or placed in ``$TORCH_HOME/hub/checkpoints/`` (default
 ``~/.cache/torch/hub/checkpoints/``, where torch-fidelity caches it when it may download).
 Digits demo (auto-detected from the checkpoint's training data, or ``--metrics digits``): class accuracy and
-pixel-space Frechet distance of :class:`imf.digits.DigitsJudge`, no VAE, runs on a CPU.
+pixel-space Frechet distance of :class:`imf.data.digits.DigitsJudge`, no VAE, runs on a CPU.
 
 **Injection point.** :func:`run` takes ``scorer=``: any object with ``name``, ``features(images) ->
 dict[str, Tensor]`` (images ``(B, C, H, W)`` float in ``[-1, 1]`` on the sampling device; per-sample rows,
@@ -285,7 +285,7 @@ class LatentDecoder:
                             "with manifest.json; the checkpoint's training data.source is not a dataset directory)")
         from diffusers import AutoencoderKL
 
-        from imf.data_format import DataError, load_manifest
+        from imf.data import DataError, load_manifest
 
         try:
             man = load_manifest(data_dir)
@@ -318,7 +318,7 @@ class LatentDecoder:
 
 
 class DigitsScorer:
-    """Class accuracy and pixel-space Frechet distance of digits samples (:class:`imf.digits.DigitsJudge`, built on
+    """Class accuracy and pixel-space Frechet distance of digits samples (:class:`imf.data.digits.DigitsJudge`, built on
     rank 0 at the first score)."""
 
     name = "digits"
@@ -329,7 +329,7 @@ class DigitsScorer:
 
     def score(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
         if self.judge is None:
-            from imf.digits import DigitsJudge
+            from imf.data.digits import DigitsJudge
 
             self.judge = DigitsJudge()
         return self.judge.score(features["pixels"].view(-1, 1, 8, 8), labels)

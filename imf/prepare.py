@@ -1,4 +1,4 @@
-"""Encode an image folder into latent shards with a diffusers ``AutoencoderKL`` (:mod:`imf.data_format`).
+"""Encode an image folder into latent shards with a diffusers ``AutoencoderKL`` (format: :mod:`imf.data.format`).
 
     python -m imf.prepare --images DIR --vae PATH --out DIR [--resolution 256] [--flip] [--batch-size 64]
                           [--shard-size 10000] [--device auto] [--num-workers 4] [--vae-dtype fp32]
@@ -19,6 +19,10 @@ Resumable: shards are written atomically as they fill (temp file + rename, then 
 shard complete); a rerun with the same inputs and settings keeps the complete shards, rewrites the partial
 one and continues; a finished directory (manifest with the same fingerprint) is left as is. Different
 settings or inputs in the same ``--out`` are refused.
+
+Errors (a missing or empty image folder, a bad ``--vae`` directory, diffusers not installed, an ``--out`` that is
+a file or holds other data, a resolution the VAE cannot encode) are one line on stderr and a non-zero exit code
+(:func:`imf.cli.run_cli`; ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -34,8 +38,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imf.data_format import MANIFEST, DataError, ShardWriter
+from imf.cli import run_cli
+from imf.data import MANIFEST, DataError, ShardWriter
+from imf.vae import LatentEncoder, load_vae
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 
 
@@ -55,7 +62,8 @@ def list_images(root: str | os.PathLike) -> tuple[list[Path], list[int], list[st
     """(image paths, labels, class names) of an image folder, in a deterministic (sorted) order."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+        what = "is a file, not a directory" if root.exists() else "does not exist"
+        raise DataError(f"--images {root} {what} (expected a folder of class subfolders of images)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     groups = [(root / c, i) for i, c in enumerate(classes)] if classes else [(root, 0)]
     files, labels = [], []
@@ -64,7 +72,7 @@ def list_images(root: str | os.PathLike) -> tuple[list[Path], list[int], list[st
         files += found
         labels += [label] * len(found)
     if not files:
-        raise DataError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError(f"--images {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return files, labels, classes or [root.name]
 
 
@@ -78,10 +86,16 @@ class _Images(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        with Image.open(self.files[i]) as im:
-            arr = center_crop_arr(im.convert("RGB"), self.resolution)
+        """``(image, label, "")``, or ``(zeros, label, reason)`` for a file that does not decode (so the main
+        process reports it as one line instead of a worker traceback)."""
+        try:
+            with Image.open(self.files[i]) as im:
+                arr = center_crop_arr(im.convert("RGB"), self.resolution)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            zeros = torch.zeros(3, self.resolution, self.resolution)
+            return zeros, self.labels[i], f"image {self.files[i]} cannot be read: {' '.join(str(e).split())}"
         x = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0
-        return x, self.labels[i]
+        return x, self.labels[i], ""
 
 
 def _fingerprint(files, labels, root, vae_path, resolution, flip, shard_size, scale, shift) -> str:
@@ -92,10 +106,27 @@ def _fingerprint(files, labels, root, vae_path, resolution, flip, shard_size, sc
     return h.hexdigest()
 
 
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; ``{}`` when it is missing or unreadable (then it is not ours to keep)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def _pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise DataError(f"--device {device!r} is not a device (expected auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: no CUDA device is available (use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise DataError(f"--device {device!r} is not supported (expected auto, cpu, cuda or cuda:N)")
+    return dev
 
 
 def encode_folder(
@@ -113,44 +144,33 @@ def encode_folder(
     progress: bool = True,
 ) -> dict:
     """Encode ``images`` into latent shards under ``out`` (see the module docstring); returns the manifest."""
-    from diffusers import AutoencoderKL
-
-    if resolution <= 0 or batch_size <= 0 or shard_size <= 0:
-        raise ValueError("resolution, batch_size and shard_size must be positive")
+    for name, v in (("--resolution", resolution), ("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if v <= 0:
+            raise DataError(f"{name} must be positive, got {v}")
+    if num_workers < 0:
+        raise DataError(f"--num-workers must be >= 0, got {num_workers}")
+    if vae_dtype not in _DTYPES:
+        raise DataError(f"--vae-dtype must be one of {sorted(_DTYPES)}, got {vae_dtype!r}")
     root, out = Path(images), Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file (expected a new or resumable dataset directory)")
     files, labels, class_names = list_images(root)
-    if not Path(vae).is_dir():
-        raise DataError(
-            f"VAE directory {vae} does not exist (AutoencoderKL.from_pretrained needs a local path)"
-        )
     dev = _pick_device(device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[vae_dtype]
-    model = AutoencoderKL.from_pretrained(str(vae), local_files_only=True).to(dev, dtype).eval()
-    cfg = model.config
-    scale = float(cfg.scaling_factor)
-    shift = getattr(cfg, "shift_factor", None)
-    shift = float(shift) if shift is not None else None
-    down = 2 ** (len(cfg.block_out_channels) - 1)
-    if resolution % down:
-        raise ValueError(f"resolution {resolution} is not divisible by the VAE's downsampling factor {down}")
-    latent_shape = (int(cfg.latent_channels), resolution // down, resolution // down)
+    dtype = _DTYPES[vae_dtype]
+    encoder = LatentEncoder(load_vae(vae, device=dev, dtype=dtype))
+    scale, shift = encoder.scale, encoder.shift
+    latent_shape = encoder.latent_shape(resolution)
     fp = _fingerprint(files, labels, root, vae, resolution, flip, shard_size, scale, shift)
 
-    man_path = out / MANIFEST
-    if man_path.exists():
-        try:
-            done = json.loads(man_path.read_text())
-        except json.JSONDecodeError:
-            done = {}
-        if done.get("metadata", {}).get("fingerprint") == fp:
-            print(f"imf.prepare: {out} is already complete ({done['count']} samples)", file=sys.stderr)
-            return done
+    done = _read_json(out / MANIFEST)
+    if (done.get("metadata") or {}).get("fingerprint") == fp:
+        print(f"imf.prepare: {out} is already complete ({done.get('count')} samples)", file=sys.stderr)
+        return done
     if out.exists():
         for side in out.glob("shard-*.json"):
-            if json.loads(side.read_text()).get("fingerprint") != fp:
+            if _read_json(side).get("fingerprint") != fp:
                 raise DataError(
-                    f"{out} holds shards made from other inputs/settings ({side.name}); "
-                    "use another --out or delete it"
+                    f"{out} holds shards made from other inputs/settings ({side.name}); use another --out or delete it"
                 )
     metadata = {
         "vae": str(Path(vae).resolve()),
@@ -184,19 +204,15 @@ def encode_folder(
 
         bar = tqdm(total=len(files), initial=start, desc="encode", unit="img")
 
-    def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = model.encode(x).latent_dist
-        m = dist.mean.float()
-        if shift is not None:
-            m = m - shift
-        return m * scale, dist.std.float() * scale
-
     with torch.inference_mode():
-        for x, y in dl:
+        for x, y, errors in dl:
+            bad = next((e for e in errors if e), None)
+            if bad is not None:
+                raise DataError(f"--images: {bad} (complete shards are kept: fix or remove it and rerun)")
             x = x.to(dev, dtype, non_blocking=True)
-            m, s = moments(x)
+            m, s = encoder(x)
             if flip:
-                mf, sf = moments(torch.flip(x, dims=[3]))
+                mf, sf = encoder(torch.flip(x, dims=[3]))
                 writer.add(m, s, y, mf, sf)
             else:
                 writer.add(m, s, y)
@@ -207,7 +223,7 @@ def encode_folder(
     return writer.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _prepare(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m imf.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", required=True, help="image folder (class subfolders)")
     ap.add_argument("--vae", required=True, help="local AutoencoderKL directory (from_pretrained)")
@@ -218,30 +234,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=int, default=10000)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-    ap.add_argument("--vae-dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--vae-dtype", default="fp32", choices=sorted(_DTYPES))
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
-    try:
-        man = encode_folder(
-            a.images,
-            a.vae,
-            a.out,
-            resolution=a.resolution,
-            flip=a.flip,
-            batch_size=a.batch_size,
-            shard_size=a.shard_size,
-            device=a.device,
-            num_workers=a.num_workers,
-            vae_dtype=a.vae_dtype,
-        )
-    except DataError as e:
-        print(f"imf.prepare: error: {e}", file=sys.stderr)
-        return 1
+    man = encode_folder(
+        a.images,
+        a.vae,
+        a.out,
+        resolution=a.resolution,
+        flip=a.flip,
+        batch_size=a.batch_size,
+        shard_size=a.shard_size,
+        device=a.device,
+        num_workers=a.num_workers,
+        vae_dtype=a.vae_dtype,
+    )
     print(
         f"imf.prepare: wrote {man['count']} samples ({len(man['shards'])} shards, "
-        f"latent {man['latent_shape']}, "
-        f"{man['num_classes']} classes) to {a.out}"
+        f"latent {man['latent_shape']}, {man['num_classes']} classes) to {a.out}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m imf.prepare ...`` through :func:`imf.cli.run_cli` (returns the exit code)."""
+    return run_cli("python -m imf.prepare", _prepare, argv)
 
 
 if __name__ == "__main__":

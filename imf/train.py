@@ -232,7 +232,7 @@ class _SampleGrids:
         if self.vae is None:
             from diffusers import AutoencoderKL
 
-            from imf.data_format import load_manifest
+            from imf.data import load_manifest
 
             self.vae = AutoencoderKL.from_pretrained(self.cfg.log.vae, local_files_only=True).to(self.device).eval()
             mean, std, meta = torch.zeros(x.shape[1]), torch.ones(x.shape[1]), {}

@@ -14,8 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from imf.data import DataError, LatentLoader, ShardWriter, SyntheticLatents, build_loader, main
-from imf.data_format import check_dataset, shard_names
+from imf.data import (
+    DataError,
+    LatentLoader,
+    LoaderSettings,
+    ShardWriter,
+    SyntheticLatents,
+    build_loader,
+    check_dataset,
+    main,
+    shard_names,
+)
 
 HAS_DALI = (
     importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
@@ -260,12 +269,12 @@ def test_resume_mid_epoch(tmp_path, num_workers):
 @needs_dali
 @pytest.mark.parametrize("flipped", [False, True])
 def test_dali_equals_torch(tmp_path, flipped):
-    from imf.data_dali import DaliLatentLoader
+    from imf.data.dali import DaliLatentLoader
 
     _write_random(tmp_path, n=70, flipped=flipped)
     kw = dict(batch_size=6, rank=1, world_size=2, seed=5)
     ref = _take(iter(LatentLoader(tmp_path, num_workers=0, **kw)), 9)  # 5 steps per epoch: crosses epochs
-    dali = DaliLatentLoader(tmp_path, py_num_workers=0, **kw)
+    dali = DaliLatentLoader(tmp_path, num_workers=0, **kw)
     got = _take(iter(dali), 9)
     for (x, y), (xd, yd) in zip(ref, got, strict=True):
         assert xd.dtype == torch.float32 and yd.dtype == torch.int64 and xd.device.type == "cpu"
@@ -280,7 +289,7 @@ def test_dali_equals_torch(tmp_path, flipped):
         "flip": True,
     }
     # resume, with DALI's parallel (forked) source workers
-    par = DaliLatentLoader(tmp_path, py_num_workers=2, **kw)
+    par = DaliLatentLoader(tmp_path, num_workers=2, **kw)
     par.load_state_dict({"epoch": 0, "step": 3})
     for (x, y), (xd, yd) in zip(ref[3:], _take(iter(par), 6), strict=True):
         assert torch.equal(x, xd) and torch.equal(y, yd)
@@ -330,12 +339,13 @@ def test_error_corrupt_checksum(tmp_path, capsys):
     build_loader(tmp_path, batch_size=2, backend="torch")  # sizes/shapes fine: no checksum by default
     with pytest.raises(DataError, match=r"shard-00000\.moments\.npy: sha256 mismatch"):
         build_loader(tmp_path, batch_size=2, backend="torch", verify_checksums=True)
-    assert main(["verify", str(tmp_path)]) == 1
-    assert "verify FAILED" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and "sha256 mismatch" in err[0]
     r = subprocess.run(
         [sys.executable, "-m", "imf.data", "verify", str(tmp_path)], capture_output=True, text=True
     )
-    assert r.returncode == 1 and "sha256 mismatch" in r.stderr
+    assert r.returncode == 2 and "sha256 mismatch" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_error_shape_mismatch_and_truncation(tmp_path):
@@ -350,7 +360,7 @@ def test_error_shape_mismatch_and_truncation(tmp_path):
         build_loader(tmp_path, batch_size=2, backend="torch")
     _rewrite_npy(p, good)
     p.write_bytes(p.read_bytes()[:-100])
-    with pytest.raises(DataError, match="unreadable or truncated"):
+    with pytest.raises(DataError, match=r"shard-00000\.moments\.npy is truncated \(\d+ of \d+ bytes\)"):
         build_loader(tmp_path, batch_size=2, backend="torch")
     _write_random(tmp_path / "ok", n=20)
     with pytest.raises(DataError, match="latent_shape"):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from imf import build_model
 from imf.checkpoint import export_ema, load_exported
-from imf.digits import DigitsJudge, frechet_distance
+from imf.data.digits import DigitsJudge, frechet_distance
 from imf.evaluate import (
     EvalError,
     check_num,
@@ -216,7 +216,7 @@ def test_latent_end_to_end(latent_run, tmp_path):
     # the npz is the decoded sample set: recompute one cell independently
     from diffusers import AutoencoderKL
 
-    from imf.data_format import load_manifest
+    from imf.data import load_manifest
 
     cell = cells[-1]
     arr = np.load(tmp_path / f"{cell['name']}.npz")["arr_0"]

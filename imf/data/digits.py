@@ -1,5 +1,7 @@
 """The built-in data set: scikit-learn's 8x8 ``digits`` (1797 images, 10 classes), and its metrics.
 
+The training source over it is :class:`imf.data.DigitsLoader`.
+
 Pixels are scaled from [0, 16] to [-1, 1]. Sample quality is measured without downloads:
 
 * **class accuracy**: an RBF-SVM trained on all real digits labels the generated samples; the
@@ -15,7 +17,6 @@ import numpy as np
 import torch
 
 NUM_CLASSES = 10
-SIZE = 8
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,5 +63,4 @@ class DigitsJudge:
         if not np.isfinite(flat).all():
             return {"accuracy": 0.0, "frechet": float("inf")}
         pred = self.classifier.predict(flat)
-        return {"accuracy": float((pred == labels.cpu().numpy()).mean()),
-                "frechet": frechet_distance(flat, self.real)}
+        return {"accuracy": float((pred == labels.cpu().numpy()).mean()), "frechet": frechet_distance(flat, self.real)}

@@ -1,7 +1,7 @@
-"""NVIDIA DALI pipeline for latent datasets: the same batches as :class:`imf.data.LatentLoader`.
+"""NVIDIA DALI pipeline for latent datasets: the same batches as the torch loader (:class:`imf.data.LatentLoader`).
 
 Design: a batch-mode ``fn.external_source`` feeds, for global iteration ``g``, the inputs of batch
-``(epoch, step) = start + g`` computed by :class:`imf.data_format.BatchPlan` (memory-mapped gather of the
+``(epoch, step) = start + g`` computed by :class:`imf.data.plan.BatchPlan` (memory-mapped gather of the
 float16 moments and labels in the permuted order, and the Philox-drawn ``eps`` and flip flags of that
 batch). The pipeline then computes ``x = flip((mean + std * eps - channel_mean) / channel_std)`` in float32
 on the GPU (``device_id``) when the target device is CUDA, on the CPU otherwise. Feeding the plan's indices
@@ -13,22 +13,28 @@ in DALI's parallel (spawned) Python workers, which prefetch batches ahead.
 
 Tested here: CPU pipeline (``device_id=None``), serial and parallel source, values equal to the torch path
 bit for bit. The GPU branch (``.gpu()`` + GPU arithmetic) is written for CUDA machines and not exercised by
-the CPU test suite. ``nvidia.dali`` is imported lazily (only when this loader is built).
+the CPU test suite. ``nvidia.dali`` is imported lazily, through :func:`imf.cli.require` (only when this loader is
+built): without it the loader raises :class:`imf.cli.MissingDependencyError` with the install command.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from imf.data import _PlanLoader
-from imf.data_format import BatchPlan
+from imf.cli import require
+from imf.data.plan import BatchPlan
+from imf.data.source import LoaderSettings, PlanSource
 
 
-class _PlanSource:
+def require_dali():
+    """``nvidia.dali``, or :class:`imf.cli.MissingDependencyError` with the install command."""
+    return require("nvidia.dali", extra="data", package="nvidia-dali-cuda130", purpose="the DALI latent loader")
+
+
+class PlanFeed:
     """Picklable batch-mode source for ``fn.external_source``: iteration ``g`` -> the plan's batch at
     position ``start + g`` as (mean, std, eps, flip, labels)."""
 
@@ -43,7 +49,7 @@ class _PlanSource:
 
 
 def _build_pipeline(
-    source: _PlanSource,
+    source: PlanFeed,
     *,
     batch_size: int,
     device_id: int | None,
@@ -89,63 +95,43 @@ def _build_pipeline(
     return pipe
 
 
-class DaliLatentLoader(_PlanLoader):
+class DaliLatentLoader(PlanSource):
     """DALI loader with the interface and the exact batches of :class:`imf.data.LatentLoader`.
 
-    ``device``: CUDA device -> the pipeline runs there (``device_id`` = its index), else on the CPU.
-    ``py_num_workers``: DALI Python worker processes for the source (0 = serial, in this process);
-    ``py_start_method``: how those workers start (default "fork" for a CPU pipeline, "spawn" for CUDA,
-    where forking an initialised CUDA context is unsafe; spawn needs an importable ``__main__``);
-    ``num_threads``: DALI CPU threads; ``prefetch``: pipeline queue depth. Resuming (``load_state_dict``)
-    rebuilds the pipeline at the new position."""
+    ``DaliLatentLoader(root, settings)`` or ``DaliLatentLoader(root, batch_size=..., ...)`` (any
+    :class:`LoaderSettings` field). ``device``: CUDA device -> the pipeline runs there (``device_id`` = its
+    index), else on the CPU. ``num_workers``: DALI Python worker processes for the source (0 = serial, in this
+    process; they start with "fork" for a CPU pipeline, "spawn" for CUDA, where forking an initialised CUDA
+    context is unsafe; spawn needs an importable ``__main__``); ``dali_threads``: DALI CPU threads;
+    ``prefetch``: pipeline queue depth (default 2). Resuming (``load_state_dict``) rebuilds the pipeline at the
+    new position."""
 
     backend = "dali"
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        *,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        py_num_workers: int = 2,
-        py_start_method: str | None = None,
-        num_threads: int = 2,
-        prefetch: int = 2,
-        flip: bool = True,
-        verify_checksums: bool = False,
-        _checked: dict | None = None,
-    ):
-        import nvidia.dali  # noqa: F401  (fail early with ImportError when DALI is absent)
-
-        self._init_plan(root, batch_size, rank, world_size, seed, device, flip, verify_checksums, _checked)
+    def __init__(self, root, settings: LoaderSettings | None = None, *, shape=None, num_classes=None, **fields):
+        require_dali()  # fail early, before reading the dataset
+        super().__init__(root, LoaderSettings.resolve(settings, fields), shape=shape, num_classes=num_classes)
         if self.device.type == "cuda":
-            self.device_id = (
-                self.device.index if self.device.index is not None else torch.cuda.current_device()
-            )
+            self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
-        self.py_start_method = py_start_method or ("spawn" if self.device_id is not None else "fork")
-        self.py_num_workers, self.num_threads, self.prefetch = (
-            int(py_num_workers),
-            int(num_threads),
-            int(prefetch),
-        )
+        self.py_start_method = "spawn" if self.device_id is not None else "fork"
+        self.py_num_workers = self.settings.workers
+        self.num_threads = self.settings.dali_threads
+        self.prefetch = self.settings.prefetch or 2
         self._pipe = None
         self._live = None
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         self._live = None
         self._pipe = None  # dropping the pipeline stops its workers
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self._reset()
+        self.reset()
         pipe = _build_pipeline(
-            _PlanSource(self.plan, self._next),
+            PlanFeed(self.plan, self.position),
             batch_size=self.batch_size,
             device_id=self.device_id,
             num_threads=self.num_threads,
@@ -162,7 +148,7 @@ class DaliLatentLoader(_PlanLoader):
         non_blocking = self.device.type == "cuda"
         while self._live is token:
             out = next(dit)[0]
-            self._advance()
+            self.advance()
             yield (
                 out["x"].to(self.device, non_blocking=non_blocking),
                 out["y"].to(self.device, non_blocking=non_blocking),
