@@ -3,7 +3,7 @@
 Library only (the CLI lives in ``bench/__main__.py``; it adds the per-op rows of
 :mod:`bench.block_ops_bench` to the same subcommand). For each iMF preset and scope:
 
-* ``block``: one :class:`imf.layers.IMFBlock` on ``(batch, seq_len, dim)`` tokens, parameters and
+* ``block``: one :class:`imf.model.layers.IMFBlock` on ``(batch, seq_len, dim)`` tokens, parameters and
   activations in ``dtype``; tangent for every sample.
 * ``model``: the whole network, ``(u, du/dt, v)`` for every sample (trunk, u-head with tangent,
   v-head primal), bf16 parameters (as FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16)`` presents
@@ -44,7 +44,7 @@ from bench.common import bench_callable, is_cuda, one_cpu_thread
 from bench.step_bench import build, smoke_overrides
 from imf import flops
 from imf.config import preset
-from imf.layers import IMFBlock
+from imf.model.layers import IMFBlock
 from imf.ops import ReferenceOps, make_ops
 
 IMPLS = ("engine", "torch_func_jvp", "torch_func_jvp_compiled")

@@ -65,7 +65,7 @@ from bench.common import is_cuda, matmul_peak, one_cpu_thread, summarize, time_s
 from imf import build_model, flops
 from imf.baseline import imf_loss_func_jvp, mf_loss_func_jvp
 from imf.config import LossConfig, preset
-from imf.layers import DualModule
+from imf.model.layers import DualModule
 from imf.loss import imf_loss, mf_loss, sample_training_inputs
 from imf.ops import ReferenceOps
 
@@ -130,8 +130,7 @@ def make_inputs(model_cfg, loss_cfg: LossConfig, batch: int, device, rotations: 
 def _engine_loss(model, lc: LossConfig, x, y, e, t, r, omega, t_min, t_max, drop):
     if lc.method == "imf":
         return imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop, cfg=lc)[0]
-    return mf_loss(model, x, y, e, t, r, omega=lc.omega, kappa=lc.kappa, t_start=lc.t_start, t_end=lc.t_end,
-                   drop=drop, cfg=lc)[0]
+    return mf_loss(model, x, y, e, t, r, drop=drop, cfg=lc)[0]
 
 
 def _baseline_loss(model, lc: LossConfig, x, y, e, t, r, omega, t_min, t_max, drop):

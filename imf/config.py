@@ -1,7 +1,7 @@
 """Configuration dataclasses and the published presets.
 
 Every constant of the methods is a field here with the published default (official iMF / MF
-configs; see ARCHITECTURE.md sections 1, 2 and 5). Presets are plain ``ModelConfig`` values;
+configs; see the design document in docs/, sections 1, 2 and 5). Presets are plain ``ModelConfig`` values;
 ``imf.build_model(name, **overrides)`` applies keyword overrides on top of them.
 """
 
@@ -22,23 +22,23 @@ class ModelConfig:
     """
 
     arch: str = "imf"
-    input_size: int = 32          # latent height = width
+    input_size: int = 32  # latent height = width
     in_channels: int = 4
     patch_size: int = 2
     dim: int = 768
     depth: int = 12
     heads: int = 12
-    head_depth: int = 8           # iMF: blocks in each head
+    head_depth: int = 8  # iMF: blocks in each head
     mlp_hidden: int | None = None  # iMF SwiGLU hidden (default int(8/3 dim)); MF: 4 dim GELU
-    num_classes: int = 1000       # label ``num_classes`` is the null class
-    v_head: str = "aux"           # iMF: "aux" (separate v-head) or "boundary" (v := u at h = 0)
+    num_classes: int = 1000  # label ``num_classes`` is the null class
+    v_head: str = "aux"  # iMF: "aux" (separate v-head) or "boundary" (v := u at h = 0)
     # condition tokens (iMF): class, omega, t_min, t_max, time (h)
     class_tokens: int = 8
     omega_tokens: int = 4
     t_min_tokens: int = 2
     t_max_tokens: int = 2
     time_tokens: int = 4
-    freq_dim: int = 256           # sinusoidal embedding width before the MLP
+    freq_dim: int = 256  # sinusoidal embedding width before the MLP
     # Times enter the sinusoidal features unscaled. DiT's x1000 (integer-step) scaling makes the
     # tangent of the time embedding ~1000x larger: on the digits demo mse_V then diverged (1.5 -> 117
     # in 300 steps) while at 1.0 it fell 1.65 -> 0.77 (same seed, lr 1e-3).
@@ -55,14 +55,15 @@ class ModelConfig:
         return (self.input_size // self.patch_size) ** 2
 
     @property
-    def cond_tokens(self) -> int:
+    def num_cond_tokens(self) -> int:
+        """Condition tokens in front of the image tokens (iMF; 0 for the MF DiT)."""
         if self.arch != "imf":
             return 0
         return self.class_tokens + self.omega_tokens + self.t_min_tokens + self.t_max_tokens + self.time_tokens
 
     @property
     def seq_len(self) -> int:
-        return self.cond_tokens + self.num_patches
+        return self.num_cond_tokens + self.num_patches
 
     @property
     def hidden(self) -> int:
@@ -101,9 +102,22 @@ PRESETS: dict[str, ModelConfig] = {
     "MF-XL/2": ModelConfig(arch="mf", dim=1152, depth=28, heads=16),
     # Pixel-space 8x8 digits (scikit-learn) for the CPU demo: 16 image tokens + 7 condition tokens
     # (the same five groups, fewer tokens each), 3 trunk blocks + 1-block u- and v-heads.
-    "demo": ModelConfig(input_size=8, in_channels=1, patch_size=2, dim=96, depth=4, heads=4, head_depth=1,
-                        num_classes=10, freq_dim=64, class_tokens=2, omega_tokens=1, t_min_tokens=1,
-                        t_max_tokens=1, time_tokens=2),
+    "demo": ModelConfig(
+        input_size=8,
+        in_channels=1,
+        patch_size=2,
+        dim=96,
+        depth=4,
+        heads=4,
+        head_depth=1,
+        num_classes=10,
+        freq_dim=64,
+        class_tokens=2,
+        omega_tokens=1,
+        t_min_tokens=1,
+        t_max_tokens=1,
+        time_tokens=2,
+    ),
 }
 
 
@@ -173,6 +187,8 @@ class LossConfig:
             raise ValueError(f"adp_eps must be > 0 (it keeps the adaptive weight finite), got {self.adp_eps}")
         if self.omega < 1.0:
             raise ValueError(f"omega must be >= 1, got {self.omega}")
+        if not 0.0 <= self.t_start <= self.t_end <= 1.0:
+            raise ValueError(f"need 0 <= t_start <= t_end <= 1, got t_start={self.t_start}, t_end={self.t_end}")
         return self
 
 

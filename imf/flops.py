@@ -120,8 +120,15 @@ def breakdown(model_cfg: ModelConfig, batch_size: int = 1) -> list[dict]:
     rows = []
 
     def add(part, op, count, fwd, tan):
-        rows.append({"part": part, "op": op, "count": count,
-                     "forward": float(count * fwd * batch_size), "tangent": float(count * tan * batch_size)})
+        rows.append(
+            {
+                "part": part,
+                "op": op,
+                "count": count,
+                "forward": float(count * fwd * batch_size),
+                "tangent": float(count * tan * batch_size),
+            }
+        )
 
     if cfg.arch == "imf":
         add("embed", "patch_embed", 1, patch, patch)
@@ -178,8 +185,10 @@ def tangent_flops(model_cfg: ModelConfig, batch_size: int) -> float:
 def block_flops(model_cfg: ModelConfig, batch_size: int) -> dict[str, float]:
     """One transformer block for ``batch_size`` samples: ``{forward, tangent}`` (the tangent's extra FLOPs)."""
     ops = _block_ops(model_cfg, mf=model_cfg.arch == "mf")
-    return {"forward": float(batch_size * sum(op[1] for op in ops)),
-            "tangent": float(batch_size * sum(op[2] for op in ops))}
+    return {
+        "forward": float(batch_size * sum(op[1] for op in ops)),
+        "tangent": float(batch_size * sum(op[2] for op in ops)),
+    }
 
 
 def fm_step_flops(model_cfg: ModelConfig, batch_size: int) -> float:

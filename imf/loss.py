@@ -2,7 +2,7 @@
 
 All randomness comes in as arguments (``e``, ``t``, ``r``, ``omega``, the interval and the
 class-drop mask; draw them with :func:`sample_training_inputs`), so a loss is a pure function of
-the model and its inputs. Notation (ARCHITECTURE.md section 1)::
+the model and its inputs. Notation (design document in docs/, section 1)::
 
     z_t = (1 - t) x + t e,   v_t = e - x,   h = t - r,   adp(L) = L / sg(L + eps)^p
 
@@ -21,6 +21,12 @@ samples ``v_g -> v_t``. ``(u, du/dt)`` = JVP at ``(v_g, 1, 0)``,
 Work the loss would throw away is not computed: samples with ``r = t`` get no tangent (it is
 multiplied by ``t - r = 0``; they are moved behind the others and the model's tangent prefix
 stops before them), and ``v_u`` is evaluated only where its weight is non-zero.
+
+**One host sync per step.** The input checks (shapes on the host; value ranges via
+:mod:`imf.model.checks`) and the counts that shape the step (samples with a tangent, samples that need
+``v_u``) are read in one device-to-host transfer; the model is then called with ``check_values=False``
+and the subsets are selected by sorted indices, not boolean masks (which would sync on CUDA).
+MF's guidance constants ``omega, kappa, t_start, t_end`` come from :class:`~imf.config.LossConfig`.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ import math
 import torch
 
 from imf.config import LossConfig
+from imf.model.checks import Check, condition_checks, raise_if_invalid
 
 
-def sample_training_inputs(batch_size: int, cfg: LossConfig, generator: torch.Generator | None = None,
-                           device: torch.device | str | None = None):
+def sample_training_inputs(
+    batch_size: int, cfg: LossConfig, generator: torch.Generator | None = None, device: torch.device | str | None = None
+):
     """Draw ``(t, r, omega, t_min, t_max, drop)`` per the published distributions.
 
     ``t, r``: two logit-normal(``p_mean``, ``p_std``) draws, ``t`` the larger; the last
@@ -80,30 +88,41 @@ def adaptive_weight(per_sample: torch.Tensor, eps: float, power: float) -> torch
 
 def imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop=None, cfg: LossConfig | None = None):
     """iMF v-loss; returns ``(loss, metrics)``. See the module docstring for the math."""
-    cfg = LossConfig() if cfg is None else cfg
+    cfg = (LossConfig() if cfg is None else cfg).validate()
     null = model.cfg.num_classes
-    batch, n_dual, ordered = _check_inputs(model, x, y, e, t, r, drop, omega=omega, t_min=t_min, t_max=t_max)
+    batch = _check_shapes(model, x, y, e, t, r, drop, omega=omega, t_min=t_min, t_max=t_max)
     drop = torch.zeros_like(y, dtype=torch.bool) if drop is None else drop
-    x, y, e, t, r, omega, t_min, t_max, drop = _tangent_first(ordered, x, y, e, t, r, omega, t_min, t_max, drop)
-    z, v_t = _interpolate(x, e, t)
-    y = torch.where(drop, null, y)
     omega_eff = torch.where((t >= t_min) & (t <= t_max), omega, torch.ones_like(omega))
     weight = torch.where(drop, 0.0, 1.0 - 1.0 / omega_eff)
+    checks = _value_checks(model, x, e, y, t, r, omega=omega, t_min=t_min, t_max=t_max)
+    n_dual, ordered, n_u = raise_if_invalid(checks, *_schedule(t, r), (weight > 0).sum())
+    x, y, e, t, r, omega, t_min, t_max, drop, omega_eff, weight = _permute(
+        _tangent_order(t, r, ordered), x, y, e, t, r, omega, t_min, t_max, drop, omega_eff, weight
+    )
+    z, v_t = _interpolate(x, e, t)
+    y = torch.where(drop, null, y)
     zeros, ones = torch.zeros_like(t), torch.ones_like(t)
     with torch.no_grad():
-        need_u = weight > 0
-        z_u = z[need_u]
-        n_u = z_u.shape[0]
+        idx_u = _first_where(weight > 0, n_u)  # the samples whose v_u has a non-zero weight, in batch order
         nulls = torch.full((n_u,), null, dtype=y.dtype, device=y.device)
-        v_both = model.velocity(torch.cat([z, z_u]), torch.cat([t, t[need_u]]), torch.cat([t, t[need_u]]),
-                                torch.cat([y, nulls]), torch.cat([omega_eff, ones[:n_u]]),
-                                torch.cat([zeros, zeros[:n_u]]), torch.cat([ones, ones[:n_u]]))
+        v_both = model.velocity(
+            torch.cat([z, z[idx_u]]),
+            torch.cat([t, t[idx_u]]),
+            torch.cat([t, t[idx_u]]),
+            torch.cat([y, nulls]),
+            torch.cat([omega_eff, ones[:n_u]]),
+            torch.cat([zeros, zeros[:n_u]]),
+            torch.cat([ones, ones[:n_u]]),
+            check_values=False,
+        )
         v_c, v_u = v_both[:batch], v_both[batch:]
         v_g = v_t.clone()
-        v_g[need_u] += _bcast(weight[need_u]) * (v_c[need_u] - v_u)
+        v_g[idx_u] += _bcast(weight[idx_u]) * (v_c[idx_u] - v_u)
     aux = model.has_v_head
     # under autocast v_c comes out in the compute dtype; the tangent must match z
-    out = model.forward_with_tangent(z, v_c[:n_dual].to(z.dtype), t, r, y, omega, t_min, t_max, with_velocity=aux)
+    out = model.forward_with_tangent(
+        z, v_c[:n_dual].to(z.dtype), t, r, y, omega, t_min, t_max, with_velocity=aux, check_values=False
+    )
     u, u_t = out[0], out[1]
     V = u.clone()
     V[:n_dual] = u[:n_dual] + _bcast(t - r)[:n_dual] * u_t
@@ -121,31 +140,33 @@ def imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop=None, cfg: LossConf
     return loss, metrics
 
 
-def mf_loss(model, x, y, e, t, r, omega=1.0, kappa=0.0, t_start=0.0, t_end=1.0, drop=None,
-            cfg: LossConfig | None = None):
-    """Original MeanFlow u-loss with fixed-scale guidance; returns ``(loss, metrics)``."""
-    cfg = LossConfig.for_method("mf") if cfg is None else cfg
-    if omega < 1.0:
-        raise ValueError(f"omega must be >= 1, got {omega}")
-    if not 0.0 <= t_start <= t_end <= 1.0:
-        raise ValueError(f"need 0 <= t_start <= t_end <= 1, got t_start={t_start}, t_end={t_end}")
+def mf_loss(model, x, y, e, t, r, drop=None, cfg: LossConfig | None = None):
+    """Original MeanFlow u-loss with fixed-scale guidance (``cfg.omega``, ``cfg.kappa`` on
+    ``[cfg.t_start, cfg.t_end]``); returns ``(loss, metrics)``."""
+    cfg = (LossConfig.for_method("mf") if cfg is None else cfg).validate()
     null = model.cfg.num_classes
-    _, n_dual, ordered = _check_inputs(model, x, y, e, t, r, drop)
+    _check_shapes(model, x, y, e, t, r, drop)
     drop = torch.zeros_like(y, dtype=torch.bool) if drop is None else drop
-    x, y, e, t, r, drop = _tangent_first(ordered, x, y, e, t, r, drop)
+    guided = (t >= cfg.t_start) & (t <= cfg.t_end) & ~drop
+    n_dual, ordered, n_g = raise_if_invalid(_value_checks(model, x, e, y, t, r), *_schedule(t, r), guided.sum())
+    x, y, e, t, r, drop, guided = _permute(_tangent_order(t, r, ordered), x, y, e, t, r, drop, guided)
     z, v_t = _interpolate(x, e, t)
     v_g = v_t
-    if omega != 1.0 or kappa != 0.0:
+    if cfg.omega != 1.0 or cfg.kappa != 0.0:
         with torch.no_grad():
-            guided = (t >= t_start) & (t <= t_end) & ~drop
-            zg, tg, yg = z[guided], t[guided], y[guided]
-            n_g = zg.shape[0]
-            u_both = model.velocity(torch.cat([zg, zg]), torch.cat([tg, tg]), torch.cat([tg, tg]),
-                                    torch.cat([torch.full_like(yg, null), yg]))
+            idx = _first_where(guided, n_g)
+            zg, tg, yg = z[idx], t[idx], y[idx]
+            u_both = model.velocity(
+                torch.cat([zg, zg]),
+                torch.cat([tg, tg]),
+                torch.cat([tg, tg]),
+                torch.cat([torch.full_like(yg, null), yg]),
+                check_values=False,
+            )
             v_g = v_t.clone()
-            v_g[guided] = omega * v_t[guided] + (1 - omega - kappa) * u_both[:n_g] + kappa * u_both[n_g:]
+            v_g[idx] = cfg.omega * v_t[idx] + (1 - cfg.omega - cfg.kappa) * u_both[:n_g] + cfg.kappa * u_both[n_g:]
     y = torch.where(drop, null, y)
-    u, u_t = model.forward_with_tangent(z, v_g[:n_dual], t, r, y)
+    u, u_t = model.forward_with_tangent(z, v_g[:n_dual], t, r, y, check_values=False)
     with torch.no_grad():
         target = v_g.clone()
         target[:n_dual] -= _bcast(t - r)[:n_dual] * u_t
@@ -164,27 +185,32 @@ def _interpolate(x, e, t):
     return (1 - tb) * x + tb * e, e - x
 
 
-def _tangent_first(ordered: bool, *tensors):
-    """Move samples with ``r < t`` (``tensors[3] > tensors[4]``) to the front, stably, unless ``ordered``.
-
-    The sampler puts its ``r = t`` samples last, so usually nothing is copied.
-    """
-    if ordered:
-        return tensors
-    perm = torch.argsort((tensors[4] >= tensors[3]).to(torch.int8), stable=True)
-    return tuple(v[perm] for v in tensors)
+def _schedule(t, r) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device scalars: the number of samples with ``r < t`` (they get a tangent), and whether they come first."""
+    needs = r < t
+    return needs.sum(), (needs[1:] <= needs[:-1]).all()
 
 
-def _check_inputs(model, x, y, e, t, r, drop, **cond):
-    """Shapes, dtypes and value ranges of a loss's inputs, and the tangent schedule, in one host sync.
+def _tangent_order(t, r, ordered: bool) -> torch.Tensor | None:
+    """Stable permutation moving the samples with ``r < t`` to the front; None when they already are
+    (the sampler puts its ``r = t`` samples last, so usually nothing is copied)."""
+    return None if ordered else torch.argsort((r >= t).to(torch.int8), stable=True)
 
-    Returns ``(batch, n_dual, ordered)``: the number of samples with ``r < t`` (they get a tangent) and
-    whether they already come first.
-    """
+
+def _permute(perm: torch.Tensor | None, *tensors):
+    return tensors if perm is None else tuple(v[perm] for v in tensors)
+
+
+def _first_where(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` True entries of ``mask``, ascending (no sync: ``count`` is known)."""
+    return torch.argsort((~mask).to(torch.int8), stable=True)[:count]
+
+
+def _check_shapes(model, x, y, e, t, r, drop, **cond) -> int:
+    """Shapes, dtypes and devices of a loss's inputs (host only); returns the batch size."""
     cfg = model.cfg
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape \
-            or not x.is_floating_point():
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape or not x.is_floating_point():
         got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a floating tensor of shape (batch, {', '.join(map(str, shape))}), got {got}")
     batch = x.shape[0]
@@ -202,21 +228,12 @@ def _check_inputs(model, x, y, e, t, r, drop, **cond):
         raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
     if drop is not None and drop.dtype != torch.bool:
         raise ValueError(f"drop must be a boolean mask, got dtype {drop.dtype}")
-    checks = {
-        f"y must be in [0, {cfg.num_classes}] (label {cfg.num_classes} is the null class)":
-            ((y < 0) | (y > cfg.num_classes)).any(),
-        "t must be in [0, 1]": ((t < 0) | (t > 1)).any(),
-        "r must satisfy 0 <= r <= t (got t < r)": ((r < 0) | (r > t)).any(),
-        "x and e must be finite (found NaN or inf)": ~(torch.isfinite(x).all() & torch.isfinite(e).all()),
-    }
-    if cond:
-        checks["omega must be >= 1"] = (cond["omega"] < 1).any()
-        checks["t_min, t_max must satisfy 0 <= t_min <= t_max <= 1"] = (
-            (cond["t_min"] < 0) | (cond["t_min"] > cond["t_max"]) | (cond["t_max"] > 1)).any()
-    needs = r < t
-    stats = [*checks.values(), needs.sum(), (needs[1:] <= needs[:-1]).all()]
-    *flags, n_dual, ordered = torch.stack([v.long() for v in stats]).tolist()
-    bad = [msg for msg, flag in zip(checks, flags, strict=True) if flag]
-    if bad:
-        raise ValueError("; ".join(bad))
-    return batch, int(n_dual), bool(ordered)
+    return batch
+
+
+def _value_checks(model, x, e, y, t, r, **cond) -> list[Check]:
+    finite = torch.isfinite(x).flatten(1).all(1) & torch.isfinite(e).flatten(1).all(1)
+    return [
+        *condition_checks(model.cfg.num_classes, y, t, r, **cond),
+        Check("x and e must be finite", ~finite, lambda i: "NaN or inf"),
+    ]

@@ -366,8 +366,7 @@ def _train(cfg: TrainConfig, env: _Dist) -> TrainResult:
     def loss_fn(x, y, e, t, r, omega, t_min, t_max, drop):
         if cfg.loss == "imf":
             return imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop, cfg=loss_cfg)
-        return mf_loss(model, x, y, e, t, r, loss_cfg.omega, loss_cfg.kappa, loss_cfg.t_start, loss_cfg.t_end,
-                       drop, cfg=loss_cfg)
+        return mf_loss(model, x, y, e, t, r, drop, cfg=loss_cfg)
 
     losses, names = [], None
     window = {"steps": 0, "time": 0.0, "data": 0.0}

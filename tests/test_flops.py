@@ -86,9 +86,14 @@ def _recompute(cfg, n):
     return n * blocks * 2 * cfg.seq_len**2 * cfg.dim
 
 
-@pytest.mark.parametrize("name, overrides", [("demo", {}), ("demo", {"v_head": "boundary"}),
-                                             ("MF-B/2", {"dim": 64, "depth": 2, "heads": 4, "input_size": 8,
-                                                         "num_classes": 10, "freq_dim": 32})])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("demo", {}),
+        ("demo", {"v_head": "boundary"}),
+        ("MF-B/2", {"dim": 64, "depth": 2, "heads": 4, "input_size": 8, "num_classes": 10, "freq_dim": 32}),
+    ],
+)
 def test_flop_counter_mode(name, overrides):
     """FlopCounterMode (matmuls only) on the reference model matches the counter exactly."""
     cfg = preset(name, **overrides)
@@ -152,7 +157,7 @@ def test_mf_step_matches_flop_counter():
     t, r, *_ = sample_training_inputs(batch, loss_cfg, g)
     x, e = torch.randn(2, batch, 4, 8, 8, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
-    fwd = _count(lambda: mf_loss(model, x, y, e, t, r, omega=2.0, cfg=loss_cfg))
+    fwd = _count(lambda: mf_loss(model, x, y, e, t, r, cfg=loss_cfg))
     phases = flops.train_step_breakdown(cfg, loss_cfg, batch)
     assert fwd == phases["guidance"] + phases["dual_forward"] + _recompute(cfg, 2)
     assert flops.train_step_breakdown(cfg, dataclasses.replace(loss_cfg, omega=1.0), batch)["guidance"] == 0

@@ -1,4 +1,4 @@
-"""Losses against an independent re-derivation with torch.func.jvp, and their limiting cases."""
+"""Losses against an independent re-derivation with torch.func.jvp, and their limiting cases. Fixed seeds."""
 
 import math
 
@@ -31,7 +31,7 @@ def _grads(model):
 
 @pytest.mark.parametrize("v_head", ["aux", "boundary"])
 def test_imf_loss_matches_reference(v_head):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(11 if v_head == "aux" else 12)
     model = randomize_(imf.build_model("iMF-B/2", v_head=v_head, **TINY_IMF).double(), generator=gen)
     n = 12
     x, y, e = _batch(model, n, gen)
@@ -52,14 +52,15 @@ def test_imf_loss_matches_reference(v_head):
 
 
 def test_mf_loss_matches_reference():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(13)
     model = randomize_(imf.build_model("MF-B/2", **TINY_MF).double(), generator=gen)
     n = 10
     x, y, e = _batch(model, n, gen)
-    t, r, _, _, _, drop = sample_training_inputs(n, LossConfig.for_method("mf", class_drop=0.3), gen)
-    t, r = t.double(), r.double()
     kw = dict(omega=2.5, kappa=0.4, t_start=0.1, t_end=0.7)
-    loss, metrics = mf_loss(model, x, y, e, t, r, drop=drop, **kw)
+    cfg = LossConfig.for_method("mf", class_drop=0.3, **kw)
+    t, r, _, _, _, drop = sample_training_inputs(n, cfg, gen)
+    t, r = t.double(), r.double()
+    loss, metrics = mf_loss(model, x, y, e, t, r, drop=drop, cfg=cfg)
     loss.backward()
     g = _grads(model)
     model.zero_grad()
@@ -108,22 +109,32 @@ def test_omega_one_means_no_guidance_and_outside_interval_target_is_v_t():
 
 
 def test_tangent_gets_no_gradient():
-    """Scaling du/dt's graph cannot change the gradient: it flows through the primal only."""
+    """The gradient is that of ``adp(|u + (t - r) C - v_t|^2)`` with ``C = du/dt`` held constant (omega = 1, so
+    ``v_g = v_t``); letting the gradient flow through ``du/dt`` as well gives a different one, so this can fail."""
     gen = torch.Generator().manual_seed(5)
-    model = randomize_(imf.build_model("iMF-B/2", **TINY_IMF).double(), generator=gen)
+    model = randomize_(imf.build_model("iMF-B/2", v_head="boundary", **TINY_IMF).double(), generator=gen)
     x, y, e, t = _plain_inputs(model, 4, gen)
     r = t * 0.3
     ones, zeros = torch.ones_like(t), torch.zeros_like(t)
-    loss, _ = imf_loss(model, x, y, e, t, r, ones * 2, zeros, ones)
+    loss, _ = imf_loss(model, x, y, e, t, r, ones, zeros, ones)
     loss.backward()
     g = _grads(model)
     model.zero_grad()
     tb = t.view(-1, 1, 1, 1)
     z = (1 - tb) * x + tb * e
-    v_c = model.velocity(z, t, t, y, ones * 2, zeros, ones).detach()
-    u, du = model.forward_with_tangent(z, v_c, t, r, y, ones * 2, zeros, ones)
-    assert not du.requires_grad
-    assert torch.isfinite(g).all() and g.norm() > 0
+    v_c = model.velocity(z, t, t, y, ones, zeros, ones).detach()
+    u, du = torch.func.jvp(lambda zz, tt: model(zz, tt, r, y, ones, zeros, ones), (z, t), (v_c, ones))
+
+    def grad_of(du_term):
+        sq = (u + (t - r).view(-1, 1, 1, 1) * du_term - (e - x)).pow(2).flatten(1).sum(1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((sq / (sq.detach() + 0.01)).mean(), params, retain_graph=True, allow_unused=True)
+        return torch.cat([gr.flatten() for gr in grads if gr is not None])
+
+    stopped, through = grad_of(du.detach()), grad_of(du)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert rel(g, stopped) < 1e-9
+    assert rel(g, through) > 1e-3
 
 
 def test_loss_bad_inputs():
@@ -133,7 +144,7 @@ def test_loss_bad_inputs():
     t, r, omega, t_min, t_max, drop = sample_training_inputs(4, LossConfig(), gen)
     good = dict(x=x, y=y, e=e, t=t, r=r, omega=omega, t_min=t_min, t_max=t_max, drop=drop)
     cases = {
-        "y must be in": dict(y=y + 10),
+        r"y \(class labels\) must be in \[0, 5\].*got y=1\d": dict(y=y + 10),
         "r must satisfy": dict(r=t + 0.1),
         "omega must be >= 1": dict(omega=omega * 0 + 0.5),
         "t must be in": dict(t=t + 2, r=r),
@@ -149,12 +160,14 @@ def test_loss_bad_inputs():
         with pytest.raises(ValueError, match=msg):
             imf_loss(model, **{**good, **bad})
     with pytest.raises(ValueError, match="omega must be >= 1"):
-        mf_loss(imf.build_model("MF-B/2", **TINY_MF), x, y, e, t, r, omega=0.5)
+        mf_loss(imf.build_model("MF-B/2", **TINY_MF), x, y, e, t, r, cfg=LossConfig(method="mf", omega=0.5))
+    with pytest.raises(ValueError, match="t_start <= t_end"):
+        LossConfig.for_method("mf", t_start=0.8, t_end=0.2)
 
 
 def test_samplers_follow_published_distributions():
     n = 20000
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(14)
     cfg = LossConfig()
     t, r, omega, t_min, t_max, drop = sample_training_inputs(n, cfg, gen)
     fm = torch.arange(n) >= n // 2

@@ -56,7 +56,7 @@ def test_triton_loss_and_gradients_match_reference(method):
         ref, tri, gen = _pair("MF-B/2", dim=64, heads=2, depth=2, input_size=4, in_channels=1, num_classes=5,
                               freq_dim=16)
     c, n = ref.cfg, 6
-    cfg = LossConfig.for_method(method, class_drop=0.3)
+    cfg = LossConfig.for_method(method, class_drop=0.3, **({"omega": 2.0, "kappa": 0.3} if method == "mf" else {}))
     x = torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=gen)
     e = torch.randn(x.shape, generator=gen)
     y = torch.randint(0, c.num_classes, (n,), generator=gen)
@@ -66,7 +66,7 @@ def test_triton_loss_and_gradients_match_reference(method):
         if method == "imf":
             loss, _ = imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop, cfg=cfg)
         else:
-            loss, _ = mf_loss(model, x, y, e, t, r, omega=2.0, kappa=0.3, drop=drop, cfg=cfg)
+            loss, _ = mf_loss(model, x, y, e, t, r, drop=drop, cfg=cfg)
         loss.backward()
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))

@@ -4,6 +4,9 @@ Each layer's ``forward(x, x_t=None, ...)`` returns ``(y, y_t)``; with ``x_t=None
 ordinary forward (``y_t`` is ``None``). One code path serves both, so the dual pass cannot drift
 from the primal. The op implementations come from the backend object ``self.ops``
 (:mod:`imf.ops`), which the model sets on every layer.
+
+Construction may happen on the meta device; :meth:`ConditionEmbedder.init_buffers` recomputes the
+one buffer a layer holds after ``to_empty``. Parameter initialisation is the model's ``init_weights``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,16 @@ class DualModule(nn.Module):
     ops: ReferenceOps = ReferenceOps()
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(DualModule):
+    """``y = x / sqrt(mean(x^2) + eps) * weight`` over the last dimension, and its tangent."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+
+    def forward(self, x, x_t=None):
+        return self.ops.rms_norm(x, x_t, self.weight, self.eps)
 
 
 class ConditionEmbedder(DualModule):
@@ -40,11 +48,20 @@ class ConditionEmbedder(DualModule):
         super().__init__()
         if freq_dim % 2:
             raise ValueError(f"freq_dim must be even, got {freq_dim}")
-        half = freq_dim // 2
-        freqs = scale * torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.freq_dim, self.scale = freq_dim, scale
+        self.register_buffer("freqs", torch.empty(freq_dim // 2), persistent=False)
+        self.init_buffers()
         self.fc1 = nn.Linear(freq_dim, dim)
         self.fc2 = nn.Linear(dim, dim)
+
+    def init_buffers(self) -> None:
+        """Recompute ``freqs`` (after construction on the meta device and ``to_empty``)."""
+        if self.freqs.is_meta:
+            return
+        half = self.freq_dim // 2
+        k = torch.arange(half, dtype=torch.float32, device=self.freqs.device)
+        with torch.no_grad():
+            self.freqs.copy_(self.scale * torch.exp(-math.log(10000.0) * k / half))
 
     def forward(self, s: torch.Tensor, s_t: torch.Tensor | None = None):
         args = s[:, None] * self.freqs.to(torch.promote_types(s.dtype, torch.float32))
@@ -94,7 +111,7 @@ class IMFBlock(DualModule):
         a, a_t = self._attention(x, x_t, cos, sin)
         x = x + self.gate_attn * a
         x_t = add_tangent(x_t, None if a_t is None else self.gate_attn.detach() * a_t)
-        h, h_t = ops.rms_norm(x, x_t, self.norm2.weight, self.eps)
+        h, h_t = self.norm2(x, x_t)
         ab, ab_t = ops.linear(h, h_t, self.fc12.weight)
         gate_in, up = ab.chunk(2, dim=-1)
         gate_in_t, up_t = ab_t.chunk(2, dim=-1) if ab_t is not None else (None, None)
@@ -107,7 +124,7 @@ class IMFBlock(DualModule):
     def _attention(self, x, x_t, cos, sin):
         ops = self.ops
         batch, seq, dim = x.shape
-        h, h_t = ops.rms_norm(x, x_t, self.norm1.weight, self.eps)
+        h, h_t = self.norm1(x, x_t)
         qkv, qkv_t = ops.linear(h, h_t, self.qkv.weight)
         split = lambda t: t.view(t.shape[0], seq, 3, self.heads, self.head_dim).unbind(2)
         q, k, v = split(qkv)
@@ -123,17 +140,16 @@ class IMFBlock(DualModule):
 
 
 class OutputHead(DualModule):
-    """Final RMSNorm + linear from tokens to patch pixels (zero-initialised linear)."""
+    """Final RMSNorm + linear from tokens to patch pixels (the model zero-initialises the linear)."""
 
     def __init__(self, dim: int, out_dim: int, eps: float):
         super().__init__()
         self.norm = RMSNorm(dim, eps)
         self.linear = nn.Linear(dim, out_dim)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
 
     def forward(self, x, x_t, first: int = 0):
         """Tokens ``first:`` of ``x`` to patch pixels (the norm runs on all rows: cheaper than a copy)."""
-        h, h_t = self.ops.rms_norm(x, x_t, self.norm.weight, self.norm.eps)
-        return self.ops.linear(h[:, first:], None if h_t is None else h_t[:, first:], self.linear.weight,
-                               self.linear.bias)
+        h, h_t = self.norm(x, x_t)
+        return self.ops.linear(
+            h[:, first:], None if h_t is None else h_t[:, first:], self.linear.weight, self.linear.bias
+        )
