@@ -59,7 +59,9 @@ output: backward through it raises (the MeanFlow losses detach ``du/dt``).
 
 Numerics: scores, softmax statistics and all accumulators are fp32; ``P`` and ``dS`` are
 rounded to the input dtype only as operands of the ``v``/``q``/``k`` matmuls (as in
-FlashAttention). fp32 inputs use IEEE fp32 matmuls (not TF32), like torch's default.
+FlashAttention). fp32 inputs follow torch's own fp32 matmul setting (:func:`dot_precision`): IEEE
+by default (exact; FMA dots on a GPU, a correctness path, not a fast one), TF32 tensor cores after
+``torch.set_float32_matmul_precision("high")``; the interpreter always runs IEEE.
 Inputs are read through their strides, so a ``(B, L, H, D)`` tensor viewed as ``(B, H, L, D)``
 is used in place; outputs are allocated with ``empty_like`` and keep that layout.
 
@@ -82,15 +84,36 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._checks import check_float, check_like
+from ._checks import check_float, check_like, interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 
 
 @triton.jit
-def tile_ptrs(X, off_b, off_h, rows, offs_d, stride_b, stride_h, stride_l, stride_d):
+def program_ids(SEQ: tl.constexpr, BLOCK: tl.constexpr):
+    """``(block, batch * head)`` of this program on the flattened 1-D grid (``BLOCK``-row slices of
+    ``SEQ`` fastest, so the programs of one head run together and share its K/V in L2). One axis:
+    grid axes 1 and 2 stop at 65,535 programs, axis 0 at 2^31 - 1."""
+    n_blocks: tl.constexpr = (SEQ + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
+def aligned(stride, ALIGN: tl.constexpr):
+    """``stride`` rebuilt as a visible multiple of ``ALIGN`` (the launcher checked it is one): Triton
+    does not specialise a stride like 72 and ignores ``tl.multiple_of`` on scalars, so without this a
+    head_dim-72 tile falls back to scalar 2-byte loads and no ``cp.async`` pipelining."""
+    return (stride // ALIGN) * ALIGN
+
+
+@triton.jit
+def tile_ptrs(X, off_b, off_h, rows, offs_d, stride_b, stride_h, stride_l, stride_d, ALIGN: tl.constexpr):
     """Pointers to ``X[off_b, off_h, rows, offs_d]`` of a strided ``(batch, heads, seq, head_dim)`` tensor."""
+    stride_b = aligned(stride_b, ALIGN)
+    stride_h = aligned(stride_h, ALIGN)
+    stride_l = aligned(stride_l, ALIGN)
     return X + off_b * stride_b + off_h * stride_h + rows[:, None] * stride_l + offs_d[None, :] * stride_d
 
 
@@ -155,12 +178,13 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_ol, stride_od,
     n_heads, qk_scale,
     SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: ``BLOCK_M`` query rows of one (batch, head). Writes ``o`` and ``lse`` (log2 domain,
     ``LSE`` contiguous ``(batch, heads, SEQ)``)."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = program_ids(SEQ, BLOCK_M)
+    stride_kl = aligned(stride_kl, ALIGN)
+    stride_vl = aligned(stride_vl, ALIGN)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -170,9 +194,9 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd)
-    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd)
-    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd)
+    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
+    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
+    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
     q = load_rows(q_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -190,7 +214,7 @@ def _attn_fwd(
 
     row_ok = offs_m < SEQ
     tl.store(LSE + off_bh.to(tl.int64) * SEQ + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-    o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od)
+    o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od, ALIGN)
     tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -261,11 +285,14 @@ def _attn_jvp_fwd(
     stride_otb, stride_oth, stride_otl, stride_otd,
     n_heads, qk_scale, scale,
     SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: ``o, o_t`` and ``lse`` for ``BLOCK_M`` query rows of one (batch, head)."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = program_ids(SEQ, BLOCK_M)
+    stride_kl = aligned(stride_kl, ALIGN)
+    stride_vl = aligned(stride_vl, ALIGN)
+    stride_ktl = aligned(stride_ktl, ALIGN)
+    stride_vtl = aligned(stride_vtl, ALIGN)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -276,17 +303,17 @@ def _attn_jvp_fwd(
     d_ok = offs_d < HEAD_DIM
 
     q = load_rows(
-        tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd),
+        tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN),
         offs_m, SEQ, d_ok, True, EVEN_D,
     )
     q_t = load_rows(
-        tile_ptrs(QT, off_b, off_h, offs_m, offs_d, stride_qtb, stride_qth, stride_qtl, stride_qtd),
+        tile_ptrs(QT, off_b, off_h, offs_m, offs_d, stride_qtb, stride_qth, stride_qtl, stride_qtd, ALIGN),
         offs_m, SEQ, d_ok, True, EVEN_D,
     )
-    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd)
-    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd)
-    kt_ptrs = tile_ptrs(KT, off_b, off_h, offs_n, offs_d, stride_ktb, stride_kth, stride_ktl, stride_ktd)
-    vt_ptrs = tile_ptrs(VT, off_b, off_h, offs_n, offs_d, stride_vtb, stride_vth, stride_vtl, stride_vtd)
+    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
+    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
+    kt_ptrs = tile_ptrs(KT, off_b, off_h, offs_n, offs_d, stride_ktb, stride_kth, stride_ktl, stride_ktd, ALIGN)
+    vt_ptrs = tile_ptrs(VT, off_b, off_h, offs_n, offs_d, stride_vtb, stride_vth, stride_vtl, stride_vtd, ALIGN)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -312,9 +339,9 @@ def _attn_jvp_fwd(
     o = acc * l_inv[:, None]
     o_t = acc_t * l_inv[:, None]
     tl.store(LSE + off_bh.to(tl.int64) * SEQ + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-    o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od)
+    o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od, ALIGN)
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=mask)
-    ot_ptrs = tile_ptrs(OT, off_b, off_h, offs_m, offs_d, stride_otb, stride_oth, stride_otl, stride_otd)
+    ot_ptrs = tile_ptrs(OT, off_b, off_h, offs_m, offs_d, stride_otb, stride_oth, stride_otl, stride_otd, ALIGN)
     tl.store(ot_ptrs, o_t.to(OT.dtype.element_ty), mask=mask)
 
 
@@ -339,20 +366,19 @@ def _attn_bwd_preprocess(
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
     n_heads,
-    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """``delta = rowsum(o * do)`` in fp32 for ``BLOCK_M`` rows."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = program_ids(SEQ, BLOCK_M)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od)
-    do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod)
+    o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od, ALIGN)
+    do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
     o = load_rows(o_ptrs, offs_m, SEQ, d_ok, True, EVEN_D).to(tl.float32)
     do = load_rows(do_ptrs, offs_m, SEQ, d_ok, True, EVEN_D).to(tl.float32)
     tl.store(DELTA + off_bh.to(tl.int64) * SEQ + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ)
@@ -412,11 +438,12 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     n_heads, qk_scale, scale,
     SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: ``dk, dv`` for ``BLOCK_N`` key rows of one (batch, head), looping over all queries."""
-    start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_n, off_bh = program_ids(SEQ, BLOCK_N)
+    stride_ql = aligned(stride_ql, ALIGN)
+    stride_dol = aligned(stride_dol, ALIGN)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -426,12 +453,12 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd)
-    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd)
+    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
+    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
     k = load_rows(k_ptrs, offs_n, SEQ, d_ok, True, EVEN_D)
     v = load_rows(v_ptrs, offs_n, SEQ, d_ok, True, EVEN_D)
-    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd)
-    do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod)
+    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
+    do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
     lse_ptrs = LSE + off_bh.to(tl.int64) * SEQ + offs_m
     delta_ptrs = DELTA + off_bh.to(tl.int64) * SEQ + offs_m
 
@@ -448,8 +475,8 @@ def _attn_bwd_dkdv(
     )
 
     mask = (offs_n < SEQ)[:, None] & d_ok[None, :]
-    dk_ptrs = tile_ptrs(DK, off_b, off_h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkl, stride_dkd)
-    dv_ptrs = tile_ptrs(DV, off_b, off_h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvl, stride_dvd)
+    dk_ptrs = tile_ptrs(DK, off_b, off_h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkl, stride_dkd, ALIGN)
+    dv_ptrs = tile_ptrs(DV, off_b, off_h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvl, stride_dvd, ALIGN)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -500,11 +527,12 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
     n_heads, qk_scale, scale,
     SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: ``dq`` for ``BLOCK_M`` query rows of one (batch, head), looping over all keys."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = program_ids(SEQ, BLOCK_M)
+    stride_kl = aligned(stride_kl, ALIGN)
+    stride_vl = aligned(stride_vl, ALIGN)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -515,14 +543,14 @@ def _attn_bwd_dq(
     d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < SEQ
 
-    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd)
-    do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod)
+    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
+    do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
     q = load_rows(q_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
     do = load_rows(do_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
     lse = tl.load(LSE + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd)
-    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd)
+    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
+    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_full: tl.constexpr = (SEQ // BLOCK_N) * BLOCK_N
@@ -535,7 +563,7 @@ def _attn_bwd_dq(
         n_full, SEQ, SEQ, BLOCK_N, True, EVEN_D, PRECISION,
     )
 
-    dq_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd)
+    dq_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -554,19 +582,42 @@ def validate(q, k, v, scale) -> float:
     return float(scale)
 
 
-def kernel_meta(q: torch.Tensor) -> dict:
-    """Compile-time arguments shared by every attention kernel for inputs like ``q``."""
-    head_dim = q.shape[-1]
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 inputs (16-bit inputs always use their tensor-core path): IEEE
+    under the interpreter and whenever torch's own fp32 matmuls are (the default
+    ``torch.get_float32_matmul_precision() == "highest"``; exact, but FMA dots, not a fast path on a
+    GPU), TF32 tensor cores once the user opts in with ``torch.set_float32_matmul_precision("high")``."""
+    if dtype != torch.float32 or (not interpreting() and torch.get_float32_matmul_precision() != "highest"):
+        return "tf32"
+    return "ieee"
+
+
+def stride_align(*tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes if every tensor starts 16-byte aligned, has unit last-dim stride and all
+    other strides multiples of 16 bytes (the kernels then rebuild their strides with :func:`aligned`
+    and get vectorised, pipelined loads, e.g. at head_dim 72); else 1."""
+    per_16b = 16 // tensors[0].element_size()
+    ok = all(
+        t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % per_16b == 0 for s in t.stride()[:-1])
+        for t in tensors
+    )
+    return per_16b if ok else 1
+
+
+def kernel_meta(*tensors: torch.Tensor) -> dict:
+    """Compile-time arguments shared by every attention kernel reading ``tensors`` (``q`` first)."""
+    head_dim = tensors[0].shape[-1]
     return {
         "HEAD_DIM": head_dim,
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "PRECISION": dot_precision(tensors[0].dtype),
+        "ALIGN": stride_align(*tensors),
     }
 
 
 def row_grid(block: str, seq: int, batch_heads: int):
-    """Launch grid: one program per ``block``-sized slice of ``seq`` rows, per (batch, head)."""
-    return lambda meta: (triton.cdiv(seq, meta[block]), batch_heads)
+    """Launch grid: one axis of ``cdiv(seq, block) * batch_heads`` programs (see :func:`program_ids`)."""
+    return lambda meta: (triton.cdiv(seq, meta[block]) * batch_heads,)
 
 
 def alloc(like: torch.Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None):
@@ -593,7 +644,7 @@ def flash_forward_into(q, k, v, o, lse, scale: float) -> None:
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         heads, scale * LOG2E,
-        SEQ=seq, **kernel_meta(q),
+        SEQ=seq, **kernel_meta(q, k, v, o),
     )
 
 
@@ -608,7 +659,7 @@ def jvp_forward_into(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale: float) -> None:
         *q.stride(), *k.stride(), *v.stride(), *q_t.stride(), *k_t.stride(), *v_t.stride(),
         *o.stride(), *o_t.stride(),
         heads, scale * LOG2E, scale,
-        SEQ=seq, **kernel_meta(q),
+        SEQ=seq, **kernel_meta(q, k, v, q_t, k_t, v_t, o, o_t),
     )
 
 
@@ -619,11 +670,11 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     if q.numel() == 0:
         return dq, dk, dv
-    meta = kernel_meta(q)
+    meta = kernel_meta(q, k, v, do, o, dq, dk, dv)
     delta = alloc(lse)
     _attn_bwd_preprocess[row_grid("BLOCK_M", seq, batch * heads)](
         o, do, delta, *o.stride(), *do.stride(), heads,
-        SEQ=seq, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"],
+        SEQ=seq, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], ALIGN=meta["ALIGN"],
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _attn_bwd_dkdv[row_grid("BLOCK_N", seq, batch * heads)](
@@ -667,8 +718,8 @@ attention_tangent.register_autograd(_tangent_backward)
 
 
 def zero_tangent(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """``t``, or a stride-0 zero tensor shaped like ``like`` where forward AD passes no tangent."""
-    return like.new_zeros(()).expand_as(like) if t is None else t
+    """``t``, or zeros like ``like`` where forward AD passes no tangent (dense, so loads stay aligned)."""
+    return torch.zeros_like(like) if t is None else t
 
 
 class _Attention(torch.autograd.Function):

@@ -222,6 +222,26 @@ def test_attention_jvp_primal_equals_attention():
     assert o.grad_fn is not None and type(o.grad_fn).__name__.startswith("_AttentionJVP")
 
 
+def test_stride_alignment_rule():
+    """16-byte aligned starts and strides give the aligned fast path; anything else falls back to 1."""
+    x = torch.randn(2, 17, 3, 72, dtype=F16, device=DEVICE).transpose(1, 2)
+    assert attention_op.stride_align(x) == 8 and attention_op.stride_align(x.float()) == 4
+    assert attention_op.stride_align(torch.randn(2, 3, 17, 80, dtype=F16, device=DEVICE)[..., 1:73]) == 1
+    assert attention_op.stride_align(x, torch.randn(2, 3, 17, 36, dtype=F16, device=DEVICE)) == 1
+
+
+def test_unaligned_inputs_match_reference():
+    """A view starting 2 bytes into its buffer runs the unaligned path (``ALIGN = 1``) and is exact."""
+    q, k, v = (torch.randn(1, 2, 17, 73, dtype=F16, device=DEVICE)[..., 1:].requires_grad_() for _ in range(3))
+    check_attention_grads(attention(q, k, v), q, k, v, F16)
+
+
+def test_grid_is_one_axis():
+    """Batch x heads beyond 65,535 fits: the grid is one axis of blocks x (batch * heads) programs."""
+    grid = attention_op.row_grid("BLOCK_M", 276, 70_000)({"BLOCK_M": 64})
+    assert grid == (5 * 70_000,)
+
+
 def test_buffers_are_poisoned(poisoned):
     """The NaN fixture really covers the ops' outputs (so the bounds above catch unwritten elements)."""
     q, k, v = (make((2, 1, 17, 64), F32, grad=True) for _ in range(3))
