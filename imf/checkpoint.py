@@ -176,18 +176,18 @@ def load(path: str | os.PathLike, *, model, optimizer, ema) -> dict:
     return rank_state
 
 
-def export_ema(ckpt: str | os.PathLike, out: str | os.PathLike, decay: float | None = None) -> Path:
-    """Write the EMA weights of ``decay`` (default: the first) from checkpoint ``ckpt`` to one safetensors
-    file ``out`` (single process, CPU)."""
-    from safetensors.torch import save_file
-
-    ckpt, out = Path(ckpt), Path(out)
+def load_ema(ckpt: str | os.PathLike, decay: float | None = None, *, backend: str = "reference",
+             device: str | torch.device = "cpu"):
+    """The model of checkpoint ``ckpt`` holding the EMA weights of ``decay`` (default: the first), in eval mode,
+    and the metadata an export writes (``imf.model_config``, ``imf.preset``, ...). Single process; loaded on the
+    CPU, then moved to ``device``."""
+    ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     decays = meta["ema_decays"]
     decay = decays[0] if decay is None else decay
     if decay not in decays:
         raise CheckpointError(f"checkpoint {ckpt} has EMA decays {decays}, not {decay}")
-    model = build_model(ModelConfig(**meta["model_config"]))
+    model = build_model(ModelConfig(**meta["model_config"]), backend=backend)
     weights = model.state_dict()
     names = [n for n, p in model.named_parameters() if p.is_floating_point()]
     template = {"model": weights, "ema": {f"{decay}": {n: weights[n].clone() for n in names}}}
@@ -196,12 +196,23 @@ def export_ema(ckpt: str | os.PathLike, out: str | os.PathLike, decay: float | N
     except (Exception, CheckpointException) as e:  # see load()
         raise CheckpointError(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {e})") from e
     weights.update(template["ema"][f"{decay}"])
+    model.load_state_dict(weights)
     metadata = {"format": "pt", "imf.model_config": json.dumps(meta["model_config"]),
                 "imf.preset": str(meta["config"]["preset"]), "imf.ema_decay": repr(decay),
                 "imf.step": str(meta["step"]), "imf.train_config": json.dumps(meta["config"])}
+    return model.to(device).eval(), metadata
+
+
+def export_ema(ckpt: str | os.PathLike, out: str | os.PathLike, decay: float | None = None) -> Path:
+    """Write the EMA weights of ``decay`` (default: the first) from checkpoint ``ckpt`` to one safetensors
+    file ``out`` (single process, CPU)."""
+    from safetensors.torch import save_file
+
+    model, metadata = load_ema(ckpt, decay)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
     os.replace(tmp, out)
     return out
 
@@ -222,4 +233,5 @@ def load_exported(path: str | os.PathLike, backend: str = "reference", device: s
     return model.to(device).eval()
 
 
-__all__ = ["CheckpointError", "save", "load", "latest", "step_dirs", "read_meta", "export_ema", "load_exported"]
+__all__ = ["CheckpointError", "save", "load", "latest", "step_dirs", "read_meta", "load_ema", "export_ema",
+           "load_exported"]
