@@ -7,9 +7,11 @@ expected, instead of a Triton compile error or a silent wrong answer.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+from torch._C import _functorch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,3 +87,48 @@ def as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         raise ValueError(f"{name} must have unit stride in the last dim, got {describe(t)}, {t.stride()}")
     return rows
+
+
+def rows_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if :func:`as_rows` can view it, else a contiguous copy. For forward-mode tangents,
+    which ``torch.func.jvp`` / ``forward_ad`` may hand over in any layout (expanded, transposed)."""
+    try:
+        as_rows("tangent", t)
+    except ValueError:
+        return t.contiguous()
+    return t
+
+
+def plain(t):
+    """``t`` without ``torch.func``'s per-level wrappers (anything but a tensor is returned as is)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            raise ValueError("imf_kernels ops do not support torch.func.vmap (got a batched tensor)")
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
+def saved(ctx) -> tuple:
+    """``ctx.saved_tensors`` without ``torch.func`` wrappers (see :func:`kernel_rule`)."""
+    return tuple(map(plain, ctx.saved_tensors))
+
+
+def kernel_rule(rule):
+    """Decorates the ``jvp`` / ``backward`` rule of an ``autograd.Function`` that launches kernels.
+
+    Under ``torch.func.jvp`` (or ``grad``) the rule receives its tangents and saved tensors wrapped
+    for the transform's level, and every tensor it creates is wrapped too; Triton needs plain
+    storage. The rule runs with the transforms and autograd disabled on unwrapped arguments (read
+    saved tensors with :func:`saved`), and what it returns is a constant to every enclosing
+    transform: the kernels' tangents and gradients are not differentiated again (no second order). ``vmap`` is not
+    supported (a clear ``ValueError``).
+    """
+
+    @functools.wraps(rule)
+    def run(ctx, *args):
+        with torch._C._DisableFuncTorch(), torch.no_grad():
+            return rule(ctx, *map(plain, args))
+
+    return run

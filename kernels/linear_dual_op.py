@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_prefix, describe
+from ._checks import FLOAT_DTYPES, check_prefix, describe, kernel_rule, saved
 
 
 def _check_operand(name: str, t, x: torch.Tensor) -> None:
@@ -57,25 +57,41 @@ def _validate(x, x_t, weight, bias) -> None:
 
 
 class _LinearDualFn(torch.autograd.Function):
-    """``(y, y_t)``; differentiable in ``y`` only: ``y_t`` detached, nothing saved for ``x_t``."""
+    """``(y, y_t)``; differentiable in ``y`` only: ``y_t`` detached, nothing saved for ``x_t``.
+
+    Forward-mode rule for ``y``: ``x_dot W^T + x W_dot^T + b_dot`` (the terms whose tangents exist).
+    """
 
     @staticmethod
-    def forward(ctx, x, x_t, weight, bias):
-        y = F.linear(x, weight, bias)
-        y_t = F.linear(x_t, weight)
+    def forward(x, x_t, weight, bias):
+        return F.linear(x, weight, bias), F.linear(x_t, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, weight, bias = inputs
         ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(y_t)
-        return y, y_t
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
+    @kernel_rule
     def backward(ctx, dy, _dy_t):
-        x, weight = ctx.saved_tensors
+        x, weight = saved(ctx)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = torch.matmul(dy, weight) if ctx.needs_input_grad[0] else None
         dw = torch.matmul(dy2.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[2] else None
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return dx, None, dw, db
+
+    @staticmethod
+    @kernel_rule
+    def jvp(ctx, x_dot, _x_t_dot, w_dot, b_dot):
+        x, weight = saved(ctx)
+        terms = [F.linear(x_dot, weight) if x_dot is not None else None]
+        terms += [F.linear(x, w_dot) if w_dot is not None else None, b_dot]
+        terms = [t for t in terms if t is not None]
+        return (sum(terms[1:], terms[0]) if terms else None), None
 
 
 def linear_dual(

@@ -21,6 +21,12 @@ writes one row of a ``(programs, D)`` buffer, which is then summed. (Liger launc
 SM; here the range is a fixed number of rows per ``D``, see ``_rows_per_program``.) The split only
 depends on the shape, so the backward is deterministic (no atomics).
 
+**Forward-mode AD.** ``torch.func.jvp`` and ``torch.autograd.forward_ad`` run through
+:func:`rms_norm` (the ``autograd.Function`` has ``forward`` + ``setup_context`` + ``jvp`` +
+``backward``): the tangent along ``x_dot`` is the fused kernel in tangent-only mode
+(``WITH_PRIMAL=False``), the tangent along ``w_dot`` the primal kernel with ``w_dot`` as weight
+(``y`` is linear in ``w``). The primal keeps its backward; the tangent is a constant to autograd.
+
 Block sizes: a row is one ``BLOCK_D = next_power_of_2(D)`` tile; ``BLOCK_M`` rows per tile and
 ``num_warps`` are autotuned per ``D`` (one fixed config under ``TRITON_INTERPRET=1``).
 
@@ -34,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import as_rows, check_float, check_prefix, describe, interpreting
+from ._checks import as_rows, check_float, check_prefix, describe, interpreting, kernel_rule, rows_layout, saved
 
 # Largest tile (rows x padded D, fp32 elements) one program holds; beyond it registers spill.
 _MAX_TILE = 8192
@@ -67,13 +73,13 @@ def _prune(configs, named_args, **kwargs):
 _PRUNE = {"early_config_prune": _prune}
 
 
-@triton.autotune(configs=_configs(), key=["D", "WITH_TANGENT"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(), key=["D", "WITH_PRIMAL", "WITH_TANGENT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, XT, W, Y, YT, RSTD,
     stride_x, stride_xt,
     rows, rows_t, D, eps,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WITH_TANGENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WITH_PRIMAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,8 +91,9 @@ def _rms_norm_fwd_kernel(
     w = tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     xn = x * rstd[:, None]
-    tl.store(RSTD + offs_m, rstd, mask=offs_m < rows)
-    tl.store(Y + rows64 * D + offs_d[None, :], (xn * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    if WITH_PRIMAL:
+        tl.store(RSTD + offs_m, rstd, mask=offs_m < rows)
+        tl.store(Y + rows64 * D + offs_d[None, :], (xn * w[None, :]).to(Y.dtype.element_ty), mask=mask)
     if WITH_TANGENT:
         mask_t = (offs_m < rows_t)[:, None] & mask_d[None, :]
         xt = tl.load(XT + rows64 * stride_xt + offs_d[None, :], mask=mask_t, other=0.0).to(tl.float32)
@@ -138,23 +145,25 @@ def _validate(x, x_t, weight) -> None:
         raise ValueError(f"weight must be on the device of x ({x.device}), got {describe(weight)}")
 
 
-def _forward(x, x_t, weight, eps):
-    """``(y, y_t or None, rstd)``; ``rstd`` is fp32 with one entry per row of ``x``."""
+def _forward(x, x_t, weight, eps, *, primal=True):
+    """``(y, y_t, rstd)``; ``rstd`` is fp32 with one entry per row of ``x``. ``y`` and ``rstd`` are
+    ``None`` when not ``primal`` (tangent only), ``y_t`` when ``x_t`` is ``None``."""
     d = x.shape[-1]
     x2 = as_rows("x", x)
     xt2 = as_rows("x_t", x_t) if x_t is not None else x2
     rows, rows_t = x2.shape[0], xt2.shape[0] if x_t is not None else 0
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y_t = torch.empty(x_t.shape, dtype=x.dtype, device=x.device) if x_t is not None else y
-    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if primal else None
+    y_t = torch.empty(x_t.shape, dtype=x.dtype, device=x.device) if x_t is not None else None
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device) if primal else None
+    unused = x2  # pointer for the outputs a mode does not write
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)
     _rms_norm_fwd_kernel[grid](
-        x2, xt2, weight, y, y_t, rstd,
+        x2, xt2, weight, unused if y is None else y, unused if y_t is None else y_t, unused if rstd is None else rstd,
         x2.stride(0), xt2.stride(0),
         rows, rows_t, d, eps,
-        BLOCK_D=triton.next_power_of_2(d), WITH_TANGENT=x_t is not None,
+        BLOCK_D=triton.next_power_of_2(d), WITH_PRIMAL=primal, WITH_TANGENT=x_t is not None,
     )  # fmt: skip
-    return y, (y_t if x_t is not None else None), rstd
+    return y, y_t, rstd
 
 
 def _backward(dy, x, weight, rstd):
@@ -178,21 +187,45 @@ def _backward(dy, x, weight, rstd):
 
 
 class _RMSNormFn(torch.autograd.Function):
-    """Dual RMSNorm; differentiable in ``y`` only (``y_t`` is detached, ``x_t`` gets no gradient)."""
+    """Dual RMSNorm ``(y, y_t, rstd)``; differentiable in ``y`` only (``y_t`` and ``rstd`` are
+    non-differentiable, ``x_t`` gets no gradient).
+
+    Forward-mode rule (``torch.func.jvp``, ``torch.autograd.forward_ad``): the tangent of ``y``
+    along ``x_dot`` comes from the fused kernel in tangent-only mode; RMSNorm is linear in the
+    weight, so the tangent along ``w_dot`` is the primal kernel with ``w_dot`` as weight.
+    """
 
     @staticmethod
-    def forward(ctx, x, x_t, weight, eps):
-        y, y_t, rstd = _forward(x, x_t, weight.contiguous(), eps)
+    def forward(x, x_t, weight, eps):
+        return _forward(x, x_t, weight.contiguous(), eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, weight, eps = inputs
+        _, y_t, rstd = output
+        ctx.eps = eps
         ctx.save_for_backward(x, weight, rstd)
-        if y_t is not None:
-            ctx.mark_non_differentiable(y_t)
-        return y, y_t
+        ctx.save_for_forward(x, weight)
+        ctx.mark_non_differentiable(*(t for t in (y_t, rstd) if t is not None))
 
     @staticmethod
-    def backward(ctx, dy, _dy_t):
-        x, weight, rstd = ctx.saved_tensors
+    @kernel_rule
+    def backward(ctx, dy, _dy_t, _drstd):
+        x, weight, rstd = saved(ctx)
         dx, dw = _backward(dy, x, weight.contiguous(), rstd)
         return dx, None, dw, None
+
+    @staticmethod
+    @kernel_rule
+    def jvp(ctx, x_dot, _x_t_dot, w_dot, _eps_dot):
+        x, weight = saved(ctx)
+        y_dot = None
+        if x_dot is not None:
+            y_dot = _forward(x, rows_layout(x_dot), weight.contiguous(), ctx.eps, primal=False)[1]
+        if w_dot is not None:
+            y_w = _forward(x, None, w_dot.contiguous(), ctx.eps)[0]
+            y_dot = y_w if y_dot is None else y_dot + y_w
+        return y_dot, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -212,4 +245,4 @@ def rms_norm_jvp(
     ``y`` is differentiable in ``x`` and ``weight``; ``y_t`` is detached.
     """
     _validate(x, x_t, weight)
-    return _RMSNormFn.apply(x, x_t, weight, eps)
+    return _RMSNormFn.apply(x, x_t, weight, eps)[:2]

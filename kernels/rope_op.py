@@ -25,6 +25,11 @@ tensor (autograd then scatters it into the ``qkv`` gradient). ``cos``, ``sin``: 
 :func:`imf_kernels.reference.rope_tables`. Prefix tangents: ``x_t`` is ``(n, L, H, D)``, ``n <= B``;
 ``y_t`` is ``(n, H, L, D)``.
 
+**Forward-mode AD.** ``torch.func.jvp`` / ``forward_ad`` through :func:`qk_norm_rope`: the tangent
+along ``x_dot`` is the fused kernel in tangent-only mode; ``y`` is linear in the weight and jointly
+in ``(cos, sin)``, so those tangents are the primal kernel with ``w_dot`` / ``(cos_dot, sin_dot)``
+in their place. The primal keeps its backward; the tangent is a constant to autograd.
+
 Backward: only the primal (``y_t`` detached, nothing saved for it); ``rstd`` (fp32, ``(B, H, L)``)
 is saved by the forward. One backward program per ``(batch, head)`` walks all tokens and writes
 one fp32 partial row of ``dw``; the ``(B * H, D)`` partials are summed (deterministic). The token
@@ -41,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_float, check_prefix, describe, interpreting
+from ._checks import check_float, check_prefix, describe, interpreting, kernel_rule, saved
 
 # Largest tile (tokens x padded head_dim, fp32 elements) one program holds.
 _MAX_TILE = 8192
@@ -68,13 +73,13 @@ def _rope(z, zr, cos, sin, sgn):
     return z * cos + sgn * zr * sin
 
 
-@triton.autotune(configs=_configs(), key=["D", "WITH_TANGENT"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(), key=["D", "WITH_PRIMAL", "WITH_TANGENT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
     X, XT, W, COS, SIN, Y, YT, RSTD,
     sx_b, sx_l, sx_h, sxt_b, sxt_l, sxt_h,
     L, H, n_t, D, eps,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WITH_TANGENT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WITH_PRIMAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
 ):  # fmt: skip
     pid_l = tl.program_id(0)
     h = tl.program_id(1)
@@ -103,8 +108,9 @@ def _qk_norm_rope_fwd_kernel(
 
     row_out = (b * H + h) * L + offs_l
     out = row_out[:, None] * D + offs_d[None, :]
-    tl.store(RSTD + row_out, rstd_l, mask=offs_l < L)
-    tl.store(Y + out, _rope(xn * w, xnr * wr, cos, sin, sgn).to(Y.dtype.element_ty), mask=mask)
+    if WITH_PRIMAL:
+        tl.store(RSTD + row_out, rstd_l, mask=offs_l < L)
+        tl.store(Y + out, _rope(xn * w, xnr * wr, cos, sin, sgn).to(Y.dtype.element_ty), mask=mask)
     if WITH_TANGENT:
         if b < n_t:
             xt_row = XT + b * sxt_b + h * sxt_h + offs_l[:, None] * sxt_l
@@ -182,21 +188,22 @@ def _validate(x, x_t, weight, cos, sin) -> None:
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {describe(t)}")
 
 
-def _forward(x, x_t, weight, cos, sin, eps):
-    """``(y, y_t or None, rstd)`` with ``y``: ``(B, H, L, D)`` contiguous, ``rstd``: ``(B, H, L)`` fp32."""
+def _forward(x, x_t, weight, cos, sin, eps, *, primal=True):
+    """``(y, y_t, rstd)`` with ``y``: ``(B, H, L, D)`` contiguous, ``rstd``: ``(B, H, L)`` fp32; ``y`` and
+    ``rstd`` are ``None`` when not ``primal`` (tangent only), ``y_t`` when ``x_t`` is ``None``."""
     batch, seq, heads, d = x.shape
     xt = x_t if x_t is not None else x
-    y = torch.empty((batch, heads, seq, d), dtype=x.dtype, device=x.device)
-    y_t = torch.empty((xt.shape[0], heads, seq, d), dtype=x.dtype, device=x.device) if x_t is not None else y
-    rstd = torch.empty((batch, heads, seq), dtype=torch.float32, device=x.device)
+    y = torch.empty((batch, heads, seq, d), dtype=x.dtype, device=x.device) if primal else None
+    y_t = torch.empty((xt.shape[0], heads, seq, d), dtype=x.dtype, device=x.device) if x_t is not None else None
+    rstd = torch.empty((batch, heads, seq), dtype=torch.float32, device=x.device) if primal else None
     grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_L"]), heads, batch)
     _qk_norm_rope_fwd_kernel[grid](
-        x, xt, weight, cos, sin, y, y_t, rstd,
+        x, xt, weight, cos, sin, x if y is None else y, x if y_t is None else y_t, x if rstd is None else rstd,
         x.stride(0), x.stride(1), x.stride(2), xt.stride(0), xt.stride(1), xt.stride(2),
-        seq, heads, xt.shape[0], d, eps,
-        BLOCK_D=triton.next_power_of_2(d), WITH_TANGENT=x_t is not None,
+        seq, heads, xt.shape[0] if x_t is not None else 0, d, eps,
+        BLOCK_D=triton.next_power_of_2(d), WITH_PRIMAL=primal, WITH_TANGENT=x_t is not None,
     )  # fmt: skip
-    return y, (y_t if x_t is not None else None), rstd
+    return y, y_t, rstd
 
 
 def _backward(dy, x, weight, cos, sin, rstd):
@@ -214,23 +221,53 @@ def _backward(dy, x, weight, cos, sin, rstd):
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _QKNormRopeFn(torch.autograd.Function):
-    """Dual QK-RMSNorm + RoPE; differentiable in ``y`` only (``y_t`` detached, no grad for ``x_t``)."""
+    """Dual QK-RMSNorm + RoPE ``(y, y_t, rstd)``; differentiable in ``y`` only (``y_t`` and ``rstd``
+    non-differentiable, no gradient for ``x_t``; ``cos``, ``sin`` are constants to backward).
+
+    Forward-mode rule: the tangent along ``x_dot`` comes from the fused kernel in tangent-only mode.
+    ``y`` is linear in the weight and, jointly, in ``(cos, sin)``, so the tangents along ``w_dot``
+    and ``(cos_dot, sin_dot)`` are the primal kernel with those in place of the weight / the tables.
+    """
 
     @staticmethod
-    def forward(ctx, x, x_t, weight, cos, sin, eps):
+    def forward(x, x_t, weight, cos, sin, eps):
+        return _forward(x, x_t, weight.contiguous(), cos.contiguous(), sin.contiguous(), eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, weight, cos, sin, eps = inputs
+        _, y_t, rstd = output
         weight, cos, sin = weight.contiguous(), cos.contiguous(), sin.contiguous()
-        y, y_t, rstd = _forward(x, x_t, weight, cos, sin, eps)
+        ctx.eps = eps
         ctx.save_for_backward(x, weight, cos, sin, rstd)
-        if y_t is not None:
-            ctx.mark_non_differentiable(y_t)
-        return y, y_t
+        ctx.save_for_forward(x, weight, cos, sin)
+        ctx.mark_non_differentiable(*(t for t in (y_t, rstd) if t is not None))
 
     @staticmethod
-    def backward(ctx, dy, _dy_t):
-        x, weight, cos, sin, rstd = ctx.saved_tensors
+    @kernel_rule
+    def backward(ctx, dy, _dy_t, _drstd):
+        x, weight, cos, sin, rstd = saved(ctx)
         dx, dw = _backward(dy, x, weight, cos, sin, rstd)
         return dx, None, dw, None, None, None
+
+    @staticmethod
+    @kernel_rule
+    def jvp(ctx, x_dot, _x_t_dot, w_dot, cos_dot, sin_dot, _eps_dot):
+        x, weight, cos, sin = saved(ctx)
+        parts = []
+        if x_dot is not None:
+            parts.append(_forward(x, _unit_last_stride(x_dot), weight, cos, sin, ctx.eps, primal=False)[1])
+        if w_dot is not None:
+            parts.append(_forward(x, None, w_dot.contiguous(), cos, sin, ctx.eps)[0])
+        if cos_dot is not None or sin_dot is not None:
+            tables = [torch.zeros_like(cos) if t is None else t.contiguous() for t in (cos_dot, sin_dot)]
+            parts.append(_forward(x, None, weight, *tables, ctx.eps)[0])
+        return (sum(parts[1:], parts[0]) if parts else None), None, None
 
 
 def qk_norm_rope(
@@ -260,4 +297,4 @@ def qk_norm_rope_jvp(
     ``y_t`` is ``(n, H, L, D)`` contiguous and detached.
     """
     _validate(x, x_t, weight, cos, sin)
-    return _QKNormRopeFn.apply(x, x_t, weight, cos, sin, eps)
+    return _QKNormRopeFn.apply(x, x_t, weight, cos, sin, eps)[:2]

@@ -17,6 +17,10 @@ The dual forward reads ``a`` and ``b`` once for both outputs; the backward is th
 in the last dim is accepted. Outputs (``h``, ``h_t``, and the gradients ``da``, ``db``) are
 contiguous; autograd scatters ``da`` and ``db`` into the gradient of ``ab``.
 
+**Forward-mode AD.** ``torch.func.jvp`` / ``forward_ad`` through :func:`swiglu`: the tangent is the
+fused kernel in tangent-only mode (``WITH_PRIMAL=False``; a missing ``a_dot`` or ``b_dot`` is zero).
+The primal keeps its backward; the tangent is a constant to autograd.
+
 Tiles: ``BLOCK_M`` rows x ``BLOCK_N`` columns of a 2-D grid, autotuned per ``hidden`` (one fixed
 config under ``TRITON_INTERPRET=1``).
 
@@ -30,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import as_rows, check_float, check_like, check_prefix, interpreting
+from ._checks import as_rows, check_float, check_like, check_prefix, interpreting, kernel_rule, rows_layout, saved
 
 
 def _configs() -> list[triton.Config]:
@@ -59,13 +63,13 @@ def _silu_and_grad(a):
     return a * s, s * (1.0 + a * (1.0 - s))
 
 
-@triton.autotune(configs=_configs(), key=["N", "WITH_TANGENT"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(), key=["N", "WITH_PRIMAL", "WITH_TANGENT"], prune_configs_by=_PRUNE)
 @triton.jit
 def _swiglu_fwd_kernel(
     A, B, AT, BT, H, HT,
     sa, sb, sat, sbt,
     rows, rows_t, N,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_TANGENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_PRIMAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,7 +80,8 @@ def _swiglu_fwd_kernel(
     a = tl.load(A + rows64 * sa + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + rows64 * sb + cols, mask=mask, other=0.0).to(tl.float32)
     silu, dsilu = _silu_and_grad(a)
-    tl.store(H + rows64 * N + cols, (silu * b).to(H.dtype.element_ty), mask=mask)
+    if WITH_PRIMAL:
+        tl.store(H + rows64 * N + cols, (silu * b).to(H.dtype.element_ty), mask=mask)
     if WITH_TANGENT:
         mask_t = (offs_m < rows_t)[:, None] & mask_n
         at = tl.load(AT + rows64 * sat + cols, mask=mask_t, other=0.0).to(tl.float32)
@@ -119,19 +124,20 @@ def _validate(a, b, a_t, b_t) -> None:
         check_like("b_t", b_t, "a_t", a_t)
 
 
-def _forward(a, b, a_t, b_t):
+def _forward(a, b, a_t, b_t, *, primal=True):
+    """``(h, h_t)``: ``h`` is ``None`` when not ``primal`` (tangent only), ``h_t`` when ``a_t`` is ``None``."""
     n = a.shape[-1]
     a2, b2 = as_rows("a", a), as_rows("b", b)
     at2, bt2 = (as_rows("a_t", a_t), as_rows("b_t", b_t)) if a_t is not None else (a2, b2)
-    h = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-    h_t = torch.empty(a_t.shape, dtype=a.dtype, device=a.device) if a_t is not None else h
+    h = torch.empty(a.shape, dtype=a.dtype, device=a.device) if primal else None
+    h_t = torch.empty(a_t.shape, dtype=a.dtype, device=a.device) if a_t is not None else None
     _swiglu_fwd_kernel[_grid(a2.shape[0], n)](
-        a2, b2, at2, bt2, h, h_t,
+        a2, b2, at2, bt2, a2 if h is None else h, a2 if h_t is None else h_t,
         a2.stride(0), b2.stride(0), at2.stride(0), bt2.stride(0),
         a2.shape[0], at2.shape[0] if a_t is not None else 0, n,
-        WITH_TANGENT=a_t is not None,
+        WITH_PRIMAL=primal, WITH_TANGENT=a_t is not None,
     )  # fmt: skip
-    return h, (h_t if a_t is not None else None)
+    return h, h_t
 
 
 def _backward(dh, a, b):
@@ -151,21 +157,37 @@ def _backward(dh, a, b):
 
 
 class _SwiGLUFn(torch.autograd.Function):
-    """Dual SwiGLU; differentiable in ``h`` only (``h_t`` detached, no grads for ``a_t``, ``b_t``)."""
+    """Dual SwiGLU ``(h, h_t)``; differentiable in ``h`` only (``h_t`` non-differentiable, no grads for
+    ``a_t``, ``b_t``). Forward-mode rule: the fused kernel in tangent-only mode (a missing tangent of
+    ``a`` or ``b`` is zero)."""
 
     @staticmethod
-    def forward(ctx, a, b, a_t, b_t):
-        h, h_t = _forward(a, b, a_t, b_t)
+    def forward(a, b, a_t, b_t):
+        return _forward(a, b, a_t, b_t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b, _, _ = inputs
         ctx.save_for_backward(a, b)
-        if h_t is not None:
-            ctx.mark_non_differentiable(h_t)
-        return h, h_t
+        ctx.save_for_forward(a, b)
+        if output[1] is not None:
+            ctx.mark_non_differentiable(output[1])
 
     @staticmethod
+    @kernel_rule
     def backward(ctx, dh, _dh_t):
-        a, b = ctx.saved_tensors
+        a, b = saved(ctx)
         da, db = _backward(dh, a, b)
         return da, db, None, None
+
+    @staticmethod
+    @kernel_rule
+    def jvp(ctx, a_dot, b_dot, _a_t_dot, _b_t_dot):
+        a, b = saved(ctx)
+        if a_dot is None and b_dot is None:
+            return None, None
+        a_dot, b_dot = (torch.zeros_like(a) if t is None else rows_layout(t) for t in (a_dot, b_dot))
+        return _forward(a, b, a_dot, b_dot, primal=False)[1], None
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import functools
 import imf_kernels
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from imf_kernels import reference as ref
 from numerics import DEVICE, INTERPRETING, assert_bound
@@ -244,6 +245,125 @@ def run_linear_dual(shape, out_features, bias, dtype, mode):
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_dual(bias, dtype, mode):
     run_linear_dual((3, 17, 72), 200, bias, dtype, mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward-mode AD: torch.func.jvp and forward_ad dual tensors through the primal public functions
+# (the ops' jvp rules, tangents from the fused kernels), and the primal's backward afterwards.
+
+
+def run_forward_ad(fused, reference, primals64, tangents64, dtype, via, n_grad=None):
+    """``fused`` vs ``reference`` under forward-mode AD along ``tangents64`` (one per primal), then
+    the gradients of the first ``n_grad`` primals (all by default) through the ``y`` that forward AD
+    returned."""
+    primals64 = [p.to(DEVICE) for p in primals64]
+    tangents64 = [t.to(DEVICE) for t in tangents64]
+    y64, yd64 = torch.func.jvp(reference, tuple(primals64), tuple(tangents64))
+    low = [p.to(dtype) for p in primals64]
+    low_t = [t.to(dtype) for t in tangents64]
+    y_r, yd_r = torch.func.jvp(reference, tuple(low), tuple(low_t))
+
+    leaves = [p.detach().requires_grad_() for p in low]
+    if via == "func":
+        y, yd = torch.func.jvp(fused, tuple(leaves), tuple(low_t))
+    else:
+        with fwAD.dual_level():
+            dual = fused(*[fwAD.make_dual(p, t) for p, t in zip(leaves, low_t, strict=True)])
+            y, yd = fwAD.unpack_dual(dual)
+    assert_bound("primal", y, y_r, y64)
+    assert_bound("tangent", yd, yd_r, yd64)
+    assert yd.grad_fn is None, "the tangent must come from the kernel (detached), not from autograd of torch ops"
+    assert y.requires_grad, "the primal must stay differentiable under forward AD"
+
+    dy64 = torch.randn(y64.shape, dtype=torch.float64, device=DEVICE)
+    for i, g in enumerate(torch.autograd.grad(y, leaves[:n_grad], dy64.to(dtype))):
+        leaves64 = [p.detach().requires_grad_() for p in primals64]
+        leaves_r = [p.detach().requires_grad_() for p in low]
+        g64 = torch.autograd.grad(reference(*leaves64), leaves64[i], dy64)[0]
+        g_r = torch.autograd.grad(reference(*leaves_r), leaves_r[i], dy64.to(dtype))[0]
+        assert_bound(f"grad {i} after jvp", g, g_r, g64)
+
+
+def _forward_ad_cases():
+    """``(name, fused, reference, primal shapes, which primals move)``: shapes are odd on purpose."""
+    qk = lambda x, w, cos, sin: ref.rope(ref.rms_norm(x, w).transpose(1, 2), cos, sin)
+    pick = lambda qkv: qkv[:, :, 2]
+    halves = lambda ab: ab.chunk(2, dim=-1)
+    return [
+        ("rms_norm", imf_kernels.rms_norm, ref.rms_norm, [(3, 7, 72), (72,)]),
+        ("rms_norm_d100", imf_kernels.rms_norm, ref.rms_norm, [(2, 5, 100), (100,)]),
+        (
+            "qk_norm_rope_packed",
+            lambda qkv, w, cos, sin: imf_kernels.qk_norm_rope(pick(qkv), w, cos, sin),
+            lambda qkv, w, cos, sin: qk(pick(qkv), w, cos, sin),
+            [(2, 17, 3, 2, 72), (72,), (17, 72), (17, 72)],
+        ),
+        ("qk_norm_rope_d64", imf_kernels.qk_norm_rope, qk, [(1, 33, 3, 64), (64,), (33, 64), (33, 64)]),
+        (
+            "swiglu_packed",
+            lambda ab: imf_kernels.swiglu(*halves(ab)),
+            lambda ab: ref.swiglu(*halves(ab)),
+            [(2, 17, 2 * 72)],
+        ),
+        ("swiglu", imf_kernels.swiglu, ref.swiglu, [(3, 9, 100), (3, 9, 100)]),
+        (
+            "linear_dual",
+            lambda x, w, b: imf_kernels.linear_dual(x, x[:1] * 0.5, w, b)[0],
+            lambda x, w, b: F.linear(x, w, b),
+            [(3, 5, 24), (40, 24), (40,)],
+        ),
+    ]
+
+
+def _tables_or_randn(name, shape):
+    """RoPE tables for the ``(L, D)`` primals of the qk cases (so ``y`` is a real rotation), else N(0, 1)."""
+    if name.startswith("qk") and len(shape) == 2:
+        return ref.rope_tables(*shape)[0].double() + 0.1 * randn(*shape)
+    return randn(*shape)
+
+
+@pytest.mark.parametrize("via", ["func", "forward_ad"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("case", _forward_ad_cases(), ids=lambda c: c[0])
+def test_forward_ad(case, dtype, via):
+    """Every primal (inputs, weights, RoPE tables) moves along a random tangent."""
+    name, fused, reference, shapes = case
+    primals = [_tables_or_randn(name, s) for s in shapes]
+    n_grad = 2 if name.startswith("qk") else None  # cos, sin are constants to backward
+    run_forward_ad(fused, reference, primals, [randn(*s) for s in shapes], dtype, via, n_grad)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_forward_ad_input_only(dtype):
+    """The MeanFlow pattern: only the activations move (weights and tables are constants)."""
+    cos, sin = (t.to(DEVICE, dtype) for t in ref.rope_tables(17, 72))
+    w = (1 + 0.2 * randn(72)).to(DEVICE, dtype)
+    fused = lambda x: imf_kernels.qk_norm_rope(x, w, cos, sin)
+    reference = lambda x: ref.rope(ref.rms_norm(x, w.to(x.dtype)).transpose(1, 2), cos.to(x.dtype), sin.to(x.dtype))
+    run_forward_ad(fused, reference, [randn(2, 17, 3, 72)], [randn(2, 17, 3, 72)], dtype, "func")
+    a, b = randn(2, 9, 40), randn(2, 9, 40).to(DEVICE)
+    run_forward_ad(lambda a: imf_kernels.swiglu(a, b.to(a.dtype)), lambda a: ref.swiglu(a, b.to(a.dtype)),
+                   [a], [randn(2, 9, 40)], dtype, "func")  # fmt: skip
+
+
+def test_forward_ad_expanded_tangent():
+    """A tangent in a layout the kernels cannot view as rows (stride 0) is copied, not rejected."""
+    x, w = torch.randn(2, 3, 8, device=DEVICE), torch.randn(8, device=DEVICE)
+    x_dot = torch.randn(1, 1, 8, device=DEVICE).expand(2, 3, 8)
+    _, yd = torch.func.jvp(lambda x: imf_kernels.rms_norm(x, w), (x,), (x_dot,))
+    _, want = torch.func.jvp(lambda x: ref.rms_norm(x, w.double()), (x.double(),), (x_dot.double(),))
+    assert_bound("tangent", yd, torch.func.jvp(lambda x: ref.rms_norm(x, w), (x,), (x_dot,))[1], want)
+
+
+def test_forward_ad_of_dual_op():
+    """``torch.func.jvp`` through the explicit dual op: ``y`` gets its tangent, ``y_t`` is a constant."""
+    x, w = torch.randn(3, 5, 8, device=DEVICE), torch.randn(8, device=DEVICE)
+    x_t = torch.randn(3, 5, 8, device=DEVICE)
+    (y, y_t), (yd, ytd) = torch.func.jvp(lambda x: imf_kernels.rms_norm_jvp(x, x_t, w), (x,), (x_t,))
+    assert torch.equal(y_t, imf_kernels.rms_norm_jvp(x, x_t, w)[1]) and not ytd.any()
+    assert_bound(
+        "tangent", yd, ref.rms_norm_jvp(x, x_t, w)[1], ref.rms_norm_jvp(x.double(), x_t.double(), w.double())[1]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
