@@ -34,9 +34,7 @@ def check_float(name: str, t, *, ndim: int | None = None) -> None:
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got {describe(t)}")
     if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
-        raise ValueError(
-            f"{name} must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got {describe(t)}"
-        )
+        raise ValueError(f"{name} must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got {describe(t)}")
 
 
 def check_like(name: str, t, ref_name: str, ref: torch.Tensor, *, shape: bool = True) -> None:
