@@ -226,6 +226,63 @@ def test_swiglu(shape, packed, dtype, mode):
     run_swiglu(shape, packed, dtype, mode)
 
 
+def _mlp_params(block):
+    """``(fc12 rows of the padded units, fc3 columns of the padded units)`` of an ``IMFBlock``."""
+    w12 = block.fc12.weight.view(2, block.hidden_padded, -1)[:, block.hidden :]
+    return w12, block.fc3.weight[:, block.hidden :]
+
+
+def test_swiglu_padding_is_exact_and_stays_zero(monkeypatch):
+    """SwiGLU halves padded to 64 units (issue 13: hidden 2730): the padded block computes exactly the
+    unpadded function, its padded units get exactly zero gradient, and AdamW with weight decay and
+    gradient clipping keeps them exactly zero."""
+    from imf.model import layers
+
+    dim, heads, hidden, seq = 32, 2, 40, 7
+    block = layers.IMFBlock(dim, heads, hidden, 1e-6)
+    assert block.hidden_padded == 64 and block.fc12.weight.shape == (128, dim) and block.fc3.weight.shape == (dim, 64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_()
+    block.zero_padding_()
+    monkeypatch.setattr(layers, "SWIGLU_ALIGN", 1)
+    plain = layers.IMFBlock(dim, heads, hidden, 1e-6)
+    assert plain.hidden_padded == hidden
+    state = dict(block.state_dict())
+    state["fc12.weight"] = block.fc12.weight.view(2, 64, dim)[:, :hidden].reshape(2 * hidden, dim)
+    state["fc3.weight"] = block.fc3.weight[:, :hidden]
+    plain.load_state_dict(state)
+
+    cos, sin = ref.rope_tables(seq, dim // heads)
+    x, x_t = torch.randn(3, seq, dim), torch.randn(2, seq, dim)
+    torch.testing.assert_close(block(x, x_t, cos, sin), plain(x, x_t, cos, sin), rtol=1e-6, atol=1e-6)
+
+    opt = torch.optim.AdamW(block.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        y, _ = block(x, None, cos, sin)
+        y.square().mean().backward()
+        w12, w3 = _mlp_params(block)
+        assert block.fc12.weight.grad.abs().sum() > 0
+        assert (
+            not block.fc12.weight.grad.view(2, 64, dim)[:, hidden:].any()
+            and not block.fc3.weight.grad[:, hidden:].any()
+        )
+        torch.nn.utils.clip_grad_norm_(block.parameters(), 0.1)
+        opt.step()
+        opt.zero_grad()
+        assert not w12.any() and not w3.any()
+
+
+def test_swiglu_padding_keeps_aligned_presets():
+    """Only hidden sizes that are not a multiple of 64 are padded: B/2, M/2 and the demo keep their state_dict."""
+    from imf.model.layers import IMFBlock
+
+    for dim, heads, hidden in ((768, 12, 2048), (96, 4, 256)):
+        block = IMFBlock(dim, heads, hidden, 1e-6).to("meta")
+        assert block.fc12.weight.shape == (2 * hidden, dim) and block.fc3.weight.shape == (dim, hidden)
+    assert IMFBlock(1024, 16, 2730, 1e-6).to("meta").fc3.weight.shape == (1024, 2752)
+
+
 # ---------------------------------------------------------------------------------------------
 # Linear
 

@@ -84,12 +84,29 @@ def add_tangent(x_t, delta_t):
     return delta_t if x_t is None else x_t + delta_t
 
 
+# SwiGLU halves are padded to this many units (16-byte aligned rows and halves; whole 64-column tiles).
+SWIGLU_ALIGN = 64
+
+
 class IMFBlock(DualModule):
     """Pre-norm block of the iMF in-context transformer (no adaLN).
 
     ``x += g1 * Wo Attn(rope(qknorm(Wq h)), rope(qknorm(Wk h)), Wv h)``, ``h = RMSNorm(x)``;
     ``x += g2 * W3 (silu(W1 h) * W2 h)``, ``h = RMSNorm(x)``. Bias-free projections; ``g1, g2``
     per-channel gates initialised to zero (each block starts as the identity).
+
+    **SwiGLU padding.** ``W1`` and ``W2`` are one ``fc12`` projection whose output halves the SwiGLU
+    kernel reads in place. Each half is ``hidden_padded`` = ``hidden`` rounded up to a multiple of
+    :data:`SWIGLU_ALIGN` (64) units, so both halves start and every row stride is 16-byte aligned
+    (unpadded, iMF-L/2's and XL/2's hidden 2730 puts the second half 5,460 bytes in and every load of
+    the kernel is scalar). The padded units are zero (:meth:`zero_padding_`, called by
+    ``init_weights``) and provably stay zero: their ``W1 h`` is 0, so their ``silu(0) * W2 h = 0``;
+    every gradient they receive (``fc12`` rows: ``dh * b * silu'(0)`` with ``dh = dy W3[:, pad] = 0``;
+    ``fc3`` columns: ``dy^T * 0``) is exactly 0, and AdamW (decoupled decay of 0 is 0), clipping and
+    EMA keep 0 at 0 (``tests/test_dual_ops.py`` checks all of it). The model computes exactly the
+    unpadded function. **State-dict shapes change only where ``hidden % 64 != 0``:** iMF-L/2 and
+    XL/2 (hidden 2730 -> 2752: ``fc12.weight`` ``(5504, 1024)``, ``fc3.weight`` ``(1024, 2752)``,
+    +0.8% MLP FLOPs); B/2, M/2 (2048) and the demo (256) are unchanged, and the MF DiT has no SwiGLU.
     """
 
     def __init__(self, dim: int, heads: int, hidden: int, eps: float):
@@ -102,9 +119,16 @@ class IMFBlock(DualModule):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.gate_attn = nn.Parameter(torch.zeros(dim))
         self.norm2 = RMSNorm(dim, eps)
-        self.fc12 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.fc3 = nn.Linear(hidden, dim, bias=False)
+        self.hidden_padded = -(-hidden // SWIGLU_ALIGN) * SWIGLU_ALIGN
+        self.fc12 = nn.Linear(dim, 2 * self.hidden_padded, bias=False)
+        self.fc3 = nn.Linear(self.hidden_padded, dim, bias=False)
         self.gate_mlp = nn.Parameter(torch.zeros(dim))
+
+    def zero_padding_(self) -> None:
+        """Zero the padded SwiGLU units: rows ``hidden:`` of each ``fc12`` half and those ``fc3`` columns."""
+        with torch.no_grad():
+            self.fc12.weight.view(2, self.hidden_padded, -1)[:, self.hidden :].zero_()
+            self.fc3.weight[:, self.hidden :].zero_()
 
     def forward(self, x, x_t, cos, sin):
         ops = self.ops

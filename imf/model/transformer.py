@@ -79,6 +79,7 @@ class IMFTransformer(MeanFlowNet):
             elif isinstance(m, IMFBlock):
                 nn.init.zeros_(m.gate_attn)
                 nn.init.zeros_(m.gate_mlp)
+                m.zero_padding_()
         for head in (self.u_out, getattr(self, "v_out", None)):
             if head is not None:
                 nn.init.zeros_(head.linear.weight)
