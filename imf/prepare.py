@@ -202,7 +202,7 @@ def encode_folder(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(files), initial=start, desc="encode", unit="img")
+        bar = tqdm(total=len(files), initial=start, desc="encode", unit="img", disable=None)  # on a terminal
 
     with torch.inference_mode():
         for x, y, errors in dl:

@@ -15,6 +15,7 @@ is downloaded. ``diffusers`` is optional (the ``data`` extra): without it the lo
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -39,12 +40,24 @@ def load_vae(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype = torc
         raise DataError(
             f"{arg} {p} {what} (expected a local AutoencoderKL.from_pretrained directory; nothing is downloaded)"
         )
+    lib = logging.getLogger("diffusers")  # hold diffusers' warnings: replayed on success, dropped on failure
+    held: list[logging.LogRecord] = []
+    keep = logging.Handler(logging.WARNING)
+    keep.emit = held.append
+    handlers, propagate = lib.handlers, lib.propagate
+    lib.handlers, lib.propagate = [keep], False
     try:
-        vae = diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError) as e:
+        vae = diffusers.AutoencoderKL.from_pretrained(
+            str(p), local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype
+        )
+    except (OSError, ValueError, RuntimeError) as e:
         first = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{arg} {p} is not a loadable AutoencoderKL directory: {first}") from e
-    return vae.to(device, dtype).eval()
+    finally:
+        lib.handlers, lib.propagate = handlers, propagate
+    for record in held:
+        lib.handle(record)
+    return vae.to(device).eval()
 
 
 def latent_factors(vae, manifest: dict | None = None) -> tuple[float, float]:

@@ -17,6 +17,7 @@ import torch
 from imf.data import (
     DataError,
     LatentLoader,
+    LoaderOptions,
     LoaderSettings,
     ShardWriter,
     SyntheticLatents,
@@ -26,9 +27,7 @@ from imf.data import (
     shard_names,
 )
 
-HAS_DALI = (
-    importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-)
+HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali is not installed")
 
 
@@ -38,9 +37,7 @@ def _write_random(root: Path, n=96, shape=(4, 6, 6), num_classes=5, shard_size=4
     c = shape[0]
     mu = np.linspace(-1.0, 2.0, c).reshape(1, c, 1, 1)
     sd = np.linspace(0.5, 3.0, c).reshape(1, c, 1, 1)
-    with ShardWriter(
-        root, latent_shape=shape, num_classes=num_classes, shard_size=shard_size, flipped=flipped
-    ) as w:
+    with ShardWriter(root, latent_shape=shape, num_classes=num_classes, shard_size=shard_size, flipped=flipped) as w:
         for a in range(0, n, 17):
             b = min(17, n - a)
             m = mu + sd * rng.standard_normal((b, *shape))
@@ -56,9 +53,7 @@ def _write_random(root: Path, n=96, shape=(4, 6, 6), num_classes=5, shard_size=4
 def _write_index(root: Path, n: int, shape=(1, 2, 3), shard_size=7, flipped=False):
     """std = 0 and mean[i] = i + a spatial pattern (view 1: -(i + 1) - pattern): every value identifies its
     sample, view and orientation."""
-    pattern = (
-        np.arange(np.prod(shape[1:]), dtype=np.float64).reshape(shape[1:]) / 4.0
-    )  # exact in float16 up to i = 256
+    pattern = np.arange(np.prod(shape[1:]), dtype=np.float64).reshape(shape[1:]) / 4.0  # exact in float16 up to i = 256
     with ShardWriter(root, latent_shape=shape, num_classes=n, shard_size=shard_size, flipped=flipped) as w:
         for i in range(n):
             m = np.full((1, *shape), float(i)) + pattern
@@ -263,6 +258,19 @@ def test_resume_mid_epoch(tmp_path, num_workers):
         LatentLoader(tmp_path, batch_size=5, num_workers=0, seed=7).load_state_dict(state)
 
 
+def test_loader_settings_one_source(tmp_path):
+    """The run config's options + placement (LoaderSettings.of) give the same batches as keyword arguments."""
+    _write_random(tmp_path, n=40)
+    settings = LoaderSettings.of(LoaderOptions(num_workers=0, flip=False), batch_size=4, rank=1, world_size=2, seed=2)
+    a = _take(iter(build_loader(tmp_path, settings, backend="torch")), 3)
+    b = _take(iter(LatentLoader(tmp_path, batch_size=4, rank=1, world_size=2, seed=2, num_workers=0, flip=False)), 3)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True))
+    c = _take(iter(LatentLoader(tmp_path, settings, flip=True)), 3)  # a keyword overrides the settings
+    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, c, strict=True))
+    with pytest.raises(TypeError, match="py_num_workers"):
+        LoaderSettings.resolve(settings, {"py_num_workers": 1})
+
+
 # ---------------------------------------------------------------------------------------------- DALI
 
 
@@ -342,9 +350,7 @@ def test_error_corrupt_checksum(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0] and "sha256 mismatch" in err[0]
-    r = subprocess.run(
-        [sys.executable, "-m", "imf.data", "verify", str(tmp_path)], capture_output=True, text=True
-    )
+    r = subprocess.run([sys.executable, "-m", "imf.data", "verify", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "sha256 mismatch" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -386,9 +392,7 @@ def test_error_empty_dataset_and_batch_size(tmp_path):
     _write_random(tmp_path / "d", n=21)
     with pytest.raises(ValueError, match="batch_size"):
         build_loader(tmp_path / "d", batch_size=0, backend="torch")
-    with pytest.raises(
-        ValueError, match=r"larger than the per-rank dataset \(21 samples // world_size 2 = 10\)"
-    ):
+    with pytest.raises(ValueError, match=r"larger than the per-rank dataset \(21 samples // world_size 2 = 10\)"):
         build_loader(tmp_path / "d", batch_size=11, world_size=2, backend="torch")
     with pytest.raises(ValueError, match="backend"):
         build_loader(tmp_path / "d", batch_size=2, backend="jax")
@@ -403,20 +407,14 @@ def test_synthetic_source():
     it = iter(src)
     a = _take(it, 3)
     for x, y in a:
-        assert (
-            x.shape == (8, 4, 8, 8)
-            and x.dtype == torch.float32
-            and y.shape == (8,)
-            and y.dtype == torch.int64
-        )
+        assert x.shape == (8, 4, 8, 8) and x.dtype == torch.float32 and y.shape == (8,) and y.dtype == torch.int64
         assert int(y.min()) >= 0 and int(y.max()) < 10
     state = src.state_dict()
     b = _take(it, 2)
     src2 = SyntheticLatents(8, (4, 8, 8), 10, seed=1)
     src2.load_state_dict(state)
     assert all(
-        torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
-        for p, q in zip(b, _take(iter(src2), 2), strict=True)
+        torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(b, _take(iter(src2), 2), strict=True)
     )
     assert not torch.equal(a[0][0], a[1][0])
 
@@ -488,9 +486,7 @@ def test_prepare_end_to_end_and_resume(tmp_path):
     assert rc == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["count"] == 12 and [s["count"] for s in man["shards"]] == [4, 4, 4]
-    assert (
-        man["latent_shape"] == [4, 16, 16] and man["flipped"] and man["class_names"] == ["cat", "dog", "emu"]
-    )
+    assert man["latent_shape"] == [4, 16, 16] and man["flipped"] and man["class_names"] == ["cat", "dog", "emu"]
     assert man["metadata"]["scaling_factor"] == pytest.approx(0.18215)
     assert check_dataset(out, checksums=True)["count"] == 12
     labels = np.concatenate([np.load(out / s["labels"]) for s in man["shards"]])
@@ -507,6 +503,21 @@ def test_prepare_end_to_end_and_resume(tmp_path):
     for view, dist in ((0, d), (1, df)):
         np.testing.assert_allclose(mom[view, 0], 0.18215 * dist.mean[0].numpy(), rtol=2e-3, atol=2e-4)
         np.testing.assert_allclose(mom[view, 1], 0.18215 * dist.std[0].numpy(), rtol=2e-3, atol=2e-4)
+    # imf.vae.LatentDecoder inverts scaling and normalisation: the normalised stored mean (eps = 0) un-normalises to
+    # the VAE's own posterior mean, and decodes as the VAE decodes it
+    from imf.vae import LatentDecoder, load_vae
+
+    dec = LatentDecoder(load_vae(tmp_path / "vae"), man, batch=1)
+    cm, cs = (np.asarray(man[k], np.float32).reshape(1, -1, 1, 1) for k in ("channel_mean", "channel_std"))
+    x = torch.from_numpy((mom[None, 0, 0].astype(np.float32) - cm) / cs)
+    np.testing.assert_allclose(dec.unnormalize(x)[0].numpy(), d.mean[0].numpy(), rtol=2e-3, atol=1e-3)
+    with torch.no_grad():
+        want = vae.decode(dec.unnormalize(x)).sample
+    got = dec(torch.cat([x, x]))
+    assert got.shape == (2, 3, 32, 32) and torch.equal(got[0], got[1])
+    torch.testing.assert_close(got[:1], want, rtol=0, atol=1e-5)
+    with pytest.raises(DataError, match="the VAE has 4 latent channels, the dataset's manifest 3"):
+        LatentDecoder(dec.vae, {**man, "channel_mean": [0.0] * 3, "channel_std": [1.0] * 3})
     # resume: drop the last two shards' completion markers and the manifest, keep shard 0 untouched
     ino = (out / shard_names(0)[0]).stat().st_mtime_ns
     for i in (1, 2):

@@ -220,8 +220,8 @@ def build_loader(
     if str(data) == "synthetic":
         return SyntheticLatents(
             s.batch_size,
-            tuple(shape or (4, 32, 32)),
-            num_classes or 1000,
+            (4, 32, 32) if shape is None else tuple(shape),
+            1000 if num_classes is None else num_classes,
             device=s.device,
             seed=s.seed + 1_000_003 * s.rank,
         )
