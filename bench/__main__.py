@@ -10,6 +10,8 @@
     loader    latent loaders (DALI, torch, synthetic) against the step's demand -> loader.*
     scaling   FSDP2 scaling projection (a model) from the step's measured time  -> scaling.*
     all       all of the above, in that order (loader and scaling use the step's numbers)
+    compile   static sm_90/sm_80 compile report of every kernel x config x shape, no GPU needed
+              (``--arch 90,80 --out bench/results/compile``; see :mod:`bench.compile.cli`)
 
 ``--smoke`` (the default without a GPU) runs tiny CPU versions that check the harness, not speed;
 it sets ``TRITON_INTERPRET=1`` when no GPU is present, and writes to a fresh temp dir unless
@@ -180,6 +182,11 @@ def _write(args, name, rows, env, **kw) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compile"]:  # its own options; needs no GPU
+        from bench.compile.cli import main as compile_report
+
+        return compile_report(argv[1:])
     args = _parser().parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.smoke is None:

@@ -1,0 +1,79 @@
+"""``python -m bench compile [--arch 90,80] [--out DIR] [--kernel NAME] [--shapes S ...] [--jobs N]``.
+
+Captures every shape class (default: every preset's training step and attention at seq 256-8192 x
+head_dim 64/72/128), compiles each kernel x each config the autotuner may consider for each arch,
+and writes ``compile.json`` + ``compile.md`` to ``--out`` (default ``bench/results/compile``). The
+report is static: nothing runs on a GPU. Exit status 1 if any row has a problem (``--check``).
+
+Kernels must be imported without the Triton interpreter; with ``TRITON_INTERPRET=1`` in the
+environment the command re-runs itself in a subprocess with the variable removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path("bench/results/compile")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench compile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="90,80", help="comma-separated compute capabilities (90, 80)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (created)")
+    p.add_argument("--kernel", default=None, help="only kernels whose name contains this (e.g. _attn_jvp_fwd)")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="shape classes: preset:<name> or attn:<bf16|fp16>:s<seq>:d<head_dim> (default: all)",
+    )
+    p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    p.add_argument(
+        "--no-jvp-loop",
+        dest="jvp_loop",
+        action="store_false",
+        help="skip the attention_jvp before/after loop comparison",
+    )
+    p.add_argument("--check", action="store_true", help="exit 1 if any row has a problem")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "bench", "compile", *argv], env=env).returncode
+    args = parser().parse_args(argv)
+    from . import shapes as shape_classes
+    from .capture import DEVICES
+
+    try:
+        archs = tuple(int(a) for a in args.arch.split(","))
+        if not set(archs) <= set(DEVICES):
+            raise ValueError
+        shapes = args.shapes or shape_classes.default_shapes()
+        for s in shapes:
+            shape_classes.parse(s)
+    except ValueError as err:
+        print(
+            f"python -m bench compile: {err if str(err) else f'--arch: got {args.arch!r}, expected from 90,80'}",
+            file=sys.stderr,
+        )
+        return 2
+    from . import jvp_loop, report, run
+
+    t0 = time.perf_counter()
+    rows = run.run(shapes, archs, args.kernel, args.jobs)
+    loop = jvp_loop.compare() if args.jvp_loop and 90 in archs else None
+    paths = report.write(args.out, rows, shapes, loop)
+    bad = sum(1 for r in rows if r["problems"])
+    print(
+        f"[compile] {len(rows)} rows, {bad} with problems, {time.perf_counter() - t0:.0f} s; "
+        f"wrote {paths['json']} and {paths['md']} (static: no GPU ran)"
+    )
+    return 1 if args.check and bad else 0
