@@ -422,7 +422,7 @@ def test_synthetic_source():
 # ---------------------------------------------------------------------------------------------- prepare
 
 
-def _tiny_vae(path: Path) -> None:
+def tiny_vae(path: Path) -> None:
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(
@@ -459,7 +459,7 @@ def test_prepare_end_to_end_and_resume(tmp_path):
     from imf.prepare import center_crop_arr, encode_folder
     from imf.prepare import main as prepare_main
 
-    _tiny_vae(tmp_path / "vae")
+    tiny_vae(tmp_path / "vae")
     _images(tmp_path / "img")
     out = tmp_path / "lat"
     rc = prepare_main(

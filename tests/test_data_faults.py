@@ -350,182 +350,34 @@ def test_setting_fault(tmp_path, monkeypatch, call, exc, pattern):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny random AutoencoderKL (downsampling 2), broken copies of it, and image folders."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from PIL import Image
+    from test_data import tiny_vae
 
     root = tmp_path_factory.mktemp("assets")
-    vae = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=8,
-    )
-    vae.save_pretrained(root / "vae")
+    for name in ("vae", "vae_trunc", "vae_badcfg"):
+        tiny_vae(root / name)
     (root / "vae_empty").mkdir()
-    for name in ("vae_trunc", "vae_badcfg"):
-        vae.save_pretrained(root / name)
     w = root / "vae_trunc" / "diffusion_pytorch_model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
     (root / "vae_badcfg" / "config.json").write_text("{")
     rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / "img" / c).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / "img" / c / f"{i}.png")
-    (root / "bad_img" / "a").mkdir(parents=True)
-    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / "bad_img" / "a" / "0.png")
+    for folder in ("img/a", "img/b", "bad_img/a", "empty", "no_images/a"):
+        (root / folder).mkdir(parents=True)
+    for path in ("img/a/0.png", "img/a/1.png", "img/b/0.png", "img/b/1.png", "bad_img/a/0.png"):
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / path)
     (root / "bad_img" / "a" / "1.png").write_bytes(b"\x89PNG not really")
-    (root / "empty").mkdir()
-    (root / "no_images" / "a").mkdir(parents=True)
     (root / "no_images" / "a" / "notes.txt").write_text("no images here")
     (root / "a_file").write_text("x")
     return root
 
 
 def _prep(a: Path, out_dir: Path, **kw) -> list[str]:
-    args = {"images": a / "img", "vae": a / "vae", "out": out_dir, "resolution": 8, "device": "cpu", "num_workers": 0}
-    args.update(kw)
+    """imf.prepare arguments; ``images`` / ``vae`` / ``out`` in ``kw`` name entries of the assets folder."""
+    args = {"images": "img", "vae": "vae", "out": out_dir, "resolution": 8, "device": "cpu", "num_workers": 0, **kw}
+    for k in ("images", "vae", "out"):
+        args[k] = a / args[k]
     return [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-
-
-def _other_settings(a: Path, out: Path) -> list[str]:
-    from imf.prepare import main as prepare
-
-    assert prepare(_prep(a, out)) == 0
-    return _prep(a, out, resolution=4)
-
-
-def _verify_truncated(a: Path, out: Path) -> list[str]:
-    _dataset(out)
-    _truncate(1, 0)(out)
-    return ["verify", str(out)]
-
-
-def _verify_bitflip(a: Path, out: Path) -> list[str]:
-    _dataset(out)
-    _flip_byte(0, 1)(out)
-    return ["verify", str(out)]
-
-
-def _verify_no_manifest(a: Path, out: Path) -> list[str]:
-    _dataset(out)
-    (out / "manifest.json").unlink()
-    return ["verify", str(out)]
-
-
-# (id, cli, argv(assets, out), exit code, message pattern)
-CLI_FAULTS = [
-    (
-        "verify-missing-dir",
-        "data",
-        lambda a, o: ["verify", str(o / "nope")],
-        2,
-        r"data directory .*nope does not exist",
-    ),
-    ("verify-no-manifest", "data", _verify_no_manifest, 2, r"manifest\.json is missing"),
-    ("verify-truncated", "data", _verify_truncated, 2, r"shard-00001\.moments\.npy is truncated"),
-    ("verify-bitflip", "data", _verify_bitflip, 2, r"shard-00000\.labels\.npy: sha256 mismatch"),
-    (
-        "prepare-images-missing",
-        "prepare",
-        lambda a, o: _prep(a, o, images=a / "nope"),
-        2,
-        r"--images .*nope does not exist",
-    ),
-    (
-        "prepare-images-file",
-        "prepare",
-        lambda a, o: _prep(a, o, images=a / "a_file"),
-        2,
-        r"--images .*a_file is a file, not a directory",
-    ),
-    (
-        "prepare-images-empty",
-        "prepare",
-        lambda a, o: _prep(a, o, images=a / "empty"),
-        2,
-        r"--images .*empty holds no images",
-    ),
-    (
-        "prepare-no-images",
-        "prepare",
-        lambda a, o: _prep(a, o, images=a / "no_images"),
-        2,
-        r"--images .*no_images holds no images",
-    ),
-    (
-        "prepare-image-corrupt",
-        "prepare",
-        lambda a, o: _prep(a, o, images=a / "bad_img"),
-        2,
-        r"--images: image .*1\.png cannot be read",
-    ),
-    ("prepare-vae-missing", "prepare", lambda a, o: _prep(a, o, vae=a / "nope"), 2, r"--vae .*nope does not exist"),
-    ("prepare-vae-file", "prepare", lambda a, o: _prep(a, o, vae=a / "a_file"), 2, r"--vae .*a_file is a file"),
-    (
-        "prepare-vae-empty",
-        "prepare",
-        lambda a, o: _prep(a, o, vae=a / "vae_empty"),
-        2,
-        r"--vae .*vae_empty is not a loadable AutoencoderKL directory: .*config\.json",
-    ),
-    (
-        "prepare-vae-truncated",
-        "prepare",
-        lambda a, o: _prep(a, o, vae=a / "vae_trunc"),
-        2,
-        r"--vae .*vae_trunc is not a loadable AutoencoderKL directory",
-    ),
-    (
-        "prepare-vae-bad-config",
-        "prepare",
-        lambda a, o: _prep(a, o, vae=a / "vae_badcfg"),
-        2,
-        r"--vae .*vae_badcfg is not a loadable AutoencoderKL directory: .*not a valid JSON",
-    ),
-    ("prepare-out-is-file", "prepare", lambda a, o: _prep(a, o, out=a / "a_file"), 2, r"--out .*a_file is a file"),
-    ("prepare-out-other-settings", "prepare", _other_settings, 2, r"holds shards made from other inputs/settings"),
-    ("prepare-resolution-zero", "prepare", lambda a, o: _prep(a, o, resolution=0), 2, r"--resolution must be positive"),
-    (
-        "prepare-resolution-odd",
-        "prepare",
-        lambda a, o: _prep(a, o, resolution=9),
-        2,
-        r"--resolution 9 is not divisible by the VAE's downsampling factor 2",
-    ),
-    ("prepare-batch-zero", "prepare", lambda a, o: _prep(a, o, batch_size=0), 2, r"--batch-size must be positive"),
-    ("prepare-shard-zero", "prepare", lambda a, o: _prep(a, o, shard_size=0), 2, r"--shard-size must be positive"),
-    ("prepare-workers-negative", "prepare", lambda a, o: _prep(a, o, num_workers=-1), 2, r"--num-workers must be >= 0"),
-    ("prepare-device-bogus", "prepare", lambda a, o: _prep(a, o, device="tpu7"), 2, r"--device 'tpu7' is not a device"),
-    (
-        "prepare-device-other",
-        "prepare",
-        lambda a, o: _prep(a, o, device="meta"),
-        2,
-        r"--device 'meta' is not supported",
-    ),
-]
-if not __import__("torch").cuda.is_available():
-    CLI_FAULTS.append(
-        (
-            "prepare-device-no-cuda",
-            "prepare",
-            lambda a, o: _prep(a, o, device="cuda"),
-            2,
-            r"--device cuda: no CUDA device is available",
-        )
-    )
-
-
-def _cli(name: str):
-    if name == "data":
-        return main, "python -m imf.data verify"
-    from imf.prepare import main as prepare
-
-    return prepare, "python -m imf.prepare"
 
 
 def _check_one_line(err: str, prog: str, pattern: str) -> None:
@@ -535,20 +387,70 @@ def _check_one_line(err: str, prog: str, pattern: str) -> None:
     assert re.search(pattern, lines[0]), lines[0]
 
 
-@pytest.mark.parametrize("cli,argv,code,pattern", [c[1:] for c in CLI_FAULTS], ids=[c[0] for c in CLI_FAULTS])
-def test_cli_fault(assets, tmp_path, capsys, cli, argv, code, pattern):
-    fn, prog = _cli(cli)
-    args = argv(assets, tmp_path / "out")
+# (id, inject(root) into a fresh dataset or None for no dataset, message pattern); exit code 2
+VERIFY_FAULTS = [
+    ("missing-dir", None, r"data directory .*out does not exist"),
+    ("no-manifest", lambda r: (r / "manifest.json").unlink(), r"manifest\.json is missing"),
+    ("truncated", _truncate(1, 0), r"shard-00001\.moments\.npy is truncated"),
+    ("bitflip", _flip_byte(0, 1), r"shard-00000\.labels\.npy: sha256 mismatch"),
+]
+
+
+@pytest.mark.parametrize("inject,pattern", [c[1:] for c in VERIFY_FAULTS], ids=[c[0] for c in VERIFY_FAULTS])
+def test_verify_fault(tmp_path, capsys, inject, pattern):
+    out = tmp_path / "out"
+    if inject is not None:
+        _dataset(out)
+        inject(out)
     capsys.readouterr()
-    assert fn(args) == code
-    _check_one_line(capsys.readouterr().err, prog, pattern)
+    assert main(["verify", str(out)]) == 2
+    _check_one_line(capsys.readouterr().err, "python -m imf.data verify", pattern)
 
 
-def test_cli_diffusers_missing(assets, tmp_path, capsys, monkeypatch):
+# (id, imf.prepare argument overrides, message pattern); exit code 2
+PREPARE_FAULTS = [
+    ("images-missing", {"images": "nope"}, r"--images .*nope does not exist"),
+    ("images-file", {"images": "a_file"}, r"--images .*a_file is a file, not a directory"),
+    ("images-empty", {"images": "empty"}, r"--images .*empty holds no images"),
+    ("no-images", {"images": "no_images"}, r"--images .*no_images holds no images"),
+    ("image-corrupt", {"images": "bad_img"}, r"--images: image .*1\.png cannot be read"),
+    ("vae-missing", {"vae": "nope"}, r"--vae .*nope does not exist"),
+    ("vae-file", {"vae": "a_file"}, r"--vae .*a_file is a file"),
+    ("vae-empty", {"vae": "vae_empty"}, r"--vae .*vae_empty is not a loadable AutoencoderKL directory: .*config\.json"),
+    ("vae-truncated", {"vae": "vae_trunc"}, r"--vae .*vae_trunc is not a loadable AutoencoderKL directory"),
+    ("vae-bad-config", {"vae": "vae_badcfg"}, r"--vae .*vae_badcfg is not a loadable AutoencoderKL.*not a valid JSON"),
+    ("out-is-file", {"out": "a_file"}, r"--out .*a_file is a file"),
+    ("resolution-zero", {"resolution": 0}, r"--resolution must be positive"),
+    ("resolution-odd", {"resolution": 9}, r"--resolution 9 is not divisible by the VAE's downsampling factor 2"),
+    ("batch-zero", {"batch_size": 0}, r"--batch-size must be positive"),
+    ("shard-zero", {"shard_size": 0}, r"--shard-size must be positive"),
+    ("workers-negative", {"num_workers": -1}, r"--num-workers must be >= 0"),
+    ("device-bogus", {"device": "tpu7"}, r"--device 'tpu7' is not a device"),
+    ("device-other", {"device": "meta"}, r"--device 'meta' is not supported"),
+]
+if not __import__("torch").cuda.is_available():
+    PREPARE_FAULTS.append(("device-no-cuda", {"device": "cuda"}, r"--device cuda: no CUDA device is available"))
+
+
+@pytest.mark.parametrize("overrides,pattern", [c[1:] for c in PREPARE_FAULTS], ids=[c[0] for c in PREPARE_FAULTS])
+def test_prepare_fault(assets, tmp_path, capsys, overrides, pattern):
     from imf.prepare import main as prepare
 
+    capsys.readouterr()
+    assert prepare(_prep(assets, tmp_path / "out", **overrides)) == 2
+    _check_one_line(capsys.readouterr().err, "python -m imf.prepare", pattern)
+
+
+def test_prepare_fault_other_settings_and_no_diffusers(assets, tmp_path, capsys, monkeypatch):
+    """Two more: an --out that holds shards of other settings (exit 2), diffusers not installed (exit 3)."""
+    from imf.prepare import main as prepare
+
+    assert prepare(_prep(assets, tmp_path / "out")) == 0
+    capsys.readouterr()
+    assert prepare(_prep(assets, tmp_path / "out", resolution=4)) == 2
+    _check_one_line(capsys.readouterr().err, "python -m imf.prepare", r"holds shards made from other inputs/settings")
     monkeypatch.setitem(sys.modules, "diffusers", None)
-    assert prepare(_prep(assets, tmp_path / "out")) == 3
+    assert prepare(_prep(assets, tmp_path / "other")) == 3
     _check_one_line(capsys.readouterr().err, "python -m imf.prepare", r"needs diffusers.*pip install -e \"\.\[data\]\"")
 
 
@@ -561,13 +463,12 @@ def test_cli_debug_shows_the_traceback(tmp_path):
 def test_cli_fault_subprocess(tmp_path, module):
     """The real entry points: exit code 2, one line, no traceback."""
     if module == "imf.data":
-        argv, pattern = _verify_truncated(tmp_path, tmp_path / "d"), r"is truncated"
+        _dataset(tmp_path / "d")
+        _truncate(1, 0)(tmp_path / "d")
+        argv, prog, pattern = ["verify", str(tmp_path / "d")], "python -m imf.data verify", r"is truncated"
     else:
-        argv, pattern = (
-            ["--images", str(tmp_path / "nope"), "--vae", str(tmp_path), "--out", str(tmp_path / "o")],
-            (r"--images .*nope does not exist"),
-        )
+        argv = ["--images", str(tmp_path / "nope"), "--vae", str(tmp_path), "--out", str(tmp_path / "o")]
+        prog, pattern = "python -m imf.prepare", r"--images .*nope does not exist"
     r = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120)
-    prog = "python -m imf.data verify" if module == "imf.data" else "python -m imf.prepare"
     assert r.returncode == 2, r.stderr
     _check_one_line(r.stderr, prog, pattern)

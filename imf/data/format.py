@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = {"float16": np.float16}
 # manifest fields and their JSON types (bool is checked apart from int: JSON true is not a count)
-_FIELDS: dict[str, type | tuple[type, ...]] = {
+_FIELDS: dict[str, type] = {
     "format": str,
     "version": int,
     "count": int,
@@ -98,16 +98,20 @@ def _type_ok(value: Any, want: type | tuple[type, ...]) -> bool:
     return isinstance(value, want)
 
 
+def _check_fields(where: str, obj: dict, fields: dict[str, type]) -> None:
+    for key, want in fields.items():
+        if key not in obj:
+            raise DataError(f"{where}: field '{key}' is missing")
+        if not _type_ok(obj[key], want):
+            raise DataError(f"{where}: field '{key}' must be {want.__name__}, got {obj[key]!r}")
+
+
 def _check_shard_entries(path: Path, shards: list) -> None:
     for i, s in enumerate(shards):
         where = f"{path}: shards[{i}]"
         if not isinstance(s, dict):
             raise DataError(f"{where} must be an object with {sorted(_SHARD_FIELDS)}, got {type(s).__name__}")
-        for key, want in _SHARD_FIELDS.items():
-            if key not in s:
-                raise DataError(f"{where}: field '{key}' is missing")
-            if not _type_ok(s[key], want):
-                raise DataError(f"{where}: field '{key}' must be {want.__name__}, got {s[key]!r}")
+        _check_fields(where, s, _SHARD_FIELDS)
         for key in ("moments", "labels"):
             name = s[key]
             if not name or Path(name).name != name or name in (".", ".."):
@@ -134,11 +138,7 @@ def load_manifest(root: str | os.PathLike) -> dict:
         raise DataError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(man, dict):
         raise DataError(f"{path} must hold a JSON object, got {type(man).__name__}")
-    for key, want in _FIELDS.items():
-        if key not in man:
-            raise DataError(f"{path}: field '{key}' is missing")
-        if not _type_ok(man[key], want):
-            raise DataError(f"{path}: field '{key}' must be {want.__name__}, got {man[key]!r}")
+    _check_fields(str(path), man, _FIELDS)
     if man["format"] != FORMAT_NAME or man["version"] != FORMAT_VERSION:
         raise DataError(
             f"{path}: format {man['format']!r} version {man['version']} not supported "
