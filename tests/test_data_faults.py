@@ -245,13 +245,15 @@ def test_dataset_fault_not_a_directory(tmp_path):
             build_loader(path, batch_size=2, backend="torch")
 
 
-def test_fault_after_validation_is_still_one_line(tmp_path):
-    """A shard deleted between validation and the first batch: the worker-side open names it too."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_fault_after_validation_is_still_one_line(tmp_path, workers):
+    """A shard deleted between validation and the first batch: the open in the loader (or its worker) names it."""
     _dataset(tmp_path)
-    loader = LatentLoader(tmp_path, batch_size=4, num_workers=0)
+    loader = LatentLoader(tmp_path, batch_size=4, num_workers=workers)
     _remove(0, 0)(tmp_path)
-    with pytest.raises(DataError, match=r"shard-00000\.moments\.npy is missing"):
+    with pytest.raises(DataError) as e:
         next(iter(loader))
+    assert re.search(r"shard file \S*shard-00000\.moments\.npy is missing", _one_line(e.value)), str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- settings

@@ -12,7 +12,7 @@ Modules, in dependency order:
     dali     the DALI pipeline (same batches as the torch path; ``nvidia.dali`` imported lazily)
     verify   ``python -m imf.data verify DIR``
 
-The design is in ``docs/design.md`` (section "Data").
+The design is in ``docs/design.md`` (section 4, "Data") and ``docs/data.md``.
 """
 
 from imf.data.format import MANIFEST, DataError, check_dataset, load_manifest, shard_names

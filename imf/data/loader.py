@@ -95,7 +95,13 @@ class LatentLoader(PlanSource):
         self._it = it
         non_blocking = self.device.type == "cuda"
         while self._it is it:
-            x, y, e, s = next(it)
+            try:
+                x, y, e, s = next(it)
+            except DataError as err:  # raised in a worker: torch wraps it with the worker's traceback
+                lines = str(err).strip().splitlines()
+                if len(lines) < 2:
+                    raise
+                raise DataError(f"{lines[-1].split('DataError: ', 1)[-1]} (in a loader worker)") from err
             if (e, s) != self.position:  # cannot happen unless the sampler and the bookkeeping diverge
                 raise RuntimeError(f"loader position mismatch: got batch {(e, s)}, expected {self.position}")
             self.advance()
