@@ -10,6 +10,8 @@
     loader    latent loaders (DALI, torch, synthetic) against the step's demand -> loader.*
     scaling   FSDP2 scaling projection (a model) from the step's measured time  -> scaling.*
     all       all of the above, in that order (loader and scaling use the step's numbers)
+    gpu-check one bounded run (``--budget-s 420``) that validates a GPU node and prints the verdict
+              against every target; ``--dry-run`` prints its plan (see :mod:`bench.gpu_check`)
     compile   static sm_90/sm_80 compile report of every kernel x config x shape, no GPU needed
               (``--arch 90,80 --out bench/results/compile``; see :mod:`bench.compile.cli`)
 
@@ -183,6 +185,10 @@ def _write(args, name, rows, env, **kw) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gpu-check"]:  # its own options and error path
+        from bench.gpu_check import main as gpu_check
+
+        return gpu_check(argv[1:])
     if argv[:1] == ["compile"]:  # its own options; needs no GPU
         from bench.compile.cli import main as compile_report
 

@@ -1,0 +1,322 @@
+"""The verdict and the report of ``python -m bench gpu-check``, from the run state of the stage runner.
+
+:func:`verdict` turns the stages' rows into one row per target of ARCHITECTURE.md section 7 (GPU
+table): the goal, the measured value (the worst case over the shapes a target covers), and met / not
+met / not measured (with why: the stage was cut, failed, not run, or has no such row). A smoke run
+makes no claim. :func:`report` renders ``gpu_check.md``: stages and their status, the measured
+ceilings, failed tests, the kernel and step rows, what the time boxes left out, and the verdict last.
+"""
+
+from __future__ import annotations
+
+MET, NOT_MET, NOT_MEASURED, SMOKE = "met", "not met", "not measured", "smoke: no claim"
+
+
+def _rows(state: dict, *stages: str) -> list[dict]:
+    return [r for s in stages for r in state["stages"].get(s, {}).get("rows", [])]
+
+
+def _missing(state: dict, stage: str, what: str) -> tuple[None, str]:
+    """``(None, why)``: the stage's status when it has no rows, else that ``what`` is not among them."""
+    data = state["stages"].get(stage, {})
+    if data.get("rows"):
+        return None, f"no {what} in stage {stage} ({data.get('status')})"
+    return None, f"stage {stage}: {data['status']}" if data.get("status") else f"stage {stage} not in this run"
+
+
+def _worst_ratio(state, op, mode, impl, seqs=(0, 1 << 30), head_dims=None):
+    """The smallest ``imf_speedup`` (baseline time / ours) over the kernel rows that match."""
+    sel = [
+        r
+        for r in _rows(state, "kernels")
+        if r["op"] == op
+        and r["mode"] == mode
+        and r["impl"] == impl
+        and seqs[0] <= r["seq"] <= seqs[1]
+        and (head_dims is None or r["head_dim"] in head_dims)
+        and isinstance(r.get("imf_speedup"), int | float)
+    ]
+    if not sel:
+        return _missing(state, "kernels", f"timed {impl} {op} {mode} row")
+    w = min(sel, key=lambda r: r["imf_speedup"])
+    return w["imf_speedup"], f"min of {len(sel)} shapes, at seq {w['seq']} d{w['head_dim']}"
+
+
+def _jvp_tflops(state, seq):
+    sel = [
+        r
+        for r in _rows(state, "kernels")
+        if (r["op"], r["mode"], r["impl"], r["seq"], r["head_dim"]) == ("attention_jvp", "fwd", "imf_kernels", seq, 64)
+        and "tflops" in r
+    ]
+    return (
+        (sel[0]["tflops"], "dual forward, 6-matmul count") if sel else _missing(state, "kernels", f"seq {seq} d64 row")
+    )
+
+
+def _jvp_memory(state):
+    """Peak memory per token of attention_jvp fwd+bwd (d64) at the longest over the shortest sequence; the
+    token count per call is fixed, so O(seq) memory gives about 1 and O(seq^2) gives seq_max / seq_min."""
+    sel = sorted(
+        (
+            r
+            for r in _rows(state, "kernels")
+            if (r["op"], r["mode"], r["impl"], r["head_dim"]) == ("attention_jvp", "fwd+bwd", "imf_kernels", 64)
+            and r.get("peak_mem_mb")
+        ),
+        key=lambda r: r["seq"],
+    )
+    if len(sel) < 2:
+        return _missing(state, "kernels", "two d64 sequence lengths with memory numbers")
+    per_token = [r["peak_mem_mb"] / (r["batch"] * r["seq"]) for r in (sel[0], sel[-1])]
+    return per_token[1] / per_token[
+        0
+    ], f"seq {sel[0]['seq']} -> {sel[-1]['seq']} (quadratic: {sel[-1]['seq'] / sel[0]['seq']:.0f})"
+
+
+def _step_row(state, preset, variant):
+    return next(
+        (
+            r
+            for r in _rows(state, "step", "step_more")
+            if r["preset"] == preset and r["variant"] == variant and "ms" in r
+        ),
+        None,
+    )
+
+
+def _step_speedup(state, baseline):
+    eng, base = _step_row(state, "iMF-B/2", "engine"), _step_row(state, "iMF-B/2", baseline)
+    if not (eng and base) or eng["batch"] != base["batch"]:
+        return _missing(state, "step", f"timed engine and {baseline} rows at one batch")
+    return base["ms"] / eng["ms"], f"batch {eng['batch']}"
+
+
+def _step_value(state, preset, key, scale=1.0):
+    eng = _step_row(state, preset, "engine")
+    if eng is None or eng.get(key) is None:
+        return _missing(state, "step" if preset == "iMF-B/2" else "step_more", f"{key} of a timed {preset} engine row")
+    return eng[key] * scale, f"batch {eng['batch']}"
+
+
+def _efficiency(state):
+    eng, fm = _step_row(state, "iMF-B/2", "engine"), _step_row(state, "iMF-B/2", "fm_compiled")
+    if not (eng and fm):
+        return _missing(state, "step", "timed engine and fm_compiled rows")
+    time_ratio, flop_ratio = eng["ms"] / fm["ms"], eng["flops_per_step"] / fm["flops_per_step"]
+    return time_ratio / flop_ratio, f"time ratio {time_ratio:.2f} / FLOP ratio {flop_ratio:.2f}"
+
+
+def _correctness(state):
+    res = state["stages"].get("correctness", {}).get("result", {})
+    if not res.get("passed") and not res.get("failed"):
+        return _missing(state, "correctness", "passed or failed test")
+    return res["failed"], f"{res['passed']} passed, {res['failed']} failed, {res.get('skipped', 0)} skipped"
+
+
+def verdict(state: dict) -> list[dict]:
+    """One row per target: ``target``, ``goal``, ``measured``, ``detail``, ``verdict`` (met / not met / not
+    measured; a smoke run makes no claim)."""
+    flash = ((256, 4096), (64, 72))
+    checks = [
+        (
+            "GPU correctness: every kernel, bf16 + fp16 vs fp64 (gpu-check stage 2)",
+            "<=",
+            0,
+            "failed tests",
+            _correctness(state),
+        ),
+        (
+            "attention fwd+bwd vs SDPA flash, seq 256-4096, d64/72",
+            ">=",
+            1.0,
+            "x",
+            _worst_ratio(state, "attention", "fwd+bwd", "sdpa_flash", *flash),
+        ),
+        (
+            "attention fwd vs SDPA flash, seq 256-4096, d64/72",
+            ">=",
+            1.2,
+            "x",
+            _worst_ratio(state, "attention", "fwd", "sdpa_flash", *flash),
+        ),
+        (
+            "attention fwd vs SDPA cuDNN, seq 256-4096, d64/72",
+            ">=",
+            0.9,
+            "x",
+            _worst_ratio(state, "attention", "fwd", "sdpa_cudnn", *flash),
+        ),
+        (
+            "attention_jvp fwd+bwd vs torch.func.jvp over math attention",
+            ">=",
+            5.0,
+            "x",
+            _worst_ratio(state, "attention_jvp", "fwd+bwd", "torch_func_jvp_math"),
+        ),
+        ("attention_jvp memory O(seq): per-token peak, longest / shortest seq", "<=", 2.0, "x", _jvp_memory(state)),
+        (
+            "attention_jvp fwd+bwd vs jvp-flash-attention",
+            ">=",
+            3.0,
+            "x",
+            _worst_ratio(state, "attention_jvp", "fwd+bwd", "jvp_flash_attention"),
+        ),
+        ("attention_jvp TFLOP/s, seq 4096, d64", ">=", 400.0, "TFLOP/s", _jvp_tflops(state, 4096)),
+        ("attention_jvp TFLOP/s, seq 8192, d64", ">=", 520.0, "TFLOP/s", _jvp_tflops(state, 8192)),
+        (
+            "iMF-B/2 step vs plain-PyTorch reference, eager (same batch)",
+            ">=",
+            3.0,
+            "x",
+            _step_speedup(state, "baseline_eager"),
+        ),
+        (
+            "iMF-B/2 step vs plain-PyTorch reference, compiled (same batch)",
+            ">=",
+            1.5,
+            "x",
+            _step_speedup(state, "baseline_compiled"),
+        ),
+        (
+            "iMF-B/2 images/s per GPU (target set for an H100)",
+            ">=",
+            1000.0,
+            "img/s",
+            _step_value(state, "iMF-B/2", "images_per_s"),
+        ),
+        ("iMF step / flow-matching step, over their FLOP ratio", "<=", 1.1, "x", _efficiency(state)),
+        (
+            "MFU iMF-B/2 (counted FLOPs / measured bf16 matmul peak)",
+            ">=",
+            40.0,
+            "%",
+            _step_value(state, "iMF-B/2", "mfu", 100.0),
+        ),
+        ("MFU iMF-XL/2", ">=", 50.0, "%", _step_value(state, "iMF-XL/2", "mfu", 100.0)),
+        ("DALI latent loader: >= 20x the step's demand, >= 2x torch", None, None, "", (None, "python -m bench loader")),
+        ("scaling to 8 GPUs per node", None, None, "", (None, "python -m bench scaling (a model, not measured)")),
+    ]
+    out = []
+    for target, op, threshold, unit, (value, detail) in checks:
+        sep = "" if unit == "x" else " "
+        goal = f"{op} {threshold:g}{sep}{unit}" if op else "outside gpu-check"
+        if value is None:
+            status = NOT_MEASURED
+        elif state.get("smoke"):
+            status = SMOKE
+        else:
+            status = MET if (value >= threshold if op == ">=" else value <= threshold) else NOT_MET
+        measured = None if value is None else f"{value:.3g}{sep}{unit}"
+        out.append({"target": target, "goal": goal, "measured": measured, "verdict": status, "detail": detail})
+    return out
+
+
+KERNEL_COLUMNS = [
+    "op",
+    "mode",
+    "impl",
+    "dtype",
+    "batch",
+    "heads",
+    "seq",
+    "head_dim",
+    "ms",
+    "tflops",
+    "pct_matmul_peak",
+    "imf_speedup",
+    "peak_mem_mb",
+    "error",
+]
+STEP_COLUMNS = [
+    "preset",
+    "variant",
+    "backend",
+    "compiled",
+    "batch",
+    "ms",
+    "ms_guidance",
+    "ms_dual_forward",
+    "ms_forward",
+    "ms_backward",
+    "ms_optimizer",
+    "images_per_s",
+    "tflops",
+    "mfu",
+    "mfu_datasheet",
+    "peak_mem_gb",
+    "compile_s",
+    "error",
+    "skipped",
+]
+
+
+def report(state: dict) -> tuple[dict, str]:
+    """``({"verdict": rows}, markdown)`` for :func:`bench.gpu_check_runner.run_stages`."""
+    from bench.common import markdown_table
+
+    rows = verdict(state)
+    stages = state["stages"]
+    env_res = stages.get("env", {}).get("result", {})
+    env = env_res.get("env", {})
+    md = ["# gpu-check", ""]
+    if state.get("smoke"):
+        md += ["**Smoke run on a CPU: checks the harness; no number here is a measurement.**", ""]
+    if env:
+        md += [
+            f"{env.get('device')}; driver {env.get('driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
+            f"torch {env.get('torch')}, triton {env.get('triton')}; commit {env.get('git_commit')}"
+            f"{' (dirty)' if env.get('git_dirty') else ''}; kernel settings {env.get('kernel_env')}",
+            "",
+        ]
+    md += [
+        f"Budget {state['budget_s']:g} s, elapsed {state.get('elapsed_s', 0):.0f} s, started {state['started_utc']}.",
+        "",
+        "## Stages",
+        "",
+    ]
+    table = [
+        {
+            **p,
+            "status": stages.get(p["stage"], {}).get("status", "pending"),
+            "wall_s": stages.get(p["stage"], {}).get("run", {}).get("wall_s"),
+            "rows": len(stages.get(p["stage"], {}).get("rows", [])),
+            "left out": len(stages.get(p["stage"], {}).get("skipped", [])),
+        }
+        for p in state["plan"]
+    ]
+    md += [markdown_table(table, ["#", "stage", "title", "box_s", "status", "wall_s", "rows", "left out"])]
+    if env_res.get("matmul_peak"):
+        mm = env_res["matmul_peak"]
+        ceil = [
+            {"ceiling": f"{mm['dtype']} matmul {mm['n']}^3 (measured)", "value": f"{mm['tflops']:.1f} TFLOP/s"},
+            {
+                "ceiling": "device copy (measured, read + write)",
+                "value": f"{env_res.get('copy_bandwidth', {}).get('gbps', float('nan')):.0f} GB/s",
+            },
+            {"ceiling": "datasheet dense bf16", "value": env_res.get("datasheet_bf16_tflops")},
+        ]
+        md += ["## Ceilings", "", markdown_table(ceil)]
+    corr = stages.get("correctness", {})
+    if corr.get("rows"):
+        bad = [r for r in corr["rows"] if r["outcome"] == "failed"]
+        res = corr.get("result", {})
+        md += [
+            "## Correctness",
+            "",
+            f"{res.get('passed', 0)} passed, {res.get('failed', len(bad))} failed, "
+            f"{res.get('skipped', 0)} skipped of {res.get('collected', '?')} collected.",
+            "",
+        ]
+        if bad:
+            md += [markdown_table(bad, ["test", "when", "message"])]
+    if stages.get("kernels", {}).get("rows"):
+        md += ["## Kernels", "", markdown_table(stages["kernels"]["rows"], KERNEL_COLUMNS)]
+    step_rows = _rows(state, "step", "step_more")
+    if step_rows:
+        md += ["## Training step", "", markdown_table(step_rows, STEP_COLUMNS)]
+    left_out = [{"stage": name, **s} for name, st in stages.items() for s in st.get("skipped", [])]
+    if left_out:
+        md += ["## Left out by the time boxes", "", markdown_table(left_out)]
+    md += ["## Verdict (ARCHITECTURE.md section 7)", "", markdown_table(rows)]
+    return {"verdict": rows}, "\n".join(md) + "\n"

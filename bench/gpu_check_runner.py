@@ -1,0 +1,352 @@
+"""The stage runner of ``python -m bench gpu-check``: time boxes that really cut, and results on disk after every stage.
+
+A :class:`Stage` names a function (``"module:function"``) that is run in its **own child process**
+(``python -m bench.gpu_check_runner <spec>``, in a new session) with a time box:
+
+* the child gets a *soft* deadline (the box less a small reserve); its function checks
+  :meth:`StageContext.expired` between measurements and records what it had to leave out;
+* the parent waits at most the box, then ends the child's process group (SIGTERM, SIGKILL after
+  :data:`KILL_GRACE_S`) and records the stage as ``cut``: a CUDA call that hangs costs its stage's
+  box, never the whole budget; the child also arms ``alarm()`` in case the parent itself is killed.
+
+The child writes ``<stage>.json`` (status, result, rows, skipped items) after every measurement
+(atomic replace), so a stage that is cut or a run that is killed keeps everything measured so far.
+After every stage the parent writes :data:`SUMMARY_JSON` and :data:`REPORT_MD` (the report callback
+renders them). The output directory holds at most :data:`FILES_MAX` files and no subfolders: only
+those two and one JSON per stage; anything else that appears there during a run is removed and named
+in the run record. A directory holding files gpu-check did not write is refused.
+
+The overall budget: each stage gets ``min(box, budget left)``; a stage with under :data:`MIN_BOX_S`
+left (less than its box) is recorded ``not run``. :func:`plan_total` is the worst case (every box used in full).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SUMMARY_JSON = "gpu_check.json"
+REPORT_MD = "gpu_check.md"
+FILES_MAX = 8
+KILL_GRACE_S = 3.0  # after SIGTERM, before SIGKILL
+RUNNER_OVERHEAD_S = 5.0  # writing the report, verdict, process bookkeeping
+MIN_BOX_S = 5.0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: ``name`` (its file is ``<name>.json``), a title, what it runs (for the plan), its time
+    box in seconds, the ``"module:function"`` the child calls with a :class:`StageContext`, and options."""
+
+    name: str
+    title: str
+    runs: str
+    box_s: float
+    target: str
+    options: dict = field(default_factory=dict)
+
+
+def allowed_files(stages: Sequence[Stage]) -> set[str]:
+    return {SUMMARY_JSON, REPORT_MD} | {f"{s.name}.json" for s in stages}
+
+
+def check_plan(stages: Sequence[Stage]) -> None:
+    """Unique, file-safe stage names, positive boxes, and at most :data:`FILES_MAX` files in all."""
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique, got {names}")
+    for s in stages:
+        if not s.name or not all(c.isalnum() or c == "_" for c in s.name):
+            raise ValueError(f"stage name must be letters, digits and '_', got {s.name!r}")
+        if s.box_s <= 0:
+            raise ValueError(f"stage {s.name!r}: box_s must be > 0, got {s.box_s}")
+    if len(allowed_files(stages)) > FILES_MAX:
+        raise ValueError(f"{len(stages)} stages need {len(stages) + 2} files; the output folder holds {FILES_MAX}")
+
+
+def plan_total(stages: Sequence[Stage]) -> float:
+    """Worst-case wall time: every box used in full, plus the kill grace of each and the runner's overhead."""
+    return sum(s.box_s + KILL_GRACE_S for s in stages) + RUNNER_OVERHEAD_S
+
+
+def plan_rows(stages: Sequence[Stage]) -> list[dict]:
+    return [
+        {"#": i, "stage": s.name, "title": s.title, "runs": s.runs, "box_s": s.box_s} for i, s in enumerate(stages, 1)
+    ]
+
+
+def prepare_out_dir(out: Path, stages: Sequence[Stage]) -> None:
+    """Create ``out``; refuse (``ValueError``) one that holds a subfolder or a file gpu-check does not write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory (created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in out.iterdir() if p.is_dir() or p.name not in allowed_files(stages))
+    if foreign:
+        raise ValueError(
+            f"--out {out} holds {', '.join(foreign[:5])}, which gpu-check does not write; "
+            f"give an empty or new directory"
+        )
+
+
+def enforce_out_dir(out: Path, stages: Sequence[Stage]) -> list[str]:
+    """Remove anything in ``out`` that is not one of the run's files (a stage's stray temp file or
+    folder); returns the names removed."""
+    import shutil
+
+    removed = []
+    for p in sorted(out.iterdir()):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.name in allowed_files(stages):
+            continue
+        else:
+            p.unlink()
+        removed.append(p.name)
+    return removed
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: write a hidden temp file next to ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class StageContext:
+    """What a stage function gets in its child process: options, deadlines and incremental result writes.
+
+    ``result`` (a dict) and ``rows`` (a list) go to ``<out>/<name>.json`` on every :meth:`update`,
+    :meth:`add_row` and :meth:`skip`. :meth:`earlier` reads the result of a stage that ran before.
+    """
+
+    def __init__(self, name: str, out: Path, deadline: float, smoke: bool, options: dict):
+        self.name, self.out, self.deadline, self.smoke, self.options = name, Path(out), deadline, smoke, options
+        self.path = self.out / f"{name}.json"
+        self.data = {
+            "stage": name,
+            "status": "running",
+            "started_utc": _utc(),
+            "pid": os.getpid(),
+            "smoke": smoke,
+            "options": options,
+            "result": {},
+            "rows": [],
+            "skipped": [],
+        }
+        self.save()
+
+    def time_left(self) -> float:
+        return self.deadline - time.time()
+
+    def expired(self) -> bool:
+        return self.time_left() <= 0
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    def update(self, **result) -> None:
+        self.data["result"].update(result)
+        self.save()
+
+    def add_row(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self.save()
+
+    def skip(self, item: str, reason: str = "time box reached") -> None:
+        """Record an item the stage did not run."""
+        self.data["skipped"].append({"item": item, "reason": reason})
+        self.save()
+
+    def earlier(self, name: str) -> dict:
+        path = self.out / f"{name}.json"
+        return json.loads(path.read_text()).get("result", {}) if path.exists() else {}
+
+
+def child_main(argv: Sequence[str]) -> int:
+    """Entry of the child process: ``argv[0]`` is the JSON spec the parent wrote (see :func:`run_stage`)."""
+    spec = json.loads(argv[0])
+    signal.alarm(int(spec["hard_s"] + 2 * KILL_GRACE_S) + 1)  # backstop if the parent is gone
+    ctx = StageContext(spec["stage"], Path(spec["out"]), spec["deadline"], spec["smoke"], spec["options"])
+    module, _, function = spec["target"].partition(":")
+    try:
+        getattr(importlib.import_module(module), function)(ctx)
+    except BaseException as err:
+        import traceback
+
+        ctx.data.update(
+            status="failed", error=f"{type(err).__name__}: {err}"[:500], traceback=traceback.format_exc()[-3000:]
+        )
+        ctx.save()
+        raise
+    ctx.data["status"] = "done"
+    ctx.save()
+    return 0
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the child's process group (its own session), SIGKILL it if still there after the grace."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, KILL_GRACE_S)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _reserve(box: float) -> float:
+    """How much before the hard limit the child's soft deadline lies."""
+    return min(10.0, 0.1 * box)
+
+
+def run_stage(stage: Stage, out: Path, box: float, *, smoke: bool, env: dict[str, str]) -> dict:
+    """Run ``stage`` in a child for at most ``box`` seconds; returns its run record (status, wall_s, ...)."""
+    spec = {
+        "stage": stage.name,
+        "target": stage.target,
+        "out": str(out),
+        "hard_s": box,
+        "smoke": smoke,
+        "deadline": time.time() + box - _reserve(box),
+        "options": stage.options,
+    }
+    child_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "bench.gpu_check_runner", json.dumps(spec)]
+    t0 = time.monotonic()
+    record = {"stage": stage.name, "box_s": round(box, 1), "started_utc": _utc()}
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env, stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout=box)
+            record["status"] = "done" if proc.returncode == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            _end_group(proc)
+            record["status"] = "cut"
+        except BaseException:  # Ctrl-C or SIGTERM of the parent: take the child down too
+            _end_group(proc)
+            record["status"] = "interrupted"
+            raise
+        finally:
+            record.update(wall_s=round(time.monotonic() - t0, 2), returncode=proc.returncode)
+            err.seek(0)
+            tail = err.read()[-2000:]
+            if record.get("status") != "done":
+                record["stderr_tail"] = tail
+            _finish_stage_file(out / f"{stage.name}.json", stage, record)
+    return record
+
+
+def _finish_stage_file(path: Path, stage: Stage, record: dict) -> None:
+    """Write the parent's verdict on the child (done / cut / failed) into the stage's own file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # the child died before its first write
+        data = {"stage": stage.name, "result": {}, "rows": [], "skipped": []}
+    if data.get("status") == "failed" and record["status"] == "done":
+        record["status"] = "failed"
+    data["status"] = record["status"]
+    data["run"] = {k: v for k, v in record.items() if k != "stage"}
+    write_json(path, data)
+
+
+def load_stage(out: Path, name: str) -> dict:
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_stages(
+    stages: Sequence[Stage],
+    out: Path,
+    *,
+    budget_s: float,
+    smoke: bool,
+    env: dict[str, str],
+    report: Callable[[dict], tuple[dict, str]],
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run ``stages`` in order within ``budget_s``; after each, write :data:`SUMMARY_JSON` (the run state
+    plus what ``report(state)`` adds) and :data:`REPORT_MD` (its markdown). Returns the final state.
+    SIGTERM is turned into ``KeyboardInterrupt`` meanwhile, so the running child is ended with the run."""
+    check_plan(stages)
+    out = Path(out)
+    prepare_out_dir(out, stages)
+    t0 = time.monotonic()
+    state = {
+        "tool": "gpu-check",
+        "smoke": smoke,
+        "budget_s": budget_s,
+        "started_utc": _utc(),
+        "plan": plan_rows(stages),
+        "plan_total_s": plan_total(stages),
+        "env_vars": env,
+        "stages": {},
+        "removed": [],
+    }
+
+    def write() -> None:
+        state["removed"] += enforce_out_dir(out, stages)
+        state["stages"] = {s.name: load_stage(out, s.name) for s in stages}
+        state["elapsed_s"] = round(time.monotonic() - t0, 2)
+        extra, markdown = report(state)
+        write_json(out / SUMMARY_JSON, {**state, **extra})
+        (out / REPORT_MD).write_text(markdown)
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for i, stage in enumerate(stages, 1):
+            tag = f"[gpu-check {i}/{len(stages)}] {stage.name}"
+            left = budget_s - (time.monotonic() - t0) - RUNNER_OVERHEAD_S - KILL_GRACE_S
+            box = min(stage.box_s, left)
+            if box < min(stage.box_s, MIN_BOX_S):
+                reason = f"budget spent ({max(left, 0.0):.0f} s left of --budget-s {budget_s:g})"
+                write_json(
+                    out / f"{stage.name}.json",
+                    {
+                        "stage": stage.name,
+                        "status": "not run",
+                        "reason": reason,
+                        "result": {},
+                        "rows": [],
+                        "skipped": [],
+                    },
+                )
+                log(f"{tag}: not run, {reason}")
+                write()
+                continue
+            log(f"{tag}: {stage.title} (box {box:.0f} s)")
+            try:
+                record = run_stage(stage, out, box, smoke=smoke, env=env)
+            finally:
+                write()
+            log(f"{tag}: {record['status']} in {record['wall_s']:.1f} s")
+            if record["status"] != "done" and record.get("stderr_tail"):
+                log("  " + "\n  ".join(record["stderr_tail"].strip().splitlines()[-8:]))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return state
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

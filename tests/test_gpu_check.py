@@ -1,0 +1,401 @@
+"""``python -m bench gpu-check`` on the CPU: the stage runner with fake fast, slow and hung stages (time boxes,
+cutting, incremental writes, the 8-file / no-subfolder rule), the verdict table, the dry run, and smoke
+versions of the real stages on tiny shapes (plumbing only: no number here is a measurement).
+
+The fake stages below are module-level functions: the runner's child processes import this file by name
+(``tests/`` goes on their ``PYTHONPATH``), so its top-level imports stay light (no torch).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench.gpu_check_runner import (
+    FILES_MAX,
+    KILL_GRACE_S,
+    REPORT_MD,
+    SUMMARY_JSON,
+    Stage,
+    StageContext,
+    check_plan,
+    plan_total,
+    run_stages,
+)
+
+TESTS = Path(__file__).resolve().parent
+ME = Path(__file__).stem
+
+
+# ---- fake stages (run in the runner's child processes) -------------------------------------------------
+
+
+def fake_fast(ctx):
+    ctx.add_row({"value": 1})
+    ctx.update(answer=42)
+
+
+def fake_hang(ctx):
+    """Writes a row, then hangs past its box without looking at the deadline (a stuck CUDA call)."""
+    ctx.add_row({"value": "before the hang"})
+    time.sleep(600)
+
+
+def fake_cooperative(ctx):
+    """Measures until the soft deadline, then records what it left out."""
+    for i in range(10_000):
+        if ctx.expired():
+            ctx.skip(f"item {i}")
+            break
+        ctx.add_row({"i": i})
+        time.sleep(0.05)
+
+
+def fake_reads_summary(ctx):
+    """What the parent had written before this stage started (proves the writes after every stage)."""
+    summary = json.loads((ctx.out / SUMMARY_JSON).read_text())
+    ctx.update(seen={name: s.get("status") for name, s in summary["stages"].items()})
+
+
+def fake_litter(ctx):
+    (ctx.out / "stray.txt").write_text("x")
+    (ctx.out / "sub").mkdir()
+    (ctx.out / "sub" / "deep.json").write_text("{}")
+
+
+def fake_raise(ctx):
+    ctx.add_row({"value": 1})
+    raise RuntimeError("boom in the stage")
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+
+
+def stage(name, fn, box=20.0, **options):
+    return Stage(name, name, f"fake {fn}", box, f"{ME}:{fn}", options)
+
+
+def simple_report(state):
+    return {"n_stages": len(state["stages"])}, "# fake report\n"
+
+
+def run(tmp_path, stages, budget=120.0, report=simple_report, monkeypatch=None):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return run_stages(stages, tmp_path, budget_s=budget, smoke=True, env={}, report=report, log=lambda m: None)
+
+
+def assert_folder_rule(out: Path):
+    entries = list(out.iterdir())
+    assert len(entries) <= FILES_MAX
+    assert not [p for p in entries if p.is_dir()]
+
+
+# ---- the stage runner -------------------------------------------------------------------------------------
+
+
+def test_runner_cuts_a_hung_stage_and_keeps_what_every_stage_wrote(tmp_path, monkeypatch):
+    stages = [
+        stage("fast", "fake_fast"),
+        stage("hang", "fake_hang", box=2.0),
+        stage("coop", "fake_cooperative", 2.5),
+        stage("reader", "fake_reads_summary"),
+    ]
+    t0 = time.monotonic()
+    state = run(tmp_path, stages, monkeypatch=monkeypatch)
+    wall = time.monotonic() - t0
+    st = state["stages"]
+    assert [st[n]["status"] for n in ("fast", "hang", "coop", "reader")] == ["done", "cut", "done", "done"]
+    assert st["fast"]["result"] == {"answer": 42} and st["fast"]["rows"] == [{"value": 1}]
+    # the hung stage cost its box (plus the kill), not the sleep; its row from before the hang survives
+    assert 2.0 <= st["hang"]["run"]["wall_s"] <= 2.0 + KILL_GRACE_S + 1.0
+    assert st["hang"]["rows"] == [{"value": "before the hang"}]
+    with pytest.raises(ProcessLookupError):
+        os.kill(st["hang"]["pid"], 0)
+    # the cooperative stage stopped at its soft deadline, before the box, and said what it left out
+    assert st["coop"]["run"]["wall_s"] < 2.5 and st["coop"]["rows"] and st["coop"]["skipped"]
+    # the parent had written the summary after each earlier stage
+    assert st["reader"]["result"]["seen"] == {"fast": "done", "hang": "cut", "coop": "done", "reader": None}
+    assert wall < 30
+    summary = json.loads((tmp_path / SUMMARY_JSON).read_text())
+    assert summary["n_stages"] == 4 and summary["stages"]["hang"]["status"] == "cut"
+    assert (tmp_path / REPORT_MD).read_text() == "# fake report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [SUMMARY_JSON, REPORT_MD, "fast.json", "hang.json", "coop.json", "reader.json"]
+    )
+
+
+def test_runner_removes_what_a_stage_leaves_in_the_folder(tmp_path, monkeypatch):
+    state = run(tmp_path, [stage("litter", "fake_litter"), stage("fast", "fake_fast")], monkeypatch=monkeypatch)
+    assert sorted(state["removed"]) == ["stray.txt", "sub"]
+    assert_folder_rule(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {SUMMARY_JSON, REPORT_MD, "litter.json", "fast.json"}
+
+
+def test_runner_records_a_failed_stage_and_goes_on(tmp_path, monkeypatch):
+    state = run(tmp_path, [stage("bad", "fake_raise"), stage("fast", "fake_fast")], monkeypatch=monkeypatch)
+    bad = state["stages"]["bad"]
+    assert bad["status"] == "failed" and "boom in the stage" in bad["error"] and bad["rows"] == [{"value": 1}]
+    assert "boom in the stage" in bad["run"]["stderr_tail"]
+    assert state["stages"]["fast"]["status"] == "done"
+
+
+def test_runner_keeps_to_the_budget(tmp_path, monkeypatch):
+    stages = [stage("coop", "fake_cooperative", box=100.0), stage("late", "fake_fast")]
+    t0 = time.monotonic()
+    state = run(tmp_path, stages, budget=14.0, monkeypatch=monkeypatch)
+    assert time.monotonic() - t0 < 14.0
+    assert state["stages"]["coop"]["status"] in ("done", "cut") and state["stages"]["coop"]["rows"]
+    assert state["stages"]["late"]["status"] == "not run" and "budget spent" in state["stages"]["late"]["reason"]
+
+
+def test_a_killed_run_leaves_what_it_finished(tmp_path):
+    """SIGTERM to the gpu-check process mid-stage: the running child goes with it, the files stay."""
+    script = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); from pathlib import Path; import {ME} as t; "
+        f"t.run_stages([t.stage('fast', 'fake_fast'), t.stage('hang', 'fake_hang', 60.0)], Path(sys.argv[1]), "
+        f"budget_s=120, smoke=True, env={{}}, report=t.simple_report)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=env,
+        cwd=TESTS.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    hang = tmp_path / "hang.json"
+    deadline = time.monotonic() + 30
+    while not (hang.exists() and json.loads(hang.read_text())["rows"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = json.loads(hang.read_text())["pid"]
+    proc.terminate()
+    assert proc.wait(timeout=15) != 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+    summary = json.loads((tmp_path / SUMMARY_JSON).read_text())
+    assert summary["stages"]["fast"]["status"] == "done" and summary["stages"]["fast"]["result"] == {"answer": 42}
+    assert summary["stages"]["hang"]["status"] == "interrupted"
+    assert summary["stages"]["hang"]["rows"] == [{"value": "before the hang"}]
+
+
+def test_plan_rules(tmp_path):
+    check_plan([stage(f"s{i}", "fake_fast") for i in range(FILES_MAX - 2)])
+    with pytest.raises(ValueError, match="holds 8"):
+        check_plan([stage(f"s{i}", "fake_fast") for i in range(FILES_MAX - 1)])
+    with pytest.raises(ValueError, match="unique"):
+        check_plan([stage("a", "fake_fast"), stage("a", "fake_fast")])
+    with pytest.raises(ValueError, match="letters"):
+        check_plan([stage("../a", "fake_fast")])
+    assert plan_total([stage("a", "x", 10), stage("b", "x", 20)]) == pytest.approx(30 + 2 * KILL_GRACE_S + 5)
+
+
+def test_out_dir_with_foreign_files_is_refused(tmp_path, capsys):
+    from bench.gpu_check import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt"):
+        run_stages([stage("a", "fake_fast")], tmp_path, budget_s=60, smoke=True, env={}, report=simple_report)
+    assert main(["--smoke", "--stages", "env", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "notes.txt" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# ---- verdict ----------------------------------------------------------------------------------------------
+
+
+def _kernel(op, mode, impl, seq, head_dim, **kw):
+    return {"op": op, "mode": mode, "impl": impl, "seq": seq, "head_dim": head_dim, "batch": 32768 // seq, **kw}
+
+
+def _state(kernel_rows=(), step_rows=(), correctness=None, smoke=False, status="done"):
+    stages = {
+        "kernels": {"status": status, "rows": list(kernel_rows)},
+        "step": {"status": status, "rows": list(step_rows)},
+        "correctness": {"status": status, "rows": [], "result": correctness or {}},
+    }
+    return {"smoke": smoke, "stages": stages, "budget_s": 420, "started_utc": "now", "plan": []}
+
+
+def _by_target(rows):
+    return {r["target"]: r for r in rows}
+
+
+def test_verdict_met_not_met_and_not_measured():
+    from bench.gpu_check_report import NOT_MEASURED, verdict
+
+    kernels = [
+        _kernel("attention", "fwd", "sdpa_flash", 276, 64, imf_speedup=1.5),
+        _kernel("attention", "fwd", "sdpa_flash", 4096, 72, imf_speedup=1.1),  # the worst in range: not met
+        _kernel("attention", "fwd", "sdpa_flash", 8192, 64, imf_speedup=0.1),  # outside seq 256-4096: ignored
+        _kernel("attention", "fwd+bwd", "sdpa_flash", 1024, 64, imf_speedup=1.05),
+        _kernel("attention_jvp", "fwd", "imf_kernels", 4096, 64, tflops=410.0),
+        _kernel("attention_jvp", "fwd", "imf_kernels", 8192, 64, tflops=500.0),
+        _kernel("attention_jvp", "fwd+bwd", "imf_kernels", 1024, 64, peak_mem_mb=100.0),
+        _kernel("attention_jvp", "fwd+bwd", "imf_kernels", 8192, 64, peak_mem_mb=120.0),
+        _kernel("attention_jvp", "fwd+bwd", "torch_func_jvp_math", 1024, 64, imf_speedup=6.0),
+        _kernel("attention_jvp", "fwd+bwd", "torch_func_jvp_math", 8192, 64, error="OutOfMemoryError"),
+    ]
+    eng = {
+        "preset": "iMF-B/2",
+        "variant": "engine",
+        "batch": 256,
+        "ms": 100.0,
+        "images_per_s": 2560.0,
+        "mfu": 0.35,
+        "flops_per_step": 7.0,
+    }
+    steps = [
+        eng,
+        {**eng, "variant": "baseline_eager", "ms": 400.0},
+        {**eng, "variant": "baseline_compiled", "ms": 120.0},
+        {**eng, "variant": "fm_compiled", "ms": 50.0, "flops_per_step": 3.0},
+    ]
+    got = _by_target(verdict(_state(kernels, steps, {"passed": 10, "failed": 1, "skipped": 0})))
+    expect = {
+        "GPU correctness: every kernel, bf16 + fp16 vs fp64 (gpu-check stage 2)": ("not met", "1 failed tests"),
+        "attention fwd+bwd vs SDPA flash, seq 256-4096, d64/72": ("met", "1.05x"),
+        "attention fwd vs SDPA flash, seq 256-4096, d64/72": ("not met", "1.1x"),
+        "attention fwd vs SDPA cuDNN, seq 256-4096, d64/72": (NOT_MEASURED, None),
+        "attention_jvp fwd+bwd vs torch.func.jvp over math attention": ("met", "6x"),
+        "attention_jvp memory O(seq): per-token peak, longest / shortest seq": ("met", "1.2x"),
+        "attention_jvp fwd+bwd vs jvp-flash-attention": (NOT_MEASURED, None),
+        "attention_jvp TFLOP/s, seq 4096, d64": ("met", "410 TFLOP/s"),
+        "attention_jvp TFLOP/s, seq 8192, d64": ("not met", "500 TFLOP/s"),
+        "iMF-B/2 step vs plain-PyTorch reference, eager (same batch)": ("met", "4x"),
+        "iMF-B/2 step vs plain-PyTorch reference, compiled (same batch)": ("not met", "1.2x"),
+        "iMF-B/2 images/s per GPU (target set for an H100)": ("met", "2.56e+03 img/s"),
+        # (100 / 50) / (7 / 3) = 0.857
+        "iMF step / flow-matching step, over their FLOP ratio": ("met", "0.857x"),
+        "MFU iMF-B/2 (counted FLOPs / measured bf16 matmul peak)": ("not met", "35 %"),
+        "MFU iMF-XL/2": (NOT_MEASURED, None),
+    }
+    for target, (status, measured) in expect.items():
+        assert (got[target]["verdict"], got[target]["measured"]) == (status, measured), target
+    assert "no timed sdpa_cudnn" in got["attention fwd vs SDPA cuDNN, seq 256-4096, d64/72"]["detail"]
+    assert got["MFU iMF-XL/2"]["detail"] == "stage step_more not in this run"
+    assert {r["verdict"] for r in got.values() if r["goal"] == "outside gpu-check"} == {NOT_MEASURED}
+
+
+def test_verdict_makes_no_claim_on_a_smoke_run_and_says_why_nothing_was_measured():
+    from bench.gpu_check_report import NOT_MEASURED, SMOKE, report, verdict
+
+    rows = [_kernel("attention_jvp", "fwd", "imf_kernels", 4096, 64, tflops=1e-6)]
+    got = _by_target(verdict(_state(rows, smoke=True)))
+    assert got["attention_jvp TFLOP/s, seq 4096, d64"]["verdict"] == SMOKE
+    cut = _by_target(verdict(_state(status="cut")))
+    assert cut["attention_jvp TFLOP/s, seq 8192, d64"] == {
+        **cut["attention_jvp TFLOP/s, seq 8192, d64"],
+        "verdict": NOT_MEASURED,
+        "detail": "stage kernels: cut",
+    }
+    extra, md = report(_state(rows, smoke=True))
+    assert extra["verdict"] and md.rstrip().splitlines()[-1].startswith("| scaling to 8 GPUs")
+    assert "Smoke run on a CPU" in md
+
+
+# ---- the CLI: dry run and errors ----------------------------------------------------------------------------
+
+
+def test_dry_run_plans_the_whole_check_within_420_s(capsys):
+    from bench.__main__ import main
+    from bench.gpu_check_stages import plan
+
+    assert plan_total(plan()) <= 420
+    assert main(["gpu-check", "--dry-run", "--budget-s", "420"]) == 0
+    out = capsys.readouterr().out
+    for s in plan():
+        assert f"| {s.name} | {s.box_s:g} |" in out
+    assert "IMF_KERNELS_PINNED=1" in out and out.rstrip().endswith("fits")
+
+
+def test_dry_run_with_a_small_budget_fails(capsys):
+    from bench.gpu_check import main
+
+    assert main(["--dry-run", "--budget-s", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--budget-s is 100" in err
+    assert main(["--dry-run", "--budget-s", "100", "--stages", "env"]) == 0
+    assert main(["--dry-run", "--stages", "env,nope"]) == 2
+    assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_a_real_run_without_cuda_is_one_line(tmp_path, capsys):
+    import torch
+
+    from bench.gpu_check import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["--budget-s", "420", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a CUDA device" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- smoke versions of the real stages (CPU tensors, tiny shapes; plumbing only) ------------------------------
+
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the kernel smoke runs need TRITON_INTERPRET=1"
+)
+
+
+def _ctx(tmp_path, s):
+    return StageContext(s.name, tmp_path, time.time() + s.box_s, True, s.options)
+
+
+@needs_interpreter
+def test_smoke_environment_kernels_and_step(tmp_path):
+    from bench import gpu_check_stages as stages
+
+    plan = {s.name: s for s in stages.plan(smoke=True)}
+    stages.environment(_ctx(tmp_path, plan["env"]))
+    peak = json.loads((tmp_path / "env.json").read_text())["result"]
+    assert peak["matmul_peak"]["tflops"] > 0 and peak["copy_bandwidth"]["gbps"] > 0
+    assert {"device", "torch", "triton", "git_commit"} <= set(peak["env"])
+
+    kernels = replace(plan["kernels"], options={**plan["kernels"].options, "shapes": [[17, 72, 2]]})
+    ctx = _ctx(tmp_path, kernels)
+    stages.kernels(ctx)
+    rows = ctx.data["rows"]
+    assert {(r["op"], r["mode"]) for r in rows} == {
+        (o, m) for o in ("attention", "attention_jvp") for m in ("fwd", "fwd+bwd")
+    }
+    assert all("error" not in r and r["head_dim"] == 72 and r["pct_matmul_peak"] > 0 for r in rows)
+
+    runs = [["iMF-B/2", "engine", 2], ["iMF-B/2", "baseline_eager", 2]]
+    step = replace(plan["step"], options={**plan["step"].options, "runs": runs})
+    ctx = _ctx(tmp_path, step)
+    stages.training_step(ctx)
+    assert [r["variant"] for r in ctx.data["rows"]] == ["engine", "baseline_eager"]
+    assert all(r["images_per_s"] > 0 and r["mfu"] > 0 and r["ms_backward"] > 0 for r in ctx.data["rows"])
+
+
+def test_smoke_stage_time_box_leaves_items_out(tmp_path):
+    from bench import gpu_check_stages as stages
+
+    kernels = next(s for s in stages.plan(smoke=True) if s.name == "kernels")
+    ctx = StageContext("kernels", tmp_path, time.time() - 1, True, kernels.options)  # deadline already past
+    stages.kernels(ctx)
+    assert not ctx.data["rows"] and len(ctx.data["skipped"]) == 2 * len(kernels.options["shapes"])
+
+
+def test_smoke_correctness_records_every_test(tmp_path, monkeypatch):
+    """The correctness stage through the runner (pytest in the child), on its interpreter stand-in selection."""
+    from bench.gpu_check_report import report
+    from bench.gpu_check_stages import plan
+
+    s = next(s for s in plan(smoke=True) if s.name == "correctness")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    state = run_stages([s], tmp_path, budget_s=120, smoke=True, env={}, report=report, log=lambda m: None)
+    data = state["stages"]["correctness"]
+    assert data["status"] == "done", data.get("run")
+    assert data["result"]["passed"] == len(data["rows"]) >= 2 and data["result"]["failed"] == 0
+    assert all(r["outcome"] == "passed" and "::" in r["test"] for r in data["rows"])
+    assert "## Correctness" in (tmp_path / REPORT_MD).read_text()
