@@ -175,6 +175,8 @@ class Recorder:
         def jit_run(self, *args, **kwargs):
             recorder._record(None, self, args, kwargs)
 
+        import imf_kernels  # noqa: F401 - defines the Autotuner subclasses to patch (imf_kernels._tuning.Tuner)
+
         patched = [c for c in (Autotuner, *_subclasses(Autotuner)) if "run" in c.__dict__] + [JITFunction]
         saved = {c: c.__dict__["run"] for c in patched}
         autocast = torch.is_autocast_enabled
