@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from imf.markdown import markdown_table
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -212,35 +214,6 @@ def default_out_dir(smoke: bool) -> Path:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     return REPO / "bench" / "results" / slug
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if v == 0 or math.isnan(v):
-            return f"{v:g}"
-        a = abs(v)
-        return f"{v:.3g}" if a < 1e-2 or a >= 1e6 else (f"{v:.3f}" if a < 10 else f"{v:.1f}")
-    if isinstance(v, list | tuple | dict):
-        return json.dumps(v)
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """A markdown table of ``rows``; ``columns`` default to every key in first-seen order (lists of
-    raw timings are left to the JSON)."""
-    if not rows:
-        return "(no rows)\n"
-    if columns is None:
-        columns = []
-        for r in rows:
-            columns += [k for k, v in r.items() if k not in columns and not isinstance(v, list | dict)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def plot_lines(path: Path, rows: Sequence[dict], *, x: str, ys: Sequence[str], series: str, title: str,

@@ -5,7 +5,7 @@
 of the preset (counted on the meta device). With ``t_c`` absent the table shows only the
 communication side and the compute time needed to hide it.
 
-**Communication per step and GPU** (FSDP2 as :func:`imf.parallel.parallelize` applies it: one
+**Communication per step and GPU** (FSDP2 as :func:`imf.train.parallel.parallelize` applies it: one
 ``fully_shard`` unit per transformer block plus the root, ``MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)``, ``reshard_after_forward=True``). Ring collectives over ``G`` GPUs move
 ``(G - 1) / G`` of the full tensor through every GPU's link::

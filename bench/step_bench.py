@@ -7,7 +7,7 @@ fused AdamW with the published lr 1e-4, betas (0.9, 0.95), no weight decay) on t
                          backend (explicit dual forward, tangent only for ``r < t`` samples, ``v_u`` only
                          where its weight is non-zero), fp32 parameters under bf16 autocast (what
                          the trainer runs on one process).
-* ``engine_fsdp2``       the same model wrapped by ``imf.parallel.parallelize(model, mesh=<1 GPU>,
+* ``engine_fsdp2``       the same model wrapped by ``imf.train.parallel.parallelize(model, mesh=<1 GPU>,
                          param_dtype=bf16, reduce_dtype=fp32)`` (FSDP2, what the trainer runs on
                          several GPUs), when that module is importable (a ``skipped`` row otherwise);
                          a one-rank process group is created for it.
@@ -242,9 +242,9 @@ def run_variant(variant: str, preset_name: str, batch: int, *, dtype: torch.dtyp
     parallelize = None
     if variant == "engine_fsdp2":
         try:
-            from imf.parallel import parallelize
+            from imf.train.parallel import parallelize
         except ImportError as err:
-            return {**row, "skipped": f"imf.parallel.parallelize not importable ({err}); no FSDP2 row"}
+            return {**row, "skipped": f"imf.train.parallel.parallelize not importable ({err}); no FSDP2 row"}
     loss_fn = {"engine": _engine_loss, "engine_fsdp2": _engine_loss, "baseline_eager": _baseline_loss,
                "baseline_compiled": _baseline_loss, "fm_compiled": _fm_loss}[variant]
     if compiled:

@@ -4,57 +4,78 @@
     python -m imf.demo --steps 200 --out runs/quick
 
 Training is :func:`imf.train.run` (the same as ``python -m imf.train --preset demo --data digits``); a
-rerun with the same ``--out`` resumes from its latest checkpoint. Writes to ``--out``: ``checkpoints/``
-(resumable training state), ``model.safetensors`` (EMA weights, :func:`imf.checkpoint.load_exported`),
-``metrics.jsonl`` (training curve), ``samples_1nfe.png`` and ``samples_2nfe.png`` (one row per class), and
-``metrics.json`` (class accuracy and Frechet distance of 1- and 2-NFE samples, per guidance scale, plus
-wall time).
+rerun with the same ``--out`` resumes from its latest checkpoint. The training options are the trainer's
+own fields (``--steps``, ``--batch`` = the global batch of one optimizer step, ``--lr``, ``--warmup``,
+``--ema``, ``--seed``, ``--backend``, ``--threads``, ``--out``), with the demo preset's values as defaults;
+every argument is validated before training. Writes to ``--out``: ``checkpoints/`` (resumable training
+state), ``model.safetensors`` (EMA weights, :func:`imf.train.export.load_exported`), ``metrics.jsonl``
+(training curve), ``samples_1nfe.png`` and ``samples_2nfe.png`` (one row per class), and ``metrics.json``
+(class accuracy and Frechet distance of 1- and 2-NFE samples, per guidance scale, plus wall time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from imf.checkpoint import export_ema, load_exported
+from imf.cli import UserError, run_cli
 from imf.data.digits import NUM_CLASSES, DigitsJudge
 from imf.sample import generate, save_grid
-from imf.train import TrainResult, run
-from imf.train_config import build_config
+from imf.train import run
+from imf.train.args import Parser, add_config_options, build_config, normalise, overrides_of
+from imf.train.config import ConfigError, TrainConfig
+from imf.train.export import export_ema, load_exported
+from imf.train.signals import exit_code
+
+# The demo's run on top of the demo preset's training defaults (imf.train.config.PRESET_DEFAULTS["demo"]).
+DEMO_RUN = {"preset": "demo", "backend": "reference", "checkpoint": {"resume": "auto"}, "log": {"every_steps": 20}}
+TRAIN_OPTIONS = ["steps", "data.batch_size", "optim.lr", "schedule.warmup_steps", "ema_decays", "seed", "backend",
+                 "threads", "out_dir"]
+MIN_EVAL_SAMPLES = 100  # the sample grids show 10 per class
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the demo preset's)")
-    p.add_argument("--batch", type=int, help="batch size (default: the demo preset's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the demo preset's)")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps (default: the demo preset's)")
-    p.add_argument("--ema", type=float, help="EMA decay (default: the demo preset's)")
-    p.add_argument("--omegas", default="1.0,1.25,1.5,2.0", help="guidance scales to evaluate")
-    p.add_argument("--eval-samples", type=int, default=1000, help="generated samples per evaluation")
-    p.add_argument("--backend", default="reference", choices=("reference", "triton"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--out", default="runs/demo")
-    return p.parse_args(argv)
+def parser() -> Parser:
+    p = Parser(prog="python -m imf.demo", description=__doc__, allow_abbrev=False,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_options(p, build_config(DEMO_RUN), TRAIN_OPTIONS)
+    e = p.add_argument_group("evaluation options")
+    e.add_argument("--omegas", default="1.0,1.25,1.5,2.0", help="guidance scales to evaluate, comma-separated, >= 1")
+    e.add_argument("--eval_samples", default="1000", help=f"generated samples per evaluation (>= {MIN_EVAL_SAMPLES})")
+    return p
 
 
-def train(args) -> TrainResult:
-    """Train with :func:`imf.train.run` on the demo preset's settings (resumes from ``--out``)."""
-    given = {"steps": args.steps, "data.batch_size": args.batch, "optim.lr": args.lr,
-             "schedule.warmup_steps": args.warmup, "ema_decays": None if args.ema is None else [args.ema]}
-    overrides = {"preset": "demo", "data": {"source": "digits"}, "backend": args.backend, "seed": args.seed,
-                 "out_dir": args.out, "checkpoint": {"resume": "auto"}, "log": {"every_steps": 20}}
-    for key, value in given.items():
-        if value is not None:
-            section, _, name = key.rpartition(".")
-            (overrides.setdefault(section, {}) if section else overrides)[name] = value
-    cfg = build_config(overrides=overrides)
-    return run(cfg)
+def _omegas(text: str) -> list[float]:
+    try:
+        omegas = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--omegas must be comma-separated numbers >= 1 (e.g. 1,1.5,2), got {text!r}") from None
+    if not omegas or any(not w >= 1.0 for w in omegas):
+        raise ConfigError(f"--omegas must be comma-separated numbers >= 1 (e.g. 1,1.5,2), got {text!r}")
+    return omegas
+
+
+def _eval_samples(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < MIN_EVAL_SAMPLES:
+        raise ConfigError(f"--eval-samples must be an integer >= {MIN_EVAL_SAMPLES} (the grids show 10 per class), "
+                          f"got {text!r}")
+    return n
+
+
+def configure(argv: list[str]) -> tuple[TrainConfig, list[float], int]:
+    """The validated training config, guidance scales and sample count of a demo command line."""
+    args = parser().parse_args(normalise(argv))
+    omegas, n = _omegas(args.omegas), _eval_samples(args.eval_samples)
+    cfg = build_config(DEMO_RUN, overrides_of(args, TRAIN_OPTIONS)).validate()
+    return cfg, omegas, n
 
 
 def evaluate(model, omegas, n: int, seed: int, out: Path) -> dict:
@@ -78,19 +99,17 @@ def evaluate(model, omegas, n: int, seed: int, out: Path) -> dict:
     return results
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    result = train(args)
+def run_demo(argv: list[str] | None = None) -> dict:
+    """Validate, train (or resume), export, evaluate; returns the summary written to ``metrics.json``."""
+    cfg, omegas, n = configure(list(sys.argv[1:] if argv is None else argv))
+    out = Path(cfg.out_dir)
+    result = run(cfg)
     if result.stopped is not None:
-        raise SystemExit(f"training stopped at step {result.step} ({result.stopped}); run the same command again "
-                         "to resume")
+        raise _Stopped(f"training stopped at step {result.step} ({result.stopped}); run the same command again "
+                       "to resume", exit_code(result.stopped))
     weights = export_ema(result.checkpoint, out / "model.safetensors")
-    model = load_exported(weights, backend=args.backend)
-    omegas = [float(w) for w in args.omegas.split(",")]
-    results = evaluate(model, omegas, args.eval_samples, args.seed, out)
+    model = load_exported(weights, backend=cfg.backend)
+    results = evaluate(model, omegas, n, cfg.seed, out)
     summary = {"train_seconds": result.train_seconds, "steps": result.step,
                "skipped_steps": result.skipped, "results": results}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -102,5 +121,24 @@ def main(argv=None) -> dict:
     return summary
 
 
+class _Stopped(UserError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        run_demo(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m imf.demo`` / ``imf-demo``: 0 on success, one line and a non-zero code on a user error."""
+    return run_cli("imf.demo", _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

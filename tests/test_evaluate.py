@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,8 +19,9 @@ from conftest import randomize_
 from PIL import Image
 
 from imf import build_model
-from imf.checkpoint import export_ema, load_exported
+from imf.train.export import export_ema, load_exported
 from imf.data.digits import DigitsJudge, frechet_distance
+from imf.dist import free_port
 from imf.evaluate import (
     EvalError,
     check_num,
@@ -41,7 +41,7 @@ from imf.evaluate import (
 )
 from imf.sample import generate
 from imf.train import run as train
-from imf.train_config import build_config
+from imf.train.args import build_config
 
 TINY = {"dim": 32, "heads": 2}
 
@@ -81,8 +81,12 @@ def test_argument_errors():
     for bad, match in [("1,x", "comma-separated"), ("0.5", ">= 1"), ("nan", "finite")]:
         with pytest.raises(EvalError, match=match):
             parse_omegas(bad)
-    for bad, match in [("0.4-0.6", "t_min:t_max"), ("0.7:0.3", "t_min <= t_max"), ("0:1.5", "<= 1"),
-                       ("a:b", "numbers")]:
+    for bad, match in [
+        ("0.4-0.6", "t_min:t_max"),
+        ("0.7:0.3", "t_min <= t_max"),
+        ("0:1.5", "<= 1"),
+        ("a:b", "numbers"),
+    ]:
         with pytest.raises(EvalError, match=match):
             parse_intervals(bad)
     with pytest.raises(EvalError, match=">= 1"):
@@ -92,17 +96,41 @@ def test_argument_errors():
         check_num(50000, 1000, 3)
     with pytest.raises(EvalError, match="multiple of 10"):
         check_num(1005, 10, 1)
+    for num, hint in [
+        (-1, "e.g. --num 10$"),
+        (0, "e.g. --num 10$"),
+        (5, "e.g. --num 10$"),
+        (25, "--num 20 or --num 30$"),
+    ]:
+        with pytest.raises(EvalError, match=hint):
+            check_num(num, 10, 1)
     # published settings fill in what is not given
     assert sweep_cells([1], None, None, "iMF-B/2") == [(1, 8.0, 0.4, 0.65)]
     assert sweep_cells([2], None, None, "iMF-XL/2") == [(2, 4.0, 0.36, 0.64)]
-    assert sweep_cells([1, 2], [1.0, 2.0], [(0.0, 1.0)], "demo") == [(1, 1.0, 0.0, 1.0), (1, 2.0, 0.0, 1.0),
-                                                                       (2, 1.0, 0.0, 1.0), (2, 2.0, 0.0, 1.0)]
+    assert sweep_cells([1, 2], [1.0, 2.0], [(0.0, 1.0)], "demo") == [
+        (1, 1.0, 0.0, 1.0),
+        (1, 2.0, 0.0, 1.0),
+        (2, 1.0, 0.0, 1.0),
+        (2, 2.0, 0.0, 1.0),
+    ]
 
 
 def _images(model, num, rank, world, seed=0, batch=5, steps=1):
-    parts = [(idx, y, x) for idx, y, x, _ in sample_batches(
-        model, shard(num, rank, world), seed=seed, steps=steps, omega=2.0, t_min=0.2, t_max=0.8, batch=batch,
-        autocast_dtype=None, device=torch.device("cpu"))]
+    parts = [
+        (idx, y, x)
+        for idx, y, x, _ in sample_batches(
+            model,
+            shard(num, rank, world),
+            seed=seed,
+            steps=steps,
+            omega=2.0,
+            t_min=0.2,
+            t_max=0.8,
+            batch=batch,
+            autocast_dtype=None,
+            device=torch.device("cpu"),
+        )
+    ]
     return [i for p in parts for i in p[0]], torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
 
@@ -142,8 +170,9 @@ class TinyScorer:
 
     def __init__(self):
         torch.manual_seed(123)
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(),
-                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        ).eval()
         ref = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
         self.ref = self._embed(ref)
         self.seen = 0
@@ -157,8 +186,11 @@ class TinyScorer:
         return {"f": self._embed(to_uint8(images))}
 
     def score(self, features, labels):
-        return {"frechet": frechet_distance(features["f"].numpy(), self.ref.numpy()),
-                "n": float(len(features["f"])), "label_sum": float(labels.sum())}
+        return {
+            "frechet": frechet_distance(features["f"].numpy(), self.ref.numpy()),
+            "n": float(len(features["f"])),
+            "label_sum": float(labels.sum()),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -170,22 +202,41 @@ def latent_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("latent")
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=8, scaling_factor=0.5, shift_factor=0.1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    )
     vae.save_pretrained(root / "vae")
     rng = np.random.default_rng(0)
     for i in range(12):
         folder = root / "images" / f"class{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    encode_folder(root / "images", root / "vae", root / "data", resolution=8, batch_size=4, num_workers=0,
-                  progress=False)
-    cfg = build_config(overrides={
-        "preset": "iMF-B/2", "model_overrides": LATENT, "steps": 2, "ema_decays": [0.5], "out_dir": str(root / "run"),
-        "data": {"source": str(root / "data"), "batch_size": 4, "num_workers": 0, "backend": "torch"},
-        "schedule": {"warmup_steps": 1}, "log": {"every_steps": 1, "progress": False},
-        "checkpoint": {"every_steps": 0}})
+    encode_folder(
+        root / "images", root / "vae", root / "data", resolution=8, batch_size=4, num_workers=0, progress=False
+    )
+    cfg = build_config(
+        overrides={
+            "preset": "iMF-B/2",
+            "model": LATENT,
+            "steps": 2,
+            "ema_decays": [0.5],
+            "out_dir": str(root / "run"),
+            "data": {"source": str(root / "data"), "batch_size": 4, "num_workers": 0, "backend": "torch"},
+            "schedule": {"warmup_steps": 1},
+            "log": {"every_steps": 1, "progress": False},
+            "checkpoint": {"every_steps": 0},
+        }
+    )
     result = train(cfg)
     export = export_ema(result.checkpoint, root / "model.safetensors")
     ref = root / "ref.npz"
@@ -196,13 +247,35 @@ def latent_run(tmp_path_factory):
 def test_latent_end_to_end(latent_run, tmp_path):
     root, export, _ = latent_run
     scorer = TinyScorer()
-    args = parse_args(["--ckpt", str(export), "--num", "12", "--batch", "5", "--vae", str(root / "vae"),
-                       "--vae-batch", "3", "--steps", "1,2", "--omega", "1.0,3.0", "--interval", "0:1,0.3:0.7",
-                       "--out", str(tmp_path), "--png", "--no-progress"])
+    args = parse_args(
+        [
+            "--ckpt",
+            str(export),
+            "--num",
+            "12",
+            "--batch",
+            "5",
+            "--vae",
+            str(root / "vae"),
+            "--vae-batch",
+            "3",
+            "--steps",
+            "1,2",
+            "--omega",
+            "1.0,3.0",
+            "--interval",
+            "0:1,0.3:0.7",
+            "--out",
+            str(tmp_path),
+            "--png",
+            "--no-progress",
+        ]
+    )
     report = run(args, scorer=scorer)
     cells = report["cells"]
     assert [(c["steps"], c["omega"], c["t_min"], c["t_max"]) for c in cells] == sweep_cells(
-        [1, 2], [1.0, 3.0], [(0.0, 1.0), (0.3, 0.7)], None)
+        [1, 2], [1.0, 3.0], [(0.0, 1.0), (0.3, 0.7)], None
+    )
     assert scorer.seen == 12 * len(cells)
     for c in cells:
         assert c["metrics"]["n"] == 12 and c["metrics"]["label_sum"] == 12  # labels 0,1,2 x 4
@@ -224,8 +297,15 @@ def test_latent_end_to_end(latent_run, tmp_path):
     model = load_exported(export)
     man = load_manifest(root / "data")
     y = torch.arange(12) % 3
-    x = generate(model, y, cell["omega"], cell["t_min"], cell["t_max"], steps=cell["steps"],
-                 noise=noise_of(range(12), 0, (4, 4, 4)))
+    x = generate(
+        model,
+        y,
+        cell["omega"],
+        cell["t_min"],
+        cell["t_max"],
+        steps=cell["steps"],
+        noise=noise_of(range(12), 0, (4, 4, 4)),
+    )
     mean, std = (torch.tensor(man[k]).view(1, -1, 1, 1) for k in ("channel_mean", "channel_std"))
     vae = AutoencoderKL.from_pretrained(root / "vae").eval()
     with torch.no_grad():
@@ -242,7 +322,7 @@ def test_latent_errors(latent_run, tmp_path, capsys):
     base = ["--ckpt", str(export), "--num", "6", "--out", str(tmp_path), "--no-progress"]
     for extra, match in [
         ([], "needs --vae PATH"),
-        (["--vae", str(tmp_path / "nope")], "is not a directory"),
+        (["--vae", str(tmp_path / "nope")], "nope does not exist"),
         (["--vae", str(root / "vae"), "--data", str(tmp_path)], "manifest.json is missing"),
         (["--vae", str(root / "vae")], "needs --ref-stats PATH"),
         (["--vae", str(root / "vae"), "--ref-stats", str(tmp_path / "x.npz")], "does not exist"),
@@ -262,8 +342,8 @@ def test_latent_errors(latent_run, tmp_path, capsys):
     with pytest.raises(EvalError, match="not"):
         load_reference(bad)
     if importlib.util.find_spec("torch_fidelity") is None:
-        assert main(base + ["--vae", str(root / "vae"), "--ref-stats", str(ref)]) == 2
-        assert "pip install torch-fidelity" in capsys.readouterr().err
+        assert main(base + ["--vae", str(root / "vae"), "--ref-stats", str(ref)]) == 3  # MissingDependencyError
+        assert "needs torch-fidelity, which is not installed" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,10 +353,19 @@ def test_latent_errors(latent_run, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    cfg = build_config(overrides={
-        "preset": "demo", "model_overrides": TINY, "steps": 30, "ema_decays": [0.9], "out_dir": str(root),
-        "data": {"batch_size": 64}, "schedule": {"warmup_steps": 5}, "log": {"every_steps": 10, "progress": False},
-        "checkpoint": {"every_steps": 0}})
+    cfg = build_config(
+        overrides={
+            "preset": "demo",
+            "model": TINY,
+            "steps": 30,
+            "ema_decays": [0.9],
+            "out_dir": str(root),
+            "data": {"batch_size": 64},
+            "schedule": {"warmup_steps": 5},
+            "log": {"every_steps": 10, "progress": False},
+            "checkpoint": {"every_steps": 0},
+        }
+    )
     result = train(cfg)
     return root, result.checkpoint, export_ema(result.checkpoint, root / "model.safetensors")
 
@@ -286,6 +375,11 @@ def test_digits_sweep(demo_run, tmp_path, capsys):
     argv = ["--num", "200", "--batch", "64", "--steps", "1,2", "--omega", "1,2", "--no-progress"]
     assert main(["--ckpt", str(root / "checkpoints"), "--out", str(tmp_path / "dcp"), "--preset", "demo", *argv]) == 0
     assert main(["--ckpt", str(export), "--out", str(tmp_path / "st"), *argv]) == 0
+    latest = root / "checkpoints" / "latest"  # the pointer file is accepted too (the README's form)
+    assert (
+        main(["--ckpt", str(latest), "--out", str(tmp_path / "latest"), "--num", "20", "--steps", "1", "--no-progress"])
+        == 0
+    )
     dcp, st = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("dcp", "st"))
     assert st["scorer"] == "digits" and dcp["checkpoint"]["source"] == str(step_dir)
     assert [c["metrics"] for c in dcp["cells"]] == [c["metrics"] for c in st["cells"]]  # same EMA either way
@@ -302,27 +396,47 @@ def test_digits_sweep(demo_run, tmp_path, capsys):
     assert arr.shape == (200, 8, 8, 1)
     assert np.abs(arr.astype(int) - to_uint8(x).permute(0, 2, 3, 1).numpy().astype(int)).max() <= 1
 
-    for extra, match in [(["--preset", "iMF-B/2"], "is a 'demo' model"), (["--num", "205"], "multiple of 10"),
-                         (["--vae", str(root)], "pixel space")]:
+    for extra, match in [
+        (["--preset", "iMF-B/2"], "is a 'demo' model"),
+        (["--num", "205"], "multiple of 10"),
+        (["--vae", str(root)], "pixel space"),
+    ]:
         assert main(["--ckpt", str(export), "--out", str(tmp_path / "e"), *argv, *extra]) == 2
         assert match in capsys.readouterr().err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_digits_two_ranks(demo_run, tmp_path):
     """torchrun with 2 gloo ranks writes the same sample set and metrics as one process."""
     _, _, export = demo_run
     # torchrun's own parser takes --num for an abbreviation of its --numa-binding: use the long name there
-    argv = ["--ckpt", str(export), "--num-samples", "60", "--batch", "16", "--steps", "1", "--omega", "1.5",
-            "--no-progress"]
+    argv = [
+        "--ckpt",
+        str(export),
+        "--num-samples",
+        "60",
+        "--batch",
+        "16",
+        "--steps",
+        "1",
+        "--omega",
+        "1.5",
+        "--no-progress",
+    ]
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "imf.evaluate", *argv, "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "imf.evaluate",
+        *argv,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))

@@ -19,7 +19,17 @@ embeddings. ``velocity`` and ``forward_with_tangent`` are registered as FSDP for
 root's parameters are gathered for them too. With ``mesh=None`` (one process) nothing is sharded.
 
 Parameter names stay those of the plain model, so EMA, checkpoints and export see the same keys
-everywhere. Tested on CPU with gloo (2 processes, fp32 and bf16 param_dtype); the compile path is not
+everywhere.
+
+``build(model_cfg, ...)`` is the trainer's construction: the model is built on the meta device,
+parallelized, materialised with ``to_empty`` on the run's device (each rank allocates only its shards)
+and initialised with ``init_weights()`` (which also recomputes the non-persistent buffers, e.g. the RoPE
+tables). The weights then come from rank 0: it builds the same model eagerly on the CPU from the run's
+seed (the weights the seed names, identical for every world size and device) and
+``set_model_state_dict(..., broadcast_from_rank0=True)`` copies each rank its shard, one parameter at a
+time. So only rank 0 holds one full fp32 copy, in host memory, during start-up; the sharded ranks' own
+``init_weights`` draws are not used (on CPU meshes DTensor has no distributed RNG: every rank would draw
+the same numbers for its shard). Tested on CPU with gloo (2 processes, fp32 and bf16 param_dtype); the compile path is not
 covered by the CPU tests.
 """
 
@@ -27,9 +37,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
+
+from imf.config import ModelConfig
+from imf.dist import DistEnv
+from imf.model import build_model
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -76,4 +91,18 @@ def parallelize(model: nn.Module, *, mesh: DeviceMesh | None, param_dtype: torch
     return model
 
 
-__all__ = ["parallelize", "transformer_blocks"]
+def build(model_cfg: ModelConfig, *, backend: str, env: DistEnv, seed: int, **parallel) -> nn.Module:
+    """The training model: meta -> :func:`parallelize` (``parallel`` keywords) -> ``to_empty`` ->
+    ``init_weights`` -> rank 0's seeded weights (see the module docstring); collective."""
+    model = build_model(model_cfg, backend=backend, device="meta")
+    parallelize(model, mesh=env.mesh(), **parallel)
+    model.to_empty(device=env.device)
+    model.init_weights()
+    torch.manual_seed(seed)
+    full = build_model(model_cfg, backend=backend, device="cpu").state_dict() if env.rank == 0 else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.world > 1)
+    set_model_state_dict(model, full, options=options)
+    return model
+
+
+__all__ = ["build", "parallelize", "transformer_blocks"]

@@ -14,6 +14,8 @@ from torch import nn
 
 
 class EMA:
+    """fp32 shadows of every floating parameter for each decay; ``state_dict`` keys ``"<decay>"`` and ``"updates"``."""
+
     def __init__(self, model: nn.Module, decays: tuple[float, ...] = (0.9999,), *, warmup: bool = True):
         for d in decays:
             if not 0.0 <= d < 1.0:
@@ -33,14 +35,6 @@ class EMA:
         self.updates += 1
         for d, shadow in self.shadows.items():
             torch._foreach_lerp_(shadow, current, 1.0 - min(d, cap))
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module, decay: float | None = None) -> None:
-        """Load the averages of ``decay`` (default: the first) into ``model``'s parameters."""
-        shadow = self.shadows[self.decays[0] if decay is None else decay]
-        params = dict(model.named_parameters())
-        for n, s in zip(self.names, shadow, strict=True):
-            params[n].copy_(s)
 
     @torch.no_grad()
     def full_tensors(self, decay: float | None = None) -> dict[str, torch.Tensor]:

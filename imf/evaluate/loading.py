@@ -1,0 +1,130 @@
+"""The model an evaluation samples from: the EMA export of the trainer, or the EMA inside a DCP checkpoint.
+
+``--ckpt`` accepts an exported ``.safetensors`` file (``python -m imf.train export``; its metadata holds
+the model config, preset, EMA decay, step and training config), a DCP checkpoint directory
+(``step_...``), a checkpoint root (the one its ``latest`` names) or the ``latest`` pointer file itself.
+A DCP checkpoint's EMA (``--decay``, default the run's first) is loaded straight into the model
+(:func:`imf.checkpoint.load_ema`), with no file written. A missing, truncated or mismatched file is an
+:class:`EvalError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from imf import checkpoint
+from imf.config import PRESETS
+from imf.evaluate.options import EvalError
+
+
+@dataclasses.dataclass
+class Loaded:
+    """An EMA model in eval mode and what its checkpoint says about it."""
+
+    model: torch.nn.Module
+    preset: str | None
+    train_config: dict
+    step: int | None
+    decay: float | None
+    source: str
+
+
+def _step_dir(path: Path) -> Path:
+    """The DCP step directory ``path`` names: itself, the one a checkpoint root's ``latest`` names, or the one
+    the ``latest`` pointer file ``path`` names."""
+    try:
+        if path.is_file() and path.name == checkpoint.LATEST:
+            found = checkpoint.latest(path.parent)
+        elif (path / checkpoint.META).is_file():
+            return path
+        else:
+            found = checkpoint.latest(path)
+    except checkpoint.CheckpointError as e:
+        raise EvalError(f"--ckpt {path}: {e}") from None
+    if found is None:
+        raise EvalError(
+            f"--ckpt {path} is a directory but neither a checkpoint (no {checkpoint.META}) nor a "
+            f"checkpoint root (no '{checkpoint.LATEST}' file); for a run directory pass "
+            "its model.safetensors or checkpoints/"
+        )
+    return found
+
+
+def _metadata(meta: dict, source: str, model) -> Loaded:
+    return Loaded(
+        model=model,
+        preset=meta.get("imf.preset"),
+        train_config=json.loads(meta.get("imf.train_config", "{}")),
+        step=int(meta["imf.step"]) if "imf.step" in meta else None,
+        decay=float(meta["imf.ema_decay"]) if "imf.ema_decay" in meta else None,
+        source=source,
+    )
+
+
+def _load_safetensors(path: Path, decay, backend, device) -> Loaded:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        model = checkpoint.load_exported(path, backend=backend, device=device)
+    except (SafetensorError, OSError) as e:
+        first = " ".join(str(e).split()) or type(e).__name__
+        raise EvalError(f"--ckpt {path} is not a readable safetensors file (truncated or corrupt?): {first}") from e
+    except checkpoint.CheckpointError as e:
+        raise EvalError(f"--ckpt {path}: {e}") from None
+    except RuntimeError as e:  # load_state_dict: the weights do not fit the config in the metadata
+        first = str(e).strip().splitlines()
+        raise EvalError(
+            f"--ckpt {path}: the weights do not match its model config ({first[0] if first else e})"
+        ) from None
+    loaded = _metadata(meta, str(path), model)
+    if decay is not None and loaded.decay is not None and decay != loaded.decay:
+        raise EvalError(f"--decay {decay}: {path} holds the EMA with decay {loaded.decay}")
+    return loaded
+
+
+def load_checkpoint(
+    path, *, decay: float | None = None, backend: str = "reference", device: str | torch.device = "cpu"
+) -> Loaded:
+    """The EMA model of an exported safetensors file or of a DCP checkpoint, in eval mode (see the module doc)."""
+    path = Path(path)
+    if not path.exists():
+        raise EvalError(f"--ckpt {path} does not exist")
+    if path.is_dir() or path.name == checkpoint.LATEST:
+        step_dir = _step_dir(path)
+        try:
+            model, meta = checkpoint.load_ema(step_dir, decay, backend=backend, device=device)
+        except checkpoint.CheckpointError as e:
+            raise EvalError(f"--ckpt {path}: {e}") from None
+        return _metadata(meta, str(step_dir), model)
+    if path.suffix != ".safetensors":
+        raise EvalError(
+            f"--ckpt {path}: expected the trainer's EMA export (.safetensors, python -m imf.train "
+            "export), a DCP checkpoint directory or its 'latest' file"
+        )
+    return _load_safetensors(path, decay, backend, device)
+
+
+def check_preset(loaded: Loaded, preset: str | None) -> None:
+    """``--preset`` must name the preset the checkpoint was trained as."""
+    if preset is None:
+        return
+    if preset not in PRESETS:
+        raise EvalError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if loaded.preset is not None and loaded.preset != preset:
+        raise EvalError(f"checkpoint {loaded.source} is a {loaded.preset!r} model, not --preset {preset!r}")
+    cfg, ref = loaded.model.cfg, PRESETS[preset]
+    shape = ("arch", "in_channels", "input_size", "num_classes")
+    if loaded.preset is None and any(getattr(cfg, f) != getattr(ref, f) for f in shape):
+        raise EvalError(
+            f"checkpoint {loaded.source} ({', '.join(f'{f}={getattr(cfg, f)}' for f in shape)}) does "
+            f"not match --preset {preset!r} ({', '.join(f'{f}={getattr(ref, f)}' for f in shape)})"
+        )
+
+
+__all__ = ["Loaded", "check_preset", "load_checkpoint"]
