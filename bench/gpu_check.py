@@ -10,7 +10,7 @@ kernels, the iMF-B/2 training step, more steps while time remains. The children 
 passes a saved cache as ``IMF_KERNELS_CONFIGS``). ``DIR`` gets ``gpu_check.json`` (everything),
 ``gpu_check.md`` (the report) and one JSON per stage, rewritten as the run goes: at most 8 files, no
 subfolders. The last thing printed is the verdict (:mod:`bench.gpu_check_report`): every target of
-ARCHITECTURE.md section 7, the measured value, met / not met / not measured.
+docs/design.md section 7, the measured value, met / not met / not measured.
 
 Exit code: 0 when every stage finished or was cut by its box and no GPU test failed; 1 when a stage
 failed or a test failed; 2 for a user error (no CUDA device, a plan that does not fit ``--budget-s``
@@ -75,8 +75,8 @@ def _child_env(args) -> dict[str, str]:
         if not args.configs.is_file():
             raise UserError(f"--configs {args.configs}: no such file; give a kernel config cache (JSON)")
         env["IMF_KERNELS_CONFIGS"] = str(args.configs.resolve())
-    if args.smoke:
-        env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    # the GPU tests skip under the interpreter, so a real run turns it off whatever the shell says
+    env.update({"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"} if args.smoke else {"TRITON_INTERPRET": "0"})
     return env
 
 
@@ -130,7 +130,7 @@ def _main(argv: list[str]) -> int:
         raise UserError(str(err)) from err
     state = run_stages(stages, args.out, budget_s=args.budget_s, smoke=args.smoke, env=env, report=report)
     rows = verdict(state)
-    print(f"\nwrote {args.out} ({len(list(args.out.iterdir()))} files); verdict (ARCHITECTURE.md section 7):")
+    print(f"\nwrote {args.out} ({len(list(args.out.iterdir()))} files); verdict (targets: docs/design.md section 7):")
     print(markdown_table(rows, ["target", "goal", "measured", "verdict", "detail"]), end="")
     failed = [n for n, s in state["stages"].items() if s.get("status") == "failed"]
     tests_failed = state["stages"].get("correctness", {}).get("result", {}).get("failed", 0)

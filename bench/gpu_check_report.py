@@ -1,6 +1,6 @@
 """The verdict and the report of ``python -m bench gpu-check``, from the run state of the stage runner.
 
-:func:`verdict` turns the stages' rows into one row per target of ARCHITECTURE.md section 7 (GPU
+:func:`verdict` turns the stages' rows into one row per target of docs/design.md section 7 (GPU
 table): the goal, the measured value (the worst case over the shapes a target covers), and met / not
 met / not measured (with why: the stage was cut, failed, not run, or has no such row). A smoke run
 makes no claim. :func:`report` renders ``gpu_check.md``: stages and their status, the measured
@@ -318,5 +318,5 @@ def report(state: dict) -> tuple[dict, str]:
     left_out = [{"stage": name, **s} for name, st in stages.items() for s in st.get("skipped", [])]
     if left_out:
         md += ["## Left out by the time boxes", "", markdown_table(left_out)]
-    md += ["## Verdict (ARCHITECTURE.md section 7)", "", markdown_table(rows)]
+    md += ["## Verdict (targets: docs/design.md section 7)", "", markdown_table(rows)]
     return {"verdict": rows}, "\n".join(md) + "\n"

@@ -34,14 +34,27 @@ from imf.train.signals import exit_code
 
 # The demo's run on top of the demo preset's training defaults (imf.train.config.PRESET_DEFAULTS["demo"]).
 DEMO_RUN = {"preset": "demo", "backend": "reference", "checkpoint": {"resume": "auto"}, "log": {"every_steps": 20}}
-TRAIN_OPTIONS = ["steps", "data.batch_size", "optim.lr", "schedule.warmup_steps", "ema_decays", "seed", "backend",
-                 "threads", "out_dir"]
+TRAIN_OPTIONS = [
+    "steps",
+    "data.batch_size",
+    "optim.lr",
+    "schedule.warmup_steps",
+    "ema_decays",
+    "seed",
+    "backend",
+    "threads",
+    "out_dir",
+]
 MIN_EVAL_SAMPLES = 100  # the sample grids show 10 per class
 
 
 def parser() -> Parser:
-    p = Parser(prog="python -m imf.demo", description=__doc__, allow_abbrev=False,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="python -m imf.demo",
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_options(p, build_config(DEMO_RUN), TRAIN_OPTIONS)
     e = p.add_argument_group("evaluation options")
     e.add_argument("--omegas", default="1.0,1.25,1.5,2.0", help="guidance scales to evaluate, comma-separated, >= 1")
@@ -65,8 +78,9 @@ def _eval_samples(text: str) -> int:
     except ValueError:
         n = None
     if n is None or n < MIN_EVAL_SAMPLES:
-        raise ConfigError(f"--eval-samples must be an integer >= {MIN_EVAL_SAMPLES} (the grids show 10 per class), "
-                          f"got {text!r}")
+        raise ConfigError(
+            f"--eval-samples must be an integer >= {MIN_EVAL_SAMPLES} (the grids show 10 per class), got {text!r}"
+        )
     return n
 
 
@@ -105,16 +119,24 @@ def run_demo(argv: list[str] | None = None) -> dict:
     out = Path(cfg.out_dir)
     result = run(cfg)
     if result.stopped is not None:
-        raise _Stopped(f"training stopped at step {result.step} ({result.stopped}); run the same command again "
-                       "to resume", exit_code(result.stopped))
+        raise _Stopped(
+            f"training stopped at step {result.step} ({result.stopped}); run the same command again to resume",
+            exit_code(result.stopped),
+        )
     weights = export_ema(result.checkpoint, out / "model.safetensors")
     model = load_exported(weights, backend=cfg.backend)
     results = evaluate(model, omegas, n, cfg.seed, out)
-    summary = {"train_seconds": result.train_seconds, "steps": result.step,
-               "skipped_steps": result.skipped, "results": results}
+    summary = {
+        "train_seconds": result.train_seconds,
+        "steps": result.step,
+        "skipped_steps": result.skipped,
+        "results": results,
+    }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(f"trained to step {result.step} ({result.train_seconds:.0f} s in this run); wrote {weights}, "
-          f"{out / 'samples_1nfe.png'}")
+    print(
+        f"trained to step {result.step} ({result.train_seconds:.0f} s in this run); wrote {weights}, "
+        f"{out / 'samples_1nfe.png'}"
+    )
     print(f"{'NFE':>3} {'omega':>6} {'accuracy':>9} {'frechet':>8}")
     for r in results.values():
         print(f"{r['steps']:>3} {r['omega']:>6g} {r['accuracy']:>9.3f} {r['frechet']:>8.3f}")

@@ -53,10 +53,18 @@ def tiny_config(out: Path, **over):
     The optimizer settings are pinned (lr 1e-3, constant after warm-up) so that tuning the demo preset's
     schedule for its full-length run does not change what these short runs test.
     """
-    base = {"preset": "demo", "model": TINY, "threads": 1, "steps": 8, "data": {"source": "digits", "batch_size": 16},
-            "optim": {"lr": 1e-3}, "schedule": {"warmup_steps": 2, "decay": "constant"}, "out_dir": str(out),
-            "log": {"every_steps": 1, "progress": False},
-            "checkpoint": {"every_steps": 0}}
+    base = {
+        "preset": "demo",
+        "model": TINY,
+        "threads": 1,
+        "steps": 8,
+        "data": {"source": "digits", "batch_size": 16},
+        "optim": {"lr": 1e-3},
+        "schedule": {"warmup_steps": 2, "decay": "constant"},
+        "out_dir": str(out),
+        "log": {"every_steps": 1, "progress": False},
+        "checkpoint": {"every_steps": 0},
+    }
     return build_config(overrides=_deep(base, over))
 
 
@@ -69,6 +77,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 # --- configuration -----------------------------------------------------------------------------------------
+
 
 def test_config_layers_file_then_cli(tmp_path):
     f = tmp_path / "c.yaml"
@@ -92,9 +101,17 @@ def test_help_lists_every_field(capsys):
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for option in ("--optim.lr FLOAT, --lr FLOAT", "--data.batch_size INT, --batch INT", "--model.dim INT",
-                   "--loss.fm_fraction FLOAT", "--checkpoint.resume", "--threads", "--data.num_workers",
-                   "--parallel.activation_checkpointing", "--log.sample_intervals"):
+    for option in (
+        "--optim.lr FLOAT, --lr FLOAT",
+        "--data.batch_size INT, --batch INT",
+        "--model.dim INT",
+        "--loss.fm_fraction FLOAT",
+        "--checkpoint.resume",
+        "--threads",
+        "--data.num_workers",
+        "--parallel.activation_checkpointing",
+        "--log.sample_intervals",
+    ):
         assert option in out, option
     assert "peak learning rate (default: 0.0001)" in " ".join(out.split())
     top = [f.name for f in __import__("dataclasses").fields(TrainConfig)]
@@ -114,7 +131,8 @@ def test_main_reports_config_error(capsys):
     assert main(["--preset", "nope"]) == 2
     assert capsys.readouterr().err.strip() == (
         "imf.train: error: unknown preset 'nope'; choose one of ['MF-B/2', 'MF-XL/2', 'demo', 'iMF-B/2', "
-        "'iMF-L/2', 'iMF-M/2', 'iMF-XL/2']")
+        "'iMF-L/2', 'iMF-M/2', 'iMF-XL/2']"
+    )
 
 
 def test_lr_schedule():
@@ -125,6 +143,7 @@ def test_lr_schedule():
 
 
 # --- the digits source -------------------------------------------------------------------------------------
+
 
 def test_digits_loader_shards_and_resumes():
     loaders = [build_loader("digits", batch_size=100, rank=r, world_size=2, seed=3) for r in range(2)]
@@ -147,6 +166,7 @@ def test_digits_loader_shards_and_resumes():
 
 
 # --- resume, checkpoints, export ---------------------------------------------------------------------------
+
 
 def test_resume_is_bitwise_identical(tmp_path):
     full = run(tiny_config(tmp_path / "full"))
@@ -174,11 +194,12 @@ def test_keep_last(tmp_path):
     assert [r["step"] for r in _read_jsonl(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 7))
 
 
-
 def test_export_matches_ema_model_and_sample_grids(tmp_path):
     res = run(tiny_config(tmp_path / "run", steps=12, ema_decays=[0.9, 0.5], log={"sample_every": 12}))
     assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
-        "step000000012_w1_t0-1.png", "step000000012_w4_t0-1.png"]
+        "step000000012_w1_t0-1.png",
+        "step000000012_w4_t0-1.png",
+    ]
     out = tmp_path / "ema.safetensors"
     assert main(["export", "--ckpt", str(tmp_path / "run" / "checkpoints"), "--out", str(out), "--decay", "0.5"]) == 0
     with safe_open(str(out), framework="pt") as f:
@@ -194,21 +215,39 @@ def test_export_matches_ema_model_and_sample_grids(tmp_path):
     a = generate(reference.eval(), y, omega=2.0, generator=torch.Generator().manual_seed(1))
     b = generate(exported, y, omega=2.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-    assert not torch.equal(res.ema.full_tensors(0.5)["u_out.linear.weight"],  # (past the EMA warm-up)
-                           res.ema.full_tensors(0.9)["u_out.linear.weight"])
+    assert not torch.equal(
+        res.ema.full_tensors(0.5)["u_out.linear.weight"],  # (past the EMA warm-up)
+        res.ema.full_tensors(0.9)["u_out.linear.weight"],
+    )
     with pytest.raises(CheckpointError, match="not 0.25"):
         export_ema(res.checkpoint, tmp_path / "x.safetensors", decay=0.25)
 
 
 def test_latent_sample_grids_decode_with_vae(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
     vae.save_pretrained(tmp_path / "vae")
-    cfg = tiny_config(tmp_path / "run", steps=2, model={"in_channels": 4}, data={"source": "synthetic"},
-                      log={"sample_every": 2, "sample_omegas": [2.0], "sample_intervals": [[0.2, 0.8]],
-                           "sample_labels": [3, 7], "sample_per_label": 3, "vae": str(tmp_path / "vae")})
+    cfg = tiny_config(
+        tmp_path / "run",
+        steps=2,
+        model={"in_channels": 4},
+        data={"source": "synthetic"},
+        log={
+            "sample_every": 2,
+            "sample_omegas": [2.0],
+            "sample_intervals": [[0.2, 0.8]],
+            "sample_labels": [3, 7],
+            "sample_per_label": 3,
+            "vae": str(tmp_path / "vae"),
+        },
+    )
     run(cfg)
     samples = tmp_path / "run" / "samples"
     latents = torch.load(samples / "step000000002_w2_t0.2-0.8.pt")
@@ -220,6 +259,7 @@ def test_latent_sample_grids_decode_with_vae(tmp_path):
 
 
 # --- robustness --------------------------------------------------------------------------------------------
+
 
 def test_nonfinite_step_is_skipped(tmp_path):
     one = run(tiny_config(tmp_path / "one", steps=1))
@@ -244,11 +284,32 @@ def test_nonfinite_in_a_row_stops_with_checkpoint(tmp_path):
 
 def test_sigterm_writes_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "imf.train", "--preset", "demo", "--model.dim", "32",
-           "--model.heads", "2", "--batch", "16", "--threads", "1", "--steps", "100000", "--out", str(out),
-           "--log.every_steps", "1", "--log.progress", "false"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "imf.train",
+        "--preset",
+        "demo",
+        "--model.dim",
+        "32",
+        "--model.heads",
+        "2",
+        "--batch",
+        "16",
+        "--threads",
+        "1",
+        "--steps",
+        "100000",
+        "--out",
+        str(out),
+        "--log.every_steps",
+        "1",
+        "--log.progress",
+        "false",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 90
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -265,6 +326,7 @@ def test_sigterm_writes_checkpoint(tmp_path):
 
 # --- precision and the demo wrapper ------------------------------------------------------------------------
 
+
 def test_bf16_on_cpu_single_process(tmp_path):
     res = run(tiny_config(tmp_path / "run", steps=3, precision="bf16"))
     assert all(math.isfinite(v) for v in res.losses)
@@ -272,10 +334,20 @@ def test_bf16_on_cpu_single_process(tmp_path):
 
 
 def test_mf_loss_on_the_mf_dit(tmp_path):
-    mf = {"arch": "mf", "input_size": 8, "in_channels": 1, "patch_size": 2, "num_classes": 10, "dim": 32,
-          "heads": 2, "depth": 2, "freq_dim": 32}
-    res = run(tiny_config(tmp_path / "run", preset="MF-B/2", model=mf, steps=3, loss={"omega": 2.0},
-                          data={"batch_size": 16}))
+    mf = {
+        "arch": "mf",
+        "input_size": 8,
+        "in_channels": 1,
+        "patch_size": 2,
+        "num_classes": 10,
+        "dim": 32,
+        "heads": 2,
+        "depth": 2,
+        "freq_dim": 32,
+    }
+    res = run(
+        tiny_config(tmp_path / "run", preset="MF-B/2", model=mf, steps=3, loss={"omega": 2.0}, data={"batch_size": 16})
+    )
     assert res.step == 3 and all(math.isfinite(v) for v in res.losses)
     assert "mse_u" in _read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
 
@@ -284,10 +356,28 @@ def test_demo_cli_runs_through_the_trainer(tmp_path):
     from imf.demo import run_demo
 
     out = tmp_path / "demo"
-    summary = run_demo(["--steps", "3", "--batch", "32", "--eval-samples", "100", "--omegas", "1,2",
-                        "--out", str(out), "--threads", "1"])
-    assert summary["steps"] == 3 and set(summary["results"]) == {"1nfe_omega1", "1nfe_omega2", "2nfe_omega1",
-                                                                  "2nfe_omega2"}
+    summary = run_demo(
+        [
+            "--steps",
+            "3",
+            "--batch",
+            "32",
+            "--eval-samples",
+            "100",
+            "--omegas",
+            "1,2",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ]
+    )
+    assert summary["steps"] == 3 and set(summary["results"]) == {
+        "1nfe_omega1",
+        "1nfe_omega2",
+        "2nfe_omega1",
+        "2nfe_omega2",
+    }
     for name in ("model.safetensors", "metrics.json", "metrics.jsonl", "samples_1nfe.png", "samples_2nfe.png"):
         assert (out / name).is_file(), name
     assert ckpt_mod.latest(out / "checkpoints").name == "step_000000003"

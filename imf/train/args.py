@@ -125,8 +125,9 @@ def read_file(path: str) -> dict:
     """The nested mapping in a ``.yaml``/``.yml``/``.json``/``.toml`` file; syntax errors name the file and line."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist" if not p.exists() else f"config file {path!r} "
-                          "is not a file")
+        raise ConfigError(
+            f"config file {path!r} does not exist" if not p.exists() else f"config file {path!r} is not a file"
+        )
     text = p.read_text()
     if p.suffix == ".toml":
         import tomllib
@@ -239,8 +240,9 @@ def overrides_of(namespace: argparse.Namespace, paths: list[str] | None = None) 
 
 def train_parser(prog: str = "python -m imf.train", description: str | None = None) -> Parser:
     """The trainer's parser: ``--config FILE`` and every schema field."""
-    p = Parser(prog=prog, description=description, allow_abbrev=False,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog=prog, description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", metavar="FILE", help="a .yaml/.yml/.json/.toml file with the same nested fields")
     add_config_options(p, TrainConfig())
     return p
@@ -259,5 +261,16 @@ def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)
 
 
-__all__ = ["Parser", "add_config_options", "build_config", "coerce", "dump_config", "load_config", "merge",
-           "normalise", "overrides_of", "read_file", "train_parser"]
+__all__ = [
+    "Parser",
+    "add_config_options",
+    "build_config",
+    "coerce",
+    "dump_config",
+    "load_config",
+    "merge",
+    "normalise",
+    "overrides_of",
+    "read_file",
+    "train_parser",
+]

@@ -87,7 +87,7 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def step_of(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
+    return int(path.name[len(PREFIX) :])
 
 
 def step_dirs(root: str | os.PathLike) -> list[Path]:
@@ -95,7 +95,7 @@ def step_dirs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
     return sorted((p for p in found if (p / META).is_file()), key=step_of)
 
 
@@ -110,8 +110,10 @@ def latest(root: str | os.PathLike) -> Path | None:
         raise CheckpointError(f"{pointer} cannot be read ({e}); pass --resume with a step directory") from None
     target = Path(root) / name
     if not name.startswith(PREFIX) or "/" in name or not (target / META).is_file():
-        raise CheckpointError(f"{pointer} names {name[:60]!r}, which is missing or incomplete; pass --resume with "
-                              f"one of {[p.name for p in step_dirs(root)][-3:] or 'no checkpoints'}")
+        raise CheckpointError(
+            f"{pointer} names {name[:60]!r}, which is missing or incomplete; pass --resume with "
+            f"one of {[p.name for p in step_dirs(root)][-3:] or 'no checkpoints'}"
+        )
     return target
 
 
@@ -129,8 +131,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return p
     if (p / LATEST).exists():
         return latest(p)
-    raise CheckpointError(f"{p} is not a checkpoint: no {META} and no {LATEST!r} pointer (expected a step_... "
-                          "directory, a checkpoint root or its 'latest' file)")
+    raise CheckpointError(
+        f"{p} is not a checkpoint: no {META} and no {LATEST!r} pointer (expected a step_... "
+        "directory, a checkpoint root or its 'latest' file)"
+    )
 
 
 def recover(root: str | os.PathLike) -> list[str]:
@@ -249,14 +253,20 @@ def load(path: str | os.PathLike, trainer) -> None:
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     if meta["world_size"] != world:
-        raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} ranks; exact resumption "
-                              f"(RNG, data position) needs the same world size, this run has {world}")
+        raise CheckpointError(
+            f"checkpoint {path} was written by {meta['world_size']} ranks; exact resumption "
+            f"(RNG, data position) needs the same world size, this run has {world}"
+        )
     if sorted(meta["ema_decays"]) != sorted(trainer.ema.decays):
-        raise CheckpointError(f"checkpoint {path} has EMA decays {meta['ema_decays']}, the run "
-                              f"{list(trainer.ema.decays)}")
+        raise CheckpointError(
+            f"checkpoint {path} has EMA decays {meta['ema_decays']}, the run {list(trainer.ema.decays)}"
+        )
     ours = trainer.meta()["model_config"]
-    diff = [f"{k} {meta['model_config'].get(k)!r} (checkpoint) vs {v!r}" for k, v in ours.items()
-            if meta["model_config"].get(k) != v]
+    diff = [
+        f"{k} {meta['model_config'].get(k)!r} (checkpoint) vs {v!r}"
+        for k, v in ours.items()
+        if meta["model_config"].get(k) != v
+    ]
     if diff:
         raise CheckpointError(f"checkpoint {path} is of another model: {', '.join(diff[:4])}")
     rank_path = path / rank_file(rank)
@@ -275,5 +285,19 @@ def load(path: str | os.PathLike, trainer) -> None:
         raise CheckpointError(f"checkpoint {path} does not fit this run ({cause(e)})") from e
 
 
-__all__ = ["CheckpointError", "LATEST", "META", "RANK_ENTRY", "atomic_write", "latest", "load", "read_meta",
-           "read_sharded", "recover", "resolve_checkpoint", "save", "step_dirs", "supersede"]
+__all__ = [
+    "CheckpointError",
+    "LATEST",
+    "META",
+    "RANK_ENTRY",
+    "atomic_write",
+    "latest",
+    "load",
+    "read_meta",
+    "read_sharded",
+    "recover",
+    "resolve_checkpoint",
+    "save",
+    "step_dirs",
+    "supersede",
+]

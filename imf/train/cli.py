@@ -42,8 +42,10 @@ def _train(argv: list[str]) -> int:
         raise
     if result.stopped is not None:
         if result.rank == 0:
-            print(f"imf.train: stopped at step {result.step} ({result.stopped}); checkpoint {result.checkpoint}",
-                  file=sys.stderr)
+            print(
+                f"imf.train: stopped at step {result.step} ({result.stopped}); checkpoint {result.checkpoint}",
+                file=sys.stderr,
+            )
         return exit_code(result.stopped)
     return 0
 

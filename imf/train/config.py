@@ -126,8 +126,9 @@ class TrainConfig:
     seed: int = opt(0, "seed of the weights, the data order and every rank's noise")
     device: str = opt("auto", "auto (CUDA if available), cpu or cuda[:i]")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 (fp32 master weights) or fp32")
-    threads: int | None = opt(None, "torch CPU threads per process (default: OMP_NUM_THREADS, else CPUs / local "
-                              "processes, at most 8)")
+    threads: int | None = opt(
+        None, "torch CPU threads per process (default: OMP_NUM_THREADS, else CPUs / local processes, at most 8)"
+    )
     ema_decays: tuple[float, ...] = opt((0.9999,), "EMA decays kept in fp32 (the first one is sampled)", alias="ema")
     max_nonfinite: int = opt(10, "stop after this many non-finite steps in a row")
     out_dir: str = opt("runs/train", "output directory (config, metrics, samples, checkpoints)", alias="out")
@@ -175,8 +176,10 @@ class TrainConfig:
         _choice("backend", self.backend, ("auto", "reference", "triton"))
         on_cuda = self.device.startswith("cuda") or (self.device == "auto" and _cuda())
         if self.backend == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on a CPU, slow); "
-                              "use --backend reference or auto")
+            raise ConfigError(
+                "backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on a CPU, slow); "
+                "use --backend reference or auto"
+            )
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
@@ -199,8 +202,10 @@ class TrainConfig:
         if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
             raise ConfigError(f"optim.betas must be two values in [0, 1), got {list(o.betas)}")
         if o.weight_decay < 0 or o.eps <= 0 or o.grad_clip < 0:
-            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0, got "
-                              f"{o.weight_decay}, {o.grad_clip}, {o.eps}")
+            raise ConfigError(
+                "optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0, got "
+                f"{o.weight_decay}, {o.grad_clip}, {o.eps}"
+            )
         if s.warmup_steps is None and s.warmup_epochs is None:
             raise ConfigError("set schedule.warmup_steps or schedule.warmup_epochs")
         if (s.warmup_steps or 0) < 0 or (s.warmup_epochs or 0) < 0:
@@ -214,8 +219,10 @@ class TrainConfig:
         _positive("data.batch_size", d.batch_size)
         _positive("data.grad_accum", d.grad_accum)
         if d.batch_size % (world_size * d.grad_accum):
-            raise ConfigError(f"data.batch_size {d.batch_size} is not divisible by world_size {world_size} * "
-                              f"grad_accum {d.grad_accum}")
+            raise ConfigError(
+                f"data.batch_size {d.batch_size} is not divisible by world_size {world_size} * "
+                f"grad_accum {d.grad_accum}"
+            )
         try:
             LoaderSettings.of(d, batch_size=d.batch_size // (world_size * d.grad_accum)).validate()
         except UserError as e:
@@ -225,12 +232,16 @@ class TrainConfig:
             if not root.is_dir():
                 raise ConfigError(f"data.source {d.source!r} is not 'synthetic', 'digits' or an existing directory")
             if not (root / "manifest.json").is_file():
-                raise ConfigError(f"data.source {d.source!r} has no manifest.json (not a latent dataset; "
-                                  "make one with python -m imf.prepare)")
+                raise ConfigError(
+                    f"data.source {d.source!r} has no manifest.json (not a latent dataset; "
+                    "make one with python -m imf.prepare)"
+                )
         if d.source == "digits" and (model_cfg.in_channels, model_cfg.input_size, model_cfg.num_classes) != (1, 8, 10):
-            raise ConfigError("data 'digits' is 1x8x8 with 10 classes; the model has in_channels="
-                              f"{model_cfg.in_channels}, input_size={model_cfg.input_size}, "
-                              f"num_classes={model_cfg.num_classes} (use --preset demo)")
+            raise ConfigError(
+                "data 'digits' is 1x8x8 with 10 classes; the model has in_channels="
+                f"{model_cfg.in_channels}, input_size={model_cfg.input_size}, "
+                f"num_classes={model_cfg.num_classes} (use --preset demo)"
+            )
 
     def _validate_outputs(self, model_cfg: ModelConfig, world_size: int) -> None:
         out = Path(self.out_dir)
@@ -241,8 +252,10 @@ class TrainConfig:
             raise ConfigError(f"checkpoint.every_steps must be >= 0, got {c.every_steps}")
         _positive("checkpoint.keep_last", c.keep_last)
         if c.resume not in (None, "auto") and not Path(c.resume).exists():
-            raise ConfigError(f"checkpoint.resume {c.resume!r} does not exist (give 'auto', a step directory, "
-                              "a checkpoint root or its 'latest' file)")
+            raise ConfigError(
+                f"checkpoint.resume {c.resume!r} does not exist (give 'auto', a step directory, "
+                "a checkpoint root or its 'latest' file)"
+            )
         g = self.log
         for name in ("every_steps", "sample_per_label", "sample_steps"):
             _positive(f"log.{name}", getattr(g, name))
@@ -291,14 +304,31 @@ PRESET_DEFAULTS: dict[str, dict] = {
     # (fm_fraction 0; the v-head's loss still learns the instantaneous velocity) and a wider logit-normal
     # (p_std 1.6), which puts more pairs near (t, r) = (1, 0), the one-step jump. The measurements behind
     # these choices, and the settings tried before them, are in the README's main-job section.
-    "demo": {"data": {"source": "digits", "batch_size": 32}, "optim": {"lr": 1e-3, "grad_clip": 1.0},
-             "schedule": {"warmup_steps": 200, "decay": "cosine"}, "steps": 5000,
-             "loss": {"fm_fraction": 0.0, "p_std": 1.6},
-             "ema_decays": [0.999], "out_dir": "runs/demo", "checkpoint": {"every_steps": 1000}},
+    "demo": {
+        "data": {"source": "digits", "batch_size": 32},
+        "optim": {"lr": 1e-3, "grad_clip": 1.0},
+        "schedule": {"warmup_steps": 200, "decay": "cosine"},
+        "steps": 5000,
+        "loss": {"fm_fraction": 0.0, "p_std": 1.6},
+        "ema_decays": [0.999],
+        "out_dir": "runs/demo",
+        "checkpoint": {"every_steps": 1000},
+    },
     # Official MF: batch 256, 240 epochs (the u-loss follows from the preset's arch).
     "MF-B/2": {"data": {"batch_size": 256}, "epochs": 240},
     "MF-XL/2": {"data": {"batch_size": 256}, "epochs": 240},
 }
 
-__all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "DataConfig", "CheckpointConfig", "LogConfig",
-           "ParallelConfig", "DebugConfig", "ConfigError", "PRESET_DEFAULTS", "opt"]
+__all__ = [
+    "TrainConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "DataConfig",
+    "CheckpointConfig",
+    "LogConfig",
+    "ParallelConfig",
+    "DebugConfig",
+    "ConfigError",
+    "PRESET_DEFAULTS",
+    "opt",
+]

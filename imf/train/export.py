@@ -22,8 +22,13 @@ from imf.model import build_model
 from imf.train.checkpoint import CheckpointError, read_meta, read_sharded, resolve_checkpoint
 
 
-def load_ema(ckpt: str | os.PathLike, decay: float | None = None, *, backend: str = "reference",
-             device: str | torch.device = "cpu"):
+def load_ema(
+    ckpt: str | os.PathLike,
+    decay: float | None = None,
+    *,
+    backend: str = "reference",
+    device: str | torch.device = "cpu",
+):
     """The model of checkpoint ``ckpt`` holding the EMA weights of ``decay`` (default: the first), in eval mode,
     and the metadata an export writes (``imf.model_config``, ``imf.preset``, ...). Single process; loaded on the
     CPU, then moved to ``device``."""
@@ -40,9 +45,14 @@ def load_ema(ckpt: str | os.PathLike, decay: float | None = None, *, backend: st
     read_sharded(ckpt, template)
     weights.update(template["ema"][f"{decay}"])
     model.load_state_dict(weights)
-    metadata = {"format": "pt", "imf.model_config": json.dumps(meta["model_config"]),
-                "imf.preset": str(meta["config"]["preset"]), "imf.ema_decay": repr(decay),
-                "imf.step": str(meta["step"]), "imf.train_config": json.dumps(meta["config"])}
+    metadata = {
+        "format": "pt",
+        "imf.model_config": json.dumps(meta["model_config"]),
+        "imf.preset": str(meta["config"]["preset"]),
+        "imf.ema_decay": repr(decay),
+        "imf.step": str(meta["step"]),
+        "imf.train_config": json.dumps(meta["config"]),
+    }
     return model.to(device).eval(), metadata
 
 

@@ -45,8 +45,16 @@ class SampleGrids:
         g = self.cfg.log
         for omega in g.sample_omegas:
             for t_min, t_max in g.sample_intervals:
-                x = generate(self.model, self.y, omega, t_min, t_max, steps=g.sample_steps, noise=self.noise,
-                             autocast_dtype=self.autocast)
+                x = generate(
+                    self.model,
+                    self.y,
+                    omega,
+                    t_min,
+                    t_max,
+                    steps=g.sample_steps,
+                    noise=self.noise,
+                    autocast_dtype=self.autocast,
+                )
                 name = f"step{step:09d}_w{omega:g}_t{t_min:g}-{t_max:g}"
                 if self.pixel:
                     save_grid(x, self.dir / f"{name}.png", nrow=self.per_label, upscale=max(1, 64 // x.shape[-1]))

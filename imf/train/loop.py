@@ -67,8 +67,10 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
     root, resume = cfg.checkpoint_dir, cfg.checkpoint.resume
     if resume is None:
         if checkpoint.step_dirs(root):
-            raise ConfigError(f"{root} already holds checkpoints: pass --resume (auto) to continue that run, "
-                              "or use another out_dir / checkpoint.dir")
+            raise ConfigError(
+                f"{root} already holds checkpoints: pass --resume (auto) to continue that run, "
+                "or use another out_dir / checkpoint.dir"
+            )
         return None
     if resume == "auto":
         return checkpoint.latest(root)
@@ -122,20 +124,35 @@ def _train(cfg: TrainConfig, env: dist.DistEnv) -> TrainResult:
 
 def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | None) -> TrainResult:
     log = metrics.MetricsLog(Path(cfg.out_dir), env.is_main, cfg.log.tensorboard)
-    grids = (SampleGrids(cfg, trainer.model_cfg, trainer.backend, env.device, trainer.compute_dtype, env.rank)
-             if cfg.log.sample_every > 0 else None)
-    window = metrics.Window(images_per_step=trainer.micro * trainer.accum, world=env.world,
-                            flops_per_step=trainer.flops_per_step, peak=trainer.peak_flops, device=env.device)
+    grids = (
+        SampleGrids(cfg, trainer.model_cfg, trainer.backend, env.device, trainer.compute_dtype, env.rank)
+        if cfg.log.sample_every > 0
+        else None
+    )
+    window = metrics.Window(
+        images_per_step=trainer.micro * trainer.accum,
+        world=env.world,
+        flops_per_step=trainer.flops_per_step,
+        peak=trainer.peak_flops,
+        device=env.device,
+    )
     meta, every = trainer.meta(), cfg.checkpoint.every_steps
     first_step, losses, ckpt_path, stopped = trainer.step + 1, [], resume, None
 
     def save() -> Path:
-        return checkpoint.save(cfg.checkpoint_dir, trainer.step, trainer.state_dict(), meta=meta,
-                               keep_last=cfg.checkpoint.keep_last)
+        return checkpoint.save(
+            cfg.checkpoint_dir, trainer.step, trainer.state_dict(), meta=meta, keep_last=cfg.checkpoint.keep_last
+        )
 
     start = time.perf_counter()
-    bar = tqdm(total=trainer.total, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not env.is_main or not cfg.log.progress)
+    bar = tqdm(
+        total=trainer.total,
+        initial=trainer.step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not env.is_main or not cfg.log.progress,
+    )
     try:
         with StopSignals() as signals:
             while trainer.step < trainer.total:
@@ -147,31 +164,53 @@ def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | 
                 last = r.step == trainer.total
                 if r.step % cfg.log.every_steps == 0 or last or r.stop or trainer.in_a_row:
                     img_s = window.images_per_s()
-                    log.write(window.record(step=r.step, epoch=trainer.epoch, metrics=r.metrics,
-                                            grad_norm=r.grad_norm, lr=r.lr, skipped=trainer.skipped,
-                                            in_a_row=trainer.in_a_row))
+                    log.write(
+                        window.record(
+                            step=r.step,
+                            epoch=trainer.epoch,
+                            metrics=r.metrics,
+                            grad_norm=r.grad_norm,
+                            lr=r.lr,
+                            skipped=trainer.skipped,
+                            in_a_row=trainer.in_a_row,
+                        )
+                    )
                     bar.set_postfix(metrics.progress_postfix(r.metrics, img_s, trainer.skipped))
                 if trainer.in_a_row >= cfg.max_nonfinite:
                     ckpt_path = save()
                     raise NonFiniteError(
                         f"{trainer.in_a_row} non-finite steps in a row (loss or grad norm NaN/inf; {trainer.skipped} "
                         f"skipped in total), stopped at step {r.step}; checkpoint {ckpt_path}. Lower the learning "
-                        "rate, check the data, or resume from an earlier checkpoint (--resume DIR/step_...).")
+                        "rate, check the data, or resume from an earlier checkpoint (--resume DIR/step_...)."
+                    )
                 if grids is not None and (r.step % cfg.log.sample_every == 0 or last):
                     grids(r.step, trainer.ema)
                 if r.stop or last or (every and r.step % every == 0):
                     ckpt_path = save()
                 if r.stop:
-                    stopped = (f"signal {signal.Signals(signals.requested).name}" if signals.requested is not None
-                               else f"debug.interrupt_at_step {r.step}" if interrupt
-                               else "stop requested on another rank")
+                    stopped = (
+                        f"signal {signal.Signals(signals.requested).name}"
+                        if signals.requested is not None
+                        else f"debug.interrupt_at_step {r.step}"
+                        if interrupt
+                        else "stop requested on another rank"
+                    )
                     break
     finally:
         bar.close()
         log.close()
-    return TrainResult(step=trainer.step, first_step=first_step, losses=losses, skipped=trainer.skipped,
-                       stopped=stopped, checkpoint=ckpt_path, train_seconds=time.perf_counter() - start,
-                       model=trainer.model, ema=trainer.ema, rank=env.rank)
+    return TrainResult(
+        step=trainer.step,
+        first_step=first_step,
+        losses=losses,
+        skipped=trainer.skipped,
+        stopped=stopped,
+        checkpoint=ckpt_path,
+        train_seconds=time.perf_counter() - start,
+        model=trainer.model,
+        ema=trainer.ema,
+        rank=env.rank,
+    )
 
 
 __all__ = ["NonFiniteError", "TrainResult", "run"]

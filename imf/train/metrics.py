@@ -97,7 +97,8 @@ class Window:
     """Time and throughput since the last record; ``record()`` builds one and starts a new window."""
 
     def __init__(self, *, images_per_step: int, world: int, flops_per_step: float, peak: float | None, device):
-        self.images, self.world, self.flops, self.peak, self.device = images_per_step, world, flops_per_step, peak, device
+        self.images, self.world, self.flops, self.peak = images_per_step, world, flops_per_step, peak
+        self.device = device
         self.steps, self.time, self.data = 0, 0.0, 0.0
 
     def add(self, seconds: float, data_seconds: float) -> None:
@@ -108,15 +109,25 @@ class Window:
     def images_per_s(self) -> float:
         return self.images * self.steps / self.time * self.world
 
-    def record(self, *, step: int, epoch: int, metrics: dict, grad_norm: float, lr: float, skipped: int,
-               in_a_row: int) -> dict:
+    def record(
+        self, *, step: int, epoch: int, metrics: dict, grad_norm: float, lr: float, skipped: int, in_a_row: int
+    ) -> dict:
         per_device = self.images * self.steps / self.time
-        rec = {"step": step, "epoch": epoch, **metrics, "grad_norm": grad_norm, "lr": lr,
-               "img_per_s_per_device": per_device, "img_per_s": per_device * self.world,
-               "step_time_s": self.time / self.steps,
-               "tflops_per_device": self.flops * self.steps / self.time / 1e12,
-               "peak_mem_gib": peak_memory_gib(self.device), "data_wait_frac": self.data / self.time,
-               "skipped_total": skipped, "nonfinite_in_a_row": in_a_row}
+        rec = {
+            "step": step,
+            "epoch": epoch,
+            **metrics,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "img_per_s_per_device": per_device,
+            "img_per_s": per_device * self.world,
+            "step_time_s": self.time / self.steps,
+            "tflops_per_device": self.flops * self.steps / self.time / 1e12,
+            "peak_mem_gib": peak_memory_gib(self.device),
+            "data_wait_frac": self.data / self.time,
+            "skipped_total": skipped,
+            "nonfinite_in_a_row": in_a_row,
+        }
         if self.peak:
             rec["mfu"] = self.flops * self.steps / self.time / self.peak
         self.steps, self.time, self.data = 0, 0.0, 0.0

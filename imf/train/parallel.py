@@ -29,8 +29,8 @@ seed (the weights the seed names, identical for every world size and device) and
 ``set_model_state_dict(..., broadcast_from_rank0=True)`` copies each rank its shard, one parameter at a
 time. So only rank 0 holds one full fp32 copy, in host memory, during start-up; the sharded ranks' own
 ``init_weights`` draws are not used (on CPU meshes DTensor has no distributed RNG: every rank would draw
-the same numbers for its shard). Tested on CPU with gloo (2 processes, fp32 and bf16 param_dtype); the compile path is not
-covered by the CPU tests.
+the same numbers for its shard). Tested on CPU with gloo (2 processes, fp32 and bf16 param_dtype); the
+compile path is not covered by the CPU tests.
 """
 
 from __future__ import annotations
@@ -65,9 +65,16 @@ def _checkpoint_forward(block: nn.Module) -> None:
     block.forward = forward
 
 
-def parallelize(model: nn.Module, *, mesh: DeviceMesh | None, param_dtype: torch.dtype | None = None,
-                reduce_dtype: torch.dtype | None = torch.float32, activation_checkpointing: bool = False,
-                compile: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    *,
+    mesh: DeviceMesh | None,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """Checkpointing, then per-block compile, then per-block ``fully_shard``, then the root (in place).
 
     ``mesh``: 1-D data-parallel device mesh, or None for no sharding (single process). ``param_dtype``:

@@ -97,14 +97,18 @@ class Trainer(Stateful):
         self.cfg, self.env = cfg, env
         self.model_cfg, self.loss_cfg = cfg.model_config(), cfg.loss_config()
         device = env.device
-        self.compute_dtype = torch.bfloat16 if cfg.precision == "bf16" or (
-            cfg.precision == "auto" and device.type == "cuda") else torch.float32
+        self.compute_dtype = (
+            torch.bfloat16
+            if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+            else torch.float32
+        )
         self.backend = cfg.backend if cfg.backend != "auto" else ("triton" if device.type == "cuda" else "reference")
         self.accum = cfg.data.grad_accum
         self.micro = cfg.data.batch_size // (env.world * self.accum)
         shape = (self.model_cfg.in_channels, self.model_cfg.input_size, self.model_cfg.input_size)
-        settings = LoaderSettings.of(cfg.data, batch_size=self.micro, rank=env.rank, world_size=env.world,
-                                     seed=cfg.seed, device=device)
+        settings = LoaderSettings.of(
+            cfg.data, batch_size=self.micro, rank=env.rank, world_size=env.world, seed=cfg.seed, device=device
+        )
         loader = build_loader(cfg.data.source, settings, shape=shape, num_classes=self.model_cfg.num_classes)
         generator = torch.Generator(device).manual_seed(rank_noise_seed(cfg.seed, env.rank))
         self.inputs = InputStream(loader, self.loss_cfg, generator, device)
@@ -115,16 +119,30 @@ class Trainer(Stateful):
 
         p = cfg.parallel
         self.model = parallel.build(
-            self.model_cfg, backend=self.backend, env=env, seed=cfg.seed,
+            self.model_cfg,
+            backend=self.backend,
+            env=env,
+            seed=cfg.seed,
             param_dtype=None if self.compute_dtype == torch.float32 else self.compute_dtype,
-            reduce_dtype=torch.float32, activation_checkpointing=p.activation_checkpointing, compile=p.compile,
-            reshard_after_forward=p.reshard_after_forward)
+            reduce_dtype=torch.float32,
+            activation_checkpointing=p.activation_checkpointing,
+            compile=p.compile,
+            reshard_after_forward=p.reshard_after_forward,
+        )
         o = cfg.optim
         fused = o.fused if o.fused is not None else device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay, fused=fused, foreach=None if fused else True)
-        self.scheduler = schedule.scheduler(self.optimizer, total=self.total, warmup=warmup, decay=s.decay,
-                                            min_ratio=s.min_lr_ratio)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            fused=fused,
+            foreach=None if fused else True,
+        )
+        self.scheduler = schedule.scheduler(
+            self.optimizer, total=self.total, warmup=warmup, decay=s.decay, min_ratio=s.min_lr_ratio
+        )
         self.ema = EMA(self.model, cfg.ema_decays)
         self.step = self.skipped = self.in_a_row = 0
         self.flops_per_step = train_step_flops(self.model_cfg, self.loss_cfg, self.micro * self.accum)
@@ -164,8 +182,10 @@ class Trainer(Stateful):
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         names = sorted(sums)
-        packed = torch.stack([sums[k] for k in names] + [
-            (~torch.isfinite(sums["loss"])).float(), torch.tensor(float(stop), device=device)])
+        packed = torch.stack(
+            [sums[k] for k in names]
+            + [(~torch.isfinite(sums["loss"])).float(), torch.tensor(float(stop), device=device)]
+        )
         if self.env.world > 1:
             dist.all_reduce(packed)
         values = packed.tolist()
@@ -188,10 +208,15 @@ class Trainer(Stateful):
     def state_dict(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         device = self.env.device
-        rank = {"step": self.step, "scheduler": self.scheduler.state_dict(), "skipped": self.skipped,
-                "in_a_row": self.in_a_row, "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                **self.inputs.state_dict()}
+        rank = {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "skipped": self.skipped,
+            "in_a_row": self.in_a_row,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            **self.inputs.state_dict(),
+        }
         return {"model": model_sd, "optim": optim_sd, "ema": self.ema.state_dict(), RANK_ENTRY: rank}
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,8 +232,11 @@ class Trainer(Stateful):
 
     def meta(self) -> dict:
         """What a checkpoint's ``meta.json`` says about the run (besides step and world size)."""
-        return {"ema_decays": list(self.cfg.ema_decays), "model_config": dataclasses.asdict(self.model_cfg),
-                "config": self.cfg.to_dict()}
+        return {
+            "ema_decays": list(self.cfg.ema_decays),
+            "model_config": dataclasses.asdict(self.model_cfg),
+            "config": self.cfg.to_dict(),
+        }
 
     @property
     def epoch(self) -> int:
