@@ -37,7 +37,7 @@ class _AttentionJVP(torch.autograd.Function):
         n = q_t.shape[0]
         o, lse = flash.empty_outputs(q)
         o_t = flash.alloc(q_t)
-        flash.jvp_forward_into(q[:n], k[:n], v[:n], q_t, k_t, v_t, o[:n], o_t, lse[:n], scale)
+        flash.flash_forward_into(q[:n], k[:n], v[:n], o[:n], lse[:n], scale, (q_t, k_t, v_t, o_t))
         flash.flash_forward_into(q[n:], k[n:], v[n:], o[n:], lse[n:], scale)
         return o, o_t, lse
 

@@ -4,15 +4,19 @@ Math, per (batch, head), ``q, k, v`` of shape ``(L, D)``, ``s = scale`` (default
 
     S = s q k^T        P = softmax_rows(S)        o = P v
 
-Forward (FlashAttention-2, Dao 2023; Triton tutorial 06-fused-attention): each program owns
-``BLOCK_M`` query rows and streams ``BLOCK_N``-row blocks of ``k, v`` with an online softmax in
-the log2 domain. With ``x = S log2(e)`` for the current key block::
+Forward (FlashAttention-2, Dao 2023; Triton tutorial 06-fused-attention; lazy rescaling from
+FlashAttention-4): each program owns ``BLOCK_M`` query rows and streams ``BLOCK_N``-row blocks of
+``k, v`` with an online softmax in the log2 domain. With ``x = S log2(e)`` for the current key
+block and a running (possibly stale) row max ``m``::
 
-    m' = max(m, rowmax(x))      p = 2^(x - m')      alpha = 2^(m - m')
-    l  = alpha l + rowsum(p)    acc = alpha acc + p v
+    if max_rows(max(m, rowmax(x)) - m) > RESCALE_LOG2:      (block-uniform; always on the 1st block)
+        m' = max(m, rowmax(x))    alpha = 2^(m - m')    l, acc *= alpha    m = m'
+    p = 2^(x - m)                 l += rowsum(p)        acc += p v
 
-and at the end ``o = acc / l`` and ``lse = m + log2(l)`` (log-sum-exp of ``x`` in base 2), which is
-saved for backward: ``P = 2^(x - lse)``. Nothing ``L x L`` is ever stored.
+``p <= 2^RESCALE_LOG2`` (not 1) between rescales; every quantity shares the same ``m``, so the
+result is exact: at the end ``o = acc / l`` and ``lse = m + log2(l)`` (log-sum-exp of ``x`` in base
+2), which is saved for backward: ``P = 2^(x - lse)``. ``rowmax`` is taken on the unscaled ``q k^T``
+(``scale > 0``), so ``x - m`` is one FFMA per score. Nothing ``L x L`` is ever stored.
 
 Backward, given ``do = dLoss/do``::
 
@@ -28,25 +32,28 @@ Tangent (forward mode), tangents ``q_t, k_t, v_t``::
 
     S_t = s (q_t k^T + q k_t^T)   mu = rowsum(P * S_t)   P_t = P * (S_t - mu)   o_t = P_t v + P v_t
 
-Fused JVP forward (:func:`_attn_jvp_fwd`): primal and tangent in one pass, sharing the primal's
-online-softmax rescaling. With ``p = 2^(x - m)`` and ``alpha = 2^(m_old - m)`` as above, each
-program keeps, per query row::
+Fused JVP forward (the same kernel, ``WITH_TANGENT=True``): primal and tangent in one pass,
+sharing the primal's rescaling. Each program keeps, per query row, a shift ``c`` (an estimate of
+``mu``) and::
 
-    l   = alpha l + rowsum(p)                     (softmax denominator)
-    r   = alpha r + rowsum(p * S_t)               (so mu = r / l once all keys are seen)
-    c'  = r / l                                   (running estimate of mu)
-    acc = alpha acc + p v                         (-> o   = acc / l)
-    t   = alpha t + (c - c') alpha acc_old + (p * (S_t - c')) v + p v_t
-                                                  (-> o_t = t / l)
+    l   = sum_j p_j                             acc = sum_j p_j v_j
+    r   = sum_j p_j (S_t,j - c)                 t   = sum_j p_j (S_t,j - c) v_j + sum_j p_j v_t,j
 
-The invariant is ``t = sum_j p_j (S_t,j - c) v_j + sum_j p_j v_t,j`` for the current shift ``c``;
-at the end ``c = mu``, so ``t / l = P_t v + P v_t`` exactly. Centring ``S_t`` on the running mean
-before the product is rounded to the input dtype for the ``v`` matmul keeps the rounding error
-proportional to ``|P_t|`` rather than ``|P * S_t|`` (the two differ a lot when ``S_t`` has a large
-common offset; at ``seq = 1``, ``P_t = 0`` exactly). ``P_t v`` and ``P v_t`` share the accumulator
-``t``. ``S_t`` and ``p * (S_t - c')`` are formed in fp32. The fused forward costs 6 matmuls of
-``L x L x D`` (``S``, the two of ``S_t``, ``P v``, ``P_t v``, ``P v_t``) against 2 for the primal,
-and O(L) memory.
+Per block: ``p_t = p * (S_t - c)`` (one FFMA and one FMUL per score), ``r += rowsum(p_t)``,
+``acc += p v``, ``t += p_t v + p v_t``. ``c`` moves only in the (rare) rescale branch, to the running
+mean including the current block: ``delta = r / l``, ``c += delta``, ``p_t -= delta p``,
+``t -= delta acc`` (``acc`` before this block), ``r = 0``; this keeps the invariants above exact for
+any ``c``. At the end ``mu - c = r / l``, so::
+
+    o_t = (t - (r / l) acc) / l = P_t v + P v_t
+
+Centring ``S_t`` on a running mean before ``p_t`` is rounded to the input dtype for the ``v``
+matmul keeps the rounding error proportional to the spread of ``S_t`` rather than to ``|S_t|``
+(the two differ a lot when ``S_t`` has a large common offset per row; the first block's mean
+already removes it). ``S_t`` and ``p_t`` are formed in fp32; ``P_t v`` and ``P v_t`` share the
+accumulator ``t``. The fused forward costs 6 matmuls of ``L x L x D`` (``S``, the two of ``S_t``,
+``P v``, ``P_t v``, ``P v_t``) against 2 for the primal, and O(L) memory. Static cost on sm_90
+(d64, 128x64 tile, 8 warps, bf16): see ``docs/attention_jvp_loop.md``.
 
 Forward-mode AD: :class:`_Attention` has a ``jvp`` rule, so ``torch.func.jvp(attention, ...)`` and
 ``torch.autograd.forward_ad`` dual tensors work. Both call ``forward`` first (the primal kernel,
@@ -73,8 +80,10 @@ at the price of one compile per sequence length; the autotuner keys on it anyway
 keeps the kernels runnable in the Triton 3.6 interpreter with NumPy 2.4, which cannot use a
 runtime scalar as a ``range`` bound.)
 
-Tested: CPU Triton interpreter in fp32/fp16 (interpreted bf16 ``tl.dot`` is wrong, so bf16 is
-covered only by the GPU-marked tests); the autotune configs target H100.
+Tested: CPU Triton interpreter in fp32/fp16 against fp64 autograd / ``torch.func.jvp`` of math
+attention (interpreted bf16 ``tl.dot`` is wrong, so bf16 is covered only by the GPU-marked tests,
+not yet run on a GPU); compiled for sm_90 without a GPU (registers, spills, SASS); the autotune
+configs target H100.
 """
 
 from __future__ import annotations
@@ -88,6 +97,9 @@ from ._checks import check_float, check_like, interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
+# Lazy rescaling: the running max is raised only when a block exceeds it by more than this (log2
+# units), so unnormalised probabilities stay <= 2^5 (fp16 ``p_t`` overflows only past |S_t - c| ~ 2,000).
+RESCALE_LOG2: tl.constexpr = tl.constexpr(5.0)
 
 
 @triton.jit
@@ -132,31 +144,62 @@ def load_rows(ptrs, rows, n_rows, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.cons
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kl, stride_vl, offs_n, d_ok, qk_scale,
+    acc, acc_t, l_i, r_i, m_i, c_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+    stride_kl, stride_vl, stride_ktl, stride_vtl, offs_n, d_ok, qk_scale, scale,
     start: tl.constexpr, end: tl.constexpr, seq_len: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_TANGENT: tl.constexpr,
 ):
-    """Online-softmax update over key blocks ``[start, end)``; ``MASK_N`` only for the ragged tail."""
+    """Online-softmax update over key blocks ``[start, end)`` (``MASK_N`` only for the ragged tail),
+    with lazy rescaling and, if ``WITH_TANGENT``, the tangent terms (module docstring)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASK_N:
-            x = tl.where((cols < seq_len)[None, :], x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        p = tl.math.exp2(x - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
+            qk = tl.where((cols < seq_len)[None, :], qk, float("-inf"))
+        if WITH_TANGENT:
+            k_t = load_rows(kt_ptrs + start_n * stride_ktl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+            s_t = tl.dot(q_t, tl.trans(k), input_precision=PRECISION)
+            s_t = tl.dot(q, tl.trans(k_t), s_t, input_precision=PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with the scale
+        rescale = tl.max(m_new - m_i, 0) > RESCALE_LOG2
+        if rescale:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            if WITH_TANGENT:
+                r_i = r_i * alpha
+                acc_t = acc_t * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(qk * qk_scale - m_i[:, None])  # one FFMA per score
+        l_i += tl.sum(p, 1)
+        v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+        p_lo = p.to(v.dtype)
+        if WITH_TANGENT:
+            p_t = p * (s_t * scale - c_i[:, None])
+            r_blk = tl.sum(p_t, 1)
+            if rescale:  # re-centre on the running mean: c += delta keeps the invariant exact
+                delta = (r_i + r_blk) / l_i
+                c_i += delta
+                p_t -= delta[:, None] * p
+                acc_t -= delta[:, None] * acc
+                r_i = r_i + r_blk - delta * l_i
+            else:
+                r_i += r_blk
+            v_t = load_rows(vt_ptrs + start_n * stride_vtl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+            acc_t = tl.dot(p_t.to(v.dtype), v, acc_t, input_precision=PRECISION)
+            acc_t = tl.dot(p_lo, v_t, acc_t, input_precision=PRECISION)
+        acc = tl.dot(p_lo, v, acc, input_precision=PRECISION)
+    return acc, acc_t, l_i, r_i, m_i, c_i
 
 
 def _fwd_smem(meta: dict, num_stages: int) -> int:
-    """Shared memory of :func:`_attn_fwd`: the ``q`` tile plus ``num_stages`` buffered ``k, v`` tiles."""
+    """Shared memory of :func:`_attn_fwd`: the ``q`` (and ``q_t``) tile plus ``num_stages`` buffered
+    ``k, v`` (and ``k_t, v_t``) tiles."""
     tile = meta["BLOCK_D"] * meta["Q"].element_size()
-    return tile * (meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"])
+    n = 2 if meta["WITH_TANGENT"] else 1
+    return tile * n * (meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"])
 
 
 FWD_CONFIGS = _tuning.configs(BLOCK_M=(64, 128), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
@@ -164,116 +207,13 @@ FWD_CONFIGS = _tuning.configs(BLOCK_M=(64, 128), BLOCK_N=(64, 128), num_warps=(4
 
 @_tuning.autotune(
     candidates=FWD_CONFIGS,
-    key=["SEQ", "HEAD_DIM"],
+    key=["SEQ", "HEAD_DIM", "WITH_TANGENT"],
     smem_bytes=_fwd_smem,
     tensor_arg="Q",
     interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
 )
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_ql, stride_qd,
-    stride_kb, stride_kh, stride_kl, stride_kd,
-    stride_vb, stride_vh, stride_vl, stride_vd,
-    stride_ob, stride_oh, stride_ol, stride_od,
-    n_heads, qk_scale,
-    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One program: ``BLOCK_M`` query rows of one (batch, head). Writes ``o`` and ``lse`` (log2 domain,
-    ``LSE`` contiguous ``(batch, heads, SEQ)``)."""
-    start_m, off_bh = program_ids(SEQ, BLOCK_M)
-    stride_kl = aligned(stride_kl, ALIGN)
-    stride_vl = aligned(stride_vl, ALIGN)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-
-    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
-    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
-    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
-    q = load_rows(q_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_full: tl.constexpr = (SEQ // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kl, stride_vl, offs_n, d_ok, qk_scale,
-        0, n_full, SEQ, BLOCK_N, False, EVEN_D, PRECISION,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kl, stride_vl, offs_n, d_ok, qk_scale,
-        n_full, SEQ, SEQ, BLOCK_N, True, EVEN_D, PRECISION,
-    )
-
-    row_ok = offs_m < SEQ
-    tl.store(LSE + off_bh.to(tl.int64) * SEQ + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-    o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od, ALIGN)
-    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _jvp_inner(
-    acc, acc_t, l_i, m_i, r_i, c_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
-    stride_kl, stride_vl, stride_ktl, stride_vtl, offs_n, d_ok, qk_scale, scale,
-    start: tl.constexpr, end: tl.constexpr, seq_len: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Primal and tangent online-softmax update over key blocks ``[start, end)``."""
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        k_t = load_rows(kt_ptrs + start_n * stride_ktl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s_t = tl.dot(q_t, tl.trans(k), input_precision=PRECISION)
-        s_t = tl.dot(q, tl.trans(k_t), s_t, input_precision=PRECISION) * scale
-        if MASK_N:
-            x = tl.where((cols < seq_len)[None, :], x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        p = tl.math.exp2(x - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        r_i = r_i * alpha + tl.sum(p * s_t, 1)
-        c_new = r_i / l_i
-        acc = acc * alpha[:, None]
-        acc_t = acc_t * alpha[:, None] + (c_i - c_new)[:, None] * acc
-        v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        v_t = load_rows(vt_ptrs + start_n * stride_vtl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        p_lo = p.to(v.dtype)
-        acc_t = tl.dot((p * (s_t - c_new[:, None])).to(v.dtype), v, acc_t, input_precision=PRECISION)
-        acc_t = tl.dot(p_lo, v_t, acc_t, input_precision=PRECISION)
-        acc = tl.dot(p_lo, v, acc, input_precision=PRECISION)
-        m_i = m_new
-        c_i = c_new
-    return acc, acc_t, l_i, m_i, r_i, c_i
-
-
-def _jvp_smem(meta: dict, num_stages: int) -> int:
-    """Shared memory of :func:`_attn_jvp_fwd`: ``q, q_t`` plus ``num_stages`` buffered ``k, v, k_t, v_t``."""
-    tile = meta["BLOCK_D"] * meta["Q"].element_size()
-    return tile * (2 * meta["BLOCK_M"] + num_stages * 4 * meta["BLOCK_N"])
-
-
-JVP_CONFIGS = _tuning.configs(
-    BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4)
-)
-
-
-@_tuning.autotune(
-    candidates=JVP_CONFIGS,
-    key=["SEQ", "HEAD_DIM"],
-    smem_bytes=_jvp_smem,
-    tensor_arg="Q",
-    interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
-)
-@triton.jit
-def _attn_jvp_fwd(
     Q, K, V, QT, KT, VT, O, OT, LSE,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
@@ -285,9 +225,11 @@ def _attn_jvp_fwd(
     stride_otb, stride_oth, stride_otl, stride_otd,
     n_heads, qk_scale, scale,
     SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr, WITH_TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program: ``o, o_t`` and ``lse`` for ``BLOCK_M`` query rows of one (batch, head)."""
+    """One program: ``o`` (and ``o_t`` if ``WITH_TANGENT``; else ``QT, KT, VT, OT`` are unused) and
+    ``lse`` (log2 domain, ``LSE`` contiguous ``(batch, heads, SEQ)``) for ``BLOCK_M`` query rows of
+    one (batch, head)."""
     start_m, off_bh = program_ids(SEQ, BLOCK_M)
     stride_kl = aligned(stride_kl, ALIGN)
     stride_vl = aligned(stride_vl, ALIGN)
@@ -302,16 +244,15 @@ def _attn_jvp_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    q = load_rows(
-        tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN),
-        offs_m, SEQ, d_ok, True, EVEN_D,
-    )
-    q_t = load_rows(
-        tile_ptrs(QT, off_b, off_h, offs_m, offs_d, stride_qtb, stride_qth, stride_qtl, stride_qtd, ALIGN),
-        offs_m, SEQ, d_ok, True, EVEN_D,
-    )
+    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
     k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
     v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
+    q = load_rows(q_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
+    if WITH_TANGENT:
+        qt_ptrs = tile_ptrs(QT, off_b, off_h, offs_m, offs_d, stride_qtb, stride_qth, stride_qtl, stride_qtd, ALIGN)
+        q_t = load_rows(qt_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
+    else:
+        q_t = q
     kt_ptrs = tile_ptrs(KT, off_b, off_h, offs_n, offs_d, stride_ktb, stride_kth, stride_ktl, stride_ktd, ALIGN)
     vt_ptrs = tile_ptrs(VT, off_b, off_h, offs_n, offs_d, stride_vtb, stride_vth, stride_vtl, stride_vtd, ALIGN)
 
@@ -322,27 +263,28 @@ def _attn_jvp_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_full: tl.constexpr = (SEQ // BLOCK_N) * BLOCK_N
-    acc, acc_t, l_i, m_i, r_i, c_i = _jvp_inner(
-        acc, acc_t, l_i, m_i, r_i, c_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+    acc, acc_t, l_i, r_i, m_i, c_i = _fwd_inner(
+        acc, acc_t, l_i, r_i, m_i, c_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
         stride_kl, stride_vl, stride_ktl, stride_vtl, offs_n, d_ok, qk_scale, scale,
-        0, n_full, SEQ, BLOCK_N, False, EVEN_D, PRECISION,
+        0, n_full, SEQ, BLOCK_N, False, EVEN_D, PRECISION, WITH_TANGENT,
     )
-    acc, acc_t, l_i, m_i, r_i, c_i = _jvp_inner(
-        acc, acc_t, l_i, m_i, r_i, c_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+    acc, acc_t, l_i, r_i, m_i, c_i = _fwd_inner(
+        acc, acc_t, l_i, r_i, m_i, c_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
         stride_kl, stride_vl, stride_ktl, stride_vtl, offs_n, d_ok, qk_scale, scale,
-        n_full, SEQ, SEQ, BLOCK_N, True, EVEN_D, PRECISION,
+        n_full, SEQ, SEQ, BLOCK_N, True, EVEN_D, PRECISION, WITH_TANGENT,
     )
 
     row_ok = offs_m < SEQ
     mask = row_ok[:, None] & d_ok[None, :]
     l_inv = 1.0 / l_i
-    o = acc * l_inv[:, None]
-    o_t = acc_t * l_inv[:, None]
     tl.store(LSE + off_bh.to(tl.int64) * SEQ + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
     o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od, ALIGN)
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=mask)
-    ot_ptrs = tile_ptrs(OT, off_b, off_h, offs_m, offs_d, stride_otb, stride_oth, stride_otl, stride_otd, ALIGN)
-    tl.store(ot_ptrs, o_t.to(OT.dtype.element_ty), mask=mask)
+    tl.store(o_ptrs, (acc * l_inv[:, None]).to(O.dtype.element_ty), mask=mask)
+    if WITH_TANGENT:
+        # o_t = (t - (mu - c) acc) / l with mu - c = r / l: the final shift to the exact mean
+        o_t = (acc_t - (r_i * l_inv)[:, None] * acc) * l_inv[:, None]
+        ot_ptrs = tile_ptrs(OT, off_b, off_h, offs_m, offs_d, stride_otb, stride_oth, stride_otl, stride_otd, ALIGN)
+        tl.store(ot_ptrs, o_t.to(OT.dtype.element_ty), mask=mask)
 
 
 def _rows_smem(meta: dict, num_stages: int) -> int:
@@ -579,6 +521,8 @@ def validate(q, k, v, scale) -> float:
         return head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not 0 < scale < float("inf"):
+        raise ValueError(f"scale must be positive and finite (the kernels take the row max before scaling), got {scale}")
     return float(scale)
 
 
@@ -634,34 +578,21 @@ def empty_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return alloc(q), alloc(q, q.shape[:3], torch.float32)
 
 
-def flash_forward_into(q, k, v, o, lse, scale: float) -> None:
-    """Run the forward kernel on validated ``q, k, v``, writing ``o`` and ``lse`` (which may be views
-    into larger buffers: ``o`` through its strides, ``lse`` contiguous ``(batch, heads, seq)``)."""
+def flash_forward_into(q, k, v, o, lse, scale: float, tangents=None) -> None:
+    """Run the forward kernel on validated ``q, k, v`` (and ``tangents = (q_t, k_t, v_t, o_t)`` of the
+    same shape for the fused JVP), writing ``o``, ``lse`` (and ``o_t``). Outputs may be views into
+    larger buffers: ``o, o_t`` through their strides, ``lse`` contiguous ``(batch, heads, seq)``."""
     batch, heads, seq, _ = q.shape
     if q.numel() == 0:
         return
+    q_t, k_t, v_t, o_t = (q, k, v, o) if tangents is None else tangents
     _attn_fwd[row_grid("BLOCK_M", seq, batch * heads)](
-        q, k, v, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        heads, scale * LOG2E,
-        SEQ=seq, **kernel_meta(q, k, v, o),
-    )
-
-
-def jvp_forward_into(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale: float) -> None:
-    """Run the fused kernel on validated inputs of one batch size, writing ``o, o_t, lse`` (views allowed:
-    ``o, o_t`` through their strides, ``lse`` contiguous ``(batch, heads, seq)``)."""
-    batch, heads, seq, _ = q.shape
-    if q.numel() == 0:
-        return
-    _attn_jvp_fwd[row_grid("BLOCK_M", seq, batch * heads)](
         q, k, v, q_t, k_t, v_t, o, o_t, lse,
         *q.stride(), *k.stride(), *v.stride(), *q_t.stride(), *k_t.stride(), *v_t.stride(),
         *o.stride(), *o_t.stride(),
         heads, scale * LOG2E, scale,
-        SEQ=seq, **kernel_meta(q, k, v, q_t, k_t, v_t, o, o_t),
+        SEQ=seq, WITH_TANGENT=tangents is not None, **kernel_meta(q, k, v, o, q_t, k_t, v_t, o_t),
     )
-
 
 
 def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -698,7 +629,7 @@ def attention_tangent(
     the dispatcher), and so that backward through ``o_t`` raises instead of silently dropping."""
     o, lse = empty_outputs(q)
     o_t = alloc(q)
-    jvp_forward_into(q, k, v, q_t, k_t, v_t, o, o_t, lse, scale)
+    flash_forward_into(q, k, v, o, lse, scale, (q_t, k_t, v_t, o_t))
     return o_t
 
 

@@ -307,6 +307,7 @@ def _bad_calls():
         ("k", lambda: attention(x, x.to("meta"), x)),
         ("q: head_dim", lambda: attention(*(torch.randn(1, 1, 4, 160, device=DEVICE),) * 3)),
         ("scale", lambda: attention(x, x, x, scale="0.1")),
+        ("scale", lambda: attention(x, x, x, scale=-0.1)),
         ("q_t", lambda: attention_jvp(x, x, x, torch.randn(3, 2, 17, 64, device=DEVICE), t, t)),
         ("q_t", lambda: attention_jvp(x, x, x, torch.randn(1, 1, 17, 64, device=DEVICE), t, t)),
         ("q_t", lambda: attention_jvp(x, x, x, t.half(), t, t)),
@@ -330,12 +331,11 @@ def test_bad_inputs_raise(index):
         (attention_op.FWD_CONFIGS, attention_op._fwd_smem),
         (attention_op.DKDV_CONFIGS, attention_op._dkdv_smem),
         (attention_op.DQ_CONFIGS, attention_op._dq_smem),
-        (attention_op.JVP_CONFIGS, attention_op._jvp_smem),
     ],
 )
 def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, itemsize):
     dtype = torch.float16 if itemsize == 2 else torch.float32
-    meta = {"Q": torch.empty(0, dtype=dtype), "BLOCK_D": 128}
+    meta = {"Q": torch.empty(0, dtype=dtype), "BLOCK_D": 128, "WITH_TANGENT": itemsize == 2}
     limit = 227 * 1024  # H100 opt-in shared memory per block
     fits = [c for c in candidates if smem({**meta, **c.kwargs}, c.num_stages) <= limit]
     assert fits and _tuning.prune_by_shared_memory(candidates, meta, smem, limit) == fits
@@ -344,9 +344,9 @@ def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, item
 
 def test_autotune_prune_drops_deep_pipelines_at_head_dim_128():
     """fp16, ``BLOCK_D = 128``: the fused JVP cannot buffer 4 stages of four 128-row tiles."""
-    meta = {"Q": torch.empty(0, dtype=torch.float16), "BLOCK_D": 128}
-    kept = _tuning.prune_by_shared_memory(attention_op.JVP_CONFIGS, meta, attention_op._jvp_smem, 227 * 1024)
-    assert 0 < len(kept) < len(attention_op.JVP_CONFIGS)
+    meta = {"Q": torch.empty(0, dtype=torch.float16), "BLOCK_D": 128, "WITH_TANGENT": True}
+    kept = _tuning.prune_by_shared_memory(attention_op.FWD_CONFIGS, meta, attention_op._fwd_smem, 227 * 1024)
+    assert 0 < len(kept) < len(attention_op.FWD_CONFIGS)
     assert all(not (c.kwargs["BLOCK_N"] == 128 and c.num_stages == 4) for c in kept)
 
 
