@@ -11,6 +11,8 @@ Public API (stable)::
     swiglu(a, b) -> h
     swiglu_jvp(a, b, a_t, b_t) -> (h, h_t)
     linear_dual(x, x_t, weight, bias=None) -> (y, y_t)
+    scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False) -> o   # SDPA drop-in, torch.func.jvp-able
 
 Plain-PyTorch references of every op live in :mod:`imf_kernels.reference`.
 """
@@ -21,6 +23,7 @@ from .attention_op import attention
 from .linear_dual_op import linear_dual
 from .rms_norm_op import rms_norm, rms_norm_jvp
 from .rope_op import qk_norm_rope, qk_norm_rope_jvp
+from .sdpa import scaled_dot_product_attention
 from .swiglu_op import swiglu, swiglu_jvp
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "reference",
     "rms_norm",
     "rms_norm_jvp",
+    "scaled_dot_product_attention",
     "swiglu",
     "swiglu_jvp",
 ]
