@@ -174,3 +174,16 @@ def test_meta_construction_with_init_weights_equals_eager(name):
     assert not torch.equal(other.patch_embed.weight, eager.patch_embed.weight)
     gates = [p for n, p in eager.named_parameters() if n.endswith(("gate_attn", "gate_mlp", "ada.weight"))]
     assert gates and all(not g.any() for g in gates)
+
+
+def test_swiglu_padding_is_zero_after_init():
+    """hidden 100 pads each SwiGLU half to 128 units: the padded rows / columns start (and stay) zero."""
+    for device in ("cpu", "meta"):
+        model = imf.build_model("iMF-B/2", device=device, **{**TINY["iMF-B/2"], "mlp_hidden": 100})
+        if device == "meta":
+            model.to_empty(device="cpu")
+            model.init_weights()
+        for blk in [*model.trunk, *model.u_blocks, *model.v_blocks]:
+            assert blk.hidden_padded == 128
+            assert not blk.fc12.weight.view(2, 128, -1)[:, 100:].any() and not blk.fc3.weight[:, 100:].any()
+            assert blk.fc12.weight.view(2, 128, -1)[:, :100].abs().amin(dim=-1).gt(0).all()

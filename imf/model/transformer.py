@@ -59,7 +59,8 @@ class IMFTransformer(MeanFlowNet):
         First each layer's default init and the token sets' ``N(0, 0.02^2)`` draw, in construction order
         (this keeps the random stream, hence a seed's weights, those of the original eager constructor);
         then Xavier-uniform linears with zero biases, zero output linears, ``N(0, 0.02^2)`` class embedding,
-        unit norms, zero gates; then the buffers (RoPE tables, sinusoid frequencies) are recomputed.
+        unit norms, zero gates, zero SwiGLU padding units; then the buffers (RoPE tables, sinusoid frequencies)
+        are recomputed.
         """
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -79,6 +80,8 @@ class IMFTransformer(MeanFlowNet):
             elif isinstance(m, IMFBlock):
                 nn.init.zeros_(m.gate_attn)
                 nn.init.zeros_(m.gate_mlp)
+        for m in self.modules():  # after the block's linears got their Xavier draw
+            if isinstance(m, IMFBlock):
                 m.zero_padding_()
         for head in (self.u_out, getattr(self, "v_out", None)):
             if head is not None:
