@@ -19,7 +19,6 @@ from conftest import randomize_
 from PIL import Image
 
 from imf import build_model
-from imf.train.export import export_ema, load_exported
 from imf.data.digits import DigitsJudge, frechet_distance
 from imf.dist import free_port
 from imf.evaluate import (
@@ -42,6 +41,7 @@ from imf.evaluate import (
 from imf.sample import generate
 from imf.train import run as train
 from imf.train.args import build_config
+from imf.train.export import export_ema, load_exported
 
 TINY = {"dim": 32, "heads": 2}
 
@@ -330,7 +330,7 @@ def test_latent_errors(latent_run, tmp_path, capsys):
         (["--vae", str(root / "vae"), "--preset", "iMF-L/2"], "is a 'iMF-B/2' model, not --preset 'iMF-L/2'"),
         (["--omega", "2,0.5"], ">= 1"),
         (["--interval", "0.6:0.2"], "t_min <= t_max"),
-        (["--ckpt", str(root / "run")], "neither a checkpoint"),
+        (["--ckpt", str(root / "run")], "is not a checkpoint: no meta.json"),
     ]:
         assert main(base + extra) == 2
         assert match in capsys.readouterr().err, extra

@@ -290,7 +290,7 @@ EVAL_CASES = [
     ("safetensors without metadata", "nometa.safetensors", [], 2, "has no imf.model_config metadata"),
     ("weights of another config", "wrong_config.safetensors", [], 2, "do not match its model config"),
     ("not a safetensors file", "model.pt", [], 2, "expected the trainer's EMA export"),
-    ("a run directory", "run", [], 2, "neither a checkpoint"),
+    ("a run directory", "run", [], 2, "is not a checkpoint: no meta.json"),
     ("latest names a missing step", "ckpts/latest", [], 2, "names 'step_000000099', which is missing"),
     ("checkpoint root, dangling latest", "ckpts", [], 2, "names 'step_000000099', which is missing"),
     ("--num -1", "model.safetensors", ["--num", "-1"], 2, "--num -1 must be a positive multiple of 10"),

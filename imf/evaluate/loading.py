@@ -3,8 +3,9 @@
 ``--ckpt`` accepts an exported ``.safetensors`` file (``python -m imf.train export``; its metadata holds
 the model config, preset, EMA decay, step and training config), a DCP checkpoint directory
 (``step_...``), a checkpoint root (the one its ``latest`` names) or the ``latest`` pointer file itself.
-A DCP checkpoint's EMA (``--decay``, default the run's first) is loaded straight into the model
-(:func:`imf.checkpoint.load_ema`), with no file written. A missing, truncated or mismatched file is an
+The path is resolved by :func:`imf.train.checkpoint.resolve_checkpoint`; a DCP checkpoint's EMA
+(``--decay``, default the run's first) is loaded straight into the model (:func:`imf.train.export.load_ema`),
+with no file written. A missing, truncated or mismatched file is an
 :class:`EvalError` naming it.
 """
 
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from imf import checkpoint
 from imf.config import PRESETS
 from imf.evaluate.options import EvalError
+from imf.train.checkpoint import LATEST, CheckpointError, resolve_checkpoint
+from imf.train.export import load_ema, load_exported
 
 
 @dataclasses.dataclass
@@ -33,27 +35,6 @@ class Loaded:
     source: str
 
 
-def _step_dir(path: Path) -> Path:
-    """The DCP step directory ``path`` names: itself, the one a checkpoint root's ``latest`` names, or the one
-    the ``latest`` pointer file ``path`` names."""
-    try:
-        if path.is_file() and path.name == checkpoint.LATEST:
-            found = checkpoint.latest(path.parent)
-        elif (path / checkpoint.META).is_file():
-            return path
-        else:
-            found = checkpoint.latest(path)
-    except checkpoint.CheckpointError as e:
-        raise EvalError(f"--ckpt {path}: {e}") from None
-    if found is None:
-        raise EvalError(
-            f"--ckpt {path} is a directory but neither a checkpoint (no {checkpoint.META}) nor a "
-            f"checkpoint root (no '{checkpoint.LATEST}' file); for a run directory pass "
-            "its model.safetensors or checkpoints/"
-        )
-    return found
-
-
 def _metadata(meta: dict, source: str, model) -> Loaded:
     return Loaded(
         model=model,
@@ -66,23 +47,11 @@ def _metadata(meta: dict, source: str, model) -> Loaded:
 
 
 def _load_safetensors(path: Path, decay, backend, device) -> Loaded:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        model = checkpoint.load_exported(path, backend=backend, device=device)
-    except (SafetensorError, OSError) as e:
-        first = " ".join(str(e).split()) or type(e).__name__
-        raise EvalError(f"--ckpt {path} is not a readable safetensors file (truncated or corrupt?): {first}") from e
-    except checkpoint.CheckpointError as e:
-        raise EvalError(f"--ckpt {path}: {e}") from None
-    except RuntimeError as e:  # load_state_dict: the weights do not fit the config in the metadata
-        first = str(e).strip().splitlines()
-        raise EvalError(
-            f"--ckpt {path}: the weights do not match its model config ({first[0] if first else e})"
-        ) from None
-    loaded = _metadata(meta, str(path), model)
+    model = load_exported(path, backend=backend, device=device)  # CheckpointError for an unreadable file
+    with safe_open(str(path), framework="pt") as f:
+        loaded = _metadata(f.metadata() or {}, str(path), model)
     if decay is not None and loaded.decay is not None and decay != loaded.decay:
         raise EvalError(f"--decay {decay}: {path} holds the EMA with decay {loaded.decay}")
     return loaded
@@ -95,19 +64,24 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise EvalError(f"--ckpt {path} does not exist")
-    if path.is_dir() or path.name == checkpoint.LATEST:
-        step_dir = _step_dir(path)
-        try:
-            model, meta = checkpoint.load_ema(step_dir, decay, backend=backend, device=device)
-        except checkpoint.CheckpointError as e:
-            raise EvalError(f"--ckpt {path}: {e}") from None
-        return _metadata(meta, str(step_dir), model)
-    if path.suffix != ".safetensors":
+    if path.is_file() and path.suffix != ".safetensors" and path.name != LATEST:
         raise EvalError(
             f"--ckpt {path}: expected the trainer's EMA export (.safetensors, python -m imf.train "
-            "export), a DCP checkpoint directory or its 'latest' file"
+            "export), a DCP checkpoint directory, a checkpoint root or its 'latest' file"
         )
-    return _load_safetensors(path, decay, backend, device)
+    try:
+        if path.suffix == ".safetensors" and path.is_file():
+            return _load_safetensors(path, decay, backend, device)
+        step_dir = resolve_checkpoint(path)
+        model, meta = load_ema(step_dir, decay, backend=backend, device=device)
+    except CheckpointError as e:
+        raise EvalError(f"--ckpt: {e}") from None
+    except RuntimeError as e:  # load_state_dict: the weights do not fit the config in the metadata
+        first = str(e).strip().splitlines()
+        raise EvalError(
+            f"--ckpt {path}: the weights do not match its model config ({first[0] if first else e})"
+        ) from None
+    return _metadata(meta, str(step_dir), model)
 
 
 def check_preset(loaded: Loaded, preset: str | None) -> None:
