@@ -177,7 +177,7 @@ def test_guidance_fraction_vs_sampler(overrides):
 
 
 def test_step_flops_published_defaults():
-    """iMF-B/2: ~7 inference-forward equivalents per step (ARCHITECTURE.md section 1), vs 3 for FM."""
+    """iMF-B/2: ~7 inference-forward equivalents per step (docs/design.md section 1), vs 3 for FM."""
     cfg, loss_cfg = preset("iMF-B/2"), LossConfig()
     per_fwd = flops.forward_flops(cfg, 256, "u")
     total = flops.train_step_flops(cfg, loss_cfg, 256)
