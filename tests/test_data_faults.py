@@ -256,6 +256,22 @@ def test_fault_after_validation_is_still_one_line(tmp_path, workers):
     assert re.search(r"shard file \S*shard-00000\.moments\.npy is missing", _one_line(e.value)), str(e.value)
 
 
+def test_trainer_stops_before_training(tmp_path, capsys):
+    """The README's training command on a truncated shard: one line naming it, exit 2, nothing written."""
+    from imf.train import main as train
+
+    _dataset(tmp_path / "d")
+    _truncate(1, 0)(tmp_path / "d")
+    argv = ["--preset", "demo", "--data.source", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--threads", "1"]
+    capsys.readouterr()
+    assert train(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(
+        r"^imf\.train: error: shard file .*shard-00001\.moments\.npy is truncated", lines[0]
+    )
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------- settings
 
 

@@ -241,10 +241,12 @@ def build_loader(
                 backend = "dali"
             except MissingDependencyError:
                 backend = "torch"
-            if s.rank == 0 and not _ANNOUNCED:
-                why = "" if backend == "dali" else " (nvidia.dali not importable)"
-                print(f"imf.data: using the {backend} latent loader{why}", file=sys.stderr)
-                _ANNOUNCED = True
-        if backend == "dali":
-            return dali.DaliLatentLoader(data, s, shape=shape, num_classes=num_classes)
-    return LatentLoader(data, s, shape=shape, num_classes=num_classes)
+    if backend == "dali":
+        loader = dali.DaliLatentLoader(data, s, shape=shape, num_classes=num_classes)
+    else:
+        loader = LatentLoader(data, s, shape=shape, num_classes=num_classes)
+    if s.backend == "auto" and s.rank == 0 and not _ANNOUNCED:  # after validation: a data error stays one line
+        why = "" if backend == "dali" else " (nvidia.dali not importable)"
+        print(f"imf.data: using the {backend} latent loader{why}", file=sys.stderr)
+        _ANNOUNCED = True
+    return loader
