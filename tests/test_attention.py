@@ -1,52 +1,23 @@
 """Flash attention and the fused attention JVP against the math references.
 
-Bound (STYLE.md): relative error ``||x - ref|| / ||ref||`` against an fp64 reference must satisfy
-``err(kernel) <= 2 * err(the same math in the kernel's dtype) + floor``, where "the same math"
-is :mod:`imf_kernels.reference` (autograd / ``torch.func.jvp`` of math attention) run on the
-kernel's inputs in their own dtype. Gradients are normalised by the norm of all three reference
-gradients together (at ``seq = 1``, ``dq`` and ``dk`` are exactly zero). Every output buffer
-the ops allocate is filled with NaN first (autouse fixture), so an unwritten element fails the
-bound. CPU cases run under ``TRITON_INTERPRET=1`` in fp32/fp16 (interpreted bf16 ``tl.dot`` is
-wrong); bf16 and long sequences are in the GPU-marked tests.
+Bound: :func:`numerics.assert_bound` (``err(kernel) <= 2 * err(the same math in the kernel's
+dtype) + floor`` against fp64), where "the same math" is :mod:`imf_kernels.reference` (autograd /
+``torch.func.jvp`` of math attention) run on the kernel's inputs in their own dtype. Gradients
+are normalised by the norm of all three reference gradients together (at ``seq = 1``, ``dq`` and
+``dk`` are exactly zero). Every buffer allocated while a test runs is NaN-filled
+(``numerics.poisoned``), so an unwritten element fails the bound. CPU cases run under
+``TRITON_INTERPRET=1`` in fp32/fp16 (interpreted bf16 ``tl.dot`` is wrong); bf16 and long
+sequences are in the GPU-marked tests.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from imf_kernels import _tuning, attention, attention_jvp, attention_op, reference
-from imf_kernels._checks import interpreting
+from numerics import DEVICE, INTERPRETING, assert_bound, rel_err
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA and not interpreting() else "cpu"
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
-gpu = pytest.mark.skipif(not HAS_CUDA or interpreting(), reason="needs CUDA (without the interpreter)")
-
-
-@pytest.fixture(autouse=True)
-def seeded():
-    """Fresh random inputs each run; the seed is printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    print(f"seed {seed}")
-
-
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    """Every buffer the ops allocate starts as NaN; returns the list of those buffers."""
-    buffers = []
-    alloc = attention_op.alloc
-
-    def nan_alloc(like, shape=None, dtype=None):
-        buffers.append(alloc(like, shape, dtype).fill_(float("nan")))
-        return buffers[-1]
-
-    monkeypatch.setattr(attention_op, "alloc", nan_alloc)
-    return buffers
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("poisoned", "seeded")]
 
 
 def make(shape, dtype, layout="blhd", device=DEVICE, grad=False):
@@ -57,15 +28,6 @@ def make(shape, dtype, layout="blhd", device=DEVICE, grad=False):
     else:
         x = torch.randn(b, h, seq, d, device=device, dtype=dtype)
     return x.requires_grad_(grad)
-
-
-def rel_err(x, ref, norm=None) -> float:
-    return ((x.double() - ref).norm() / (ref.norm() if norm is None else norm)).item()
-
-
-def assert_bound(name, out, same_math, ref, dtype, norm=None):
-    err, err_torch = rel_err(out, ref, norm), rel_err(same_math, ref, norm)
-    assert err <= 2 * err_torch + FLOOR[dtype], f"{name}: err {err:.3g} > 2 * torch {dtype} err {err_torch:.3g}"
 
 
 def reference_grads(q, k, v, do, dtype):
@@ -81,11 +43,11 @@ def check_attention_grads(o, q, k, v, dtype):
     grads = torch.autograd.grad(o, (q, k, v), do)
     o64, grads64 = reference_grads(q, k, v, do, torch.float64)
     o_lo, grads_lo = reference_grads(q, k, v, do, dtype)
-    assert_bound("o", o, o_lo, o64, dtype)
+    assert_bound("o", o, o_lo, o64)
     norm = torch.cat([g.flatten() for g in grads64]).norm()
     for name, g, g_lo, g64 in zip(("dq", "dk", "dv"), grads, grads_lo, grads64, strict=True):
         assert g.dtype == dtype and g.shape == g64.shape
-        assert_bound(name, g, g_lo, g64, dtype, norm)
+        assert_bound(name, g, g_lo, g64, norm=norm)
 
 
 def check_attention_jvp(b, h, seq, d, n, dtype, layout, key_offset):
@@ -102,7 +64,7 @@ def check_attention_jvp(b, h, seq, d, n, dtype, layout, key_offset):
         args64 = [x[:n].detach().double() for x in (q, k, v)] + [x.double() for x in (q_t, k_t, v_t)]
         _, o_t64 = reference.attention_jvp_autodiff(*args64)
         _, o_t_lo = reference.attention_jvp_autodiff(*[x.to(dtype) for x in args64])
-        assert_bound("o_t", o_t, o_t_lo, o_t64, dtype)
+        assert_bound("o_t", o_t, o_t_lo, o_t64)
     check_attention_grads(o, q, k, v, dtype)
 
 
@@ -174,8 +136,8 @@ def test_func_jvp_through_attention(dtype, shape, layout):
     assert o_t.shape == q.shape and o_t.dtype == dtype
     o64, o_t64 = reference_jvp((q, k, v), tangents, torch.float64)
     o_lo, o_t_lo = reference_jvp((q, k, v), tangents, dtype)
-    assert_bound("o", o, o_lo, o64, dtype)
-    assert_bound("o_t", o_t, o_t_lo, o_t64, dtype)
+    assert_bound("o", o, o_lo, o64)
+    assert_bound("o_t", o_t, o_t_lo, o_t64)
     check_attention_grads(o, q, k, v, dtype)
 
 
@@ -189,8 +151,8 @@ def test_forward_ad_dual_tensors():
     o_lo, o_t_lo = reference_jvp((q, k, v), (q_t, zeros, zeros), F32)
     with fwad.dual_level():
         o, o_t = fwad.unpack_dual(attention(fwad.make_dual(q, q_t), k, v, scale=None))
-    assert_bound("o", o, o_lo, o64, F32)
-    assert_bound("o_t", o_t, o_t_lo, o_t64, F32)
+    assert_bound("o", o, o_lo, o64)
+    assert_bound("o_t", o_t, o_t_lo, o_t64)
 
 
 def test_func_jvp_tangent_is_stop_gradient():
@@ -292,8 +254,8 @@ def test_explicit_scale():
     args64 = [x.detach().double() for x in (q, k, v, q_t, k_t, v_t)]
     o64, o_t64 = reference.attention_jvp_autodiff(*args64, scale=0.5)
     o_lo, o_t_lo = reference.attention_jvp_autodiff(*[x.float() for x in args64], scale=0.5)
-    assert_bound("o", o, o_lo, o64, F32)
-    assert_bound("o_t", o_t, o_t_lo, o_t64, F32)
+    assert_bound("o", o, o_lo, o64)
+    assert_bound("o_t", o_t, o_t_lo, o_t64)
 
 
 def _bad_calls():
@@ -350,7 +312,7 @@ def test_autotune_prune_drops_deep_pipelines_at_head_dim_128():
     assert all(not (c.kwargs["BLOCK_N"] == 128 and c.num_stages == 4) for c in kept)
 
 
-@pytest.mark.skipif(not interpreting(), reason="the smoke run uses CPU tensors")
+@pytest.mark.skipif(not INTERPRETING, reason="the smoke run uses CPU tensors")
 def test_bench_smoke():
     """The benchmark harness produces a row with numbers for every implementation, op and mode."""
     from bench import attention_bench
@@ -372,7 +334,6 @@ def test_bench_smoke():
     assert all("error" not in r and r["ms"] > 0 and r["tflops"] > 0 for r in rows)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seq, head_dim", [(256, 64), (276, 72), (1024, 64), (1024, 128), (4096, 64)])
@@ -382,7 +343,6 @@ def test_attention_gpu(dtype, seq, head_dim):
     check_attention_grads(attention(q, k, v), q, k, v, dtype)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seq, head_dim, n", [(256, 64, 3), (276, 72, 2), (1024, 64, 4), (4096, 64, 1)])
@@ -394,11 +354,10 @@ def test_attention_jvp_gpu(dtype, seq, head_dim, n):
     args64 = [x[:n].detach().double() for x in (q, k, v)] + [x.double() for x in tangents]
     _, o_t64 = reference.attention_jvp_autodiff(*args64)
     _, o_t_lo = reference.attention_jvp_autodiff(*[x.to(dtype) for x in args64])
-    assert_bound("o_t", o_t, o_t_lo, o_t64, dtype)
+    assert_bound("o_t", o_t, o_t_lo, o_t64)
     check_attention_grads(o, q, k, v, dtype)
 
 
-@gpu
 @pytest.mark.gpu
 def test_attention_jvp_gpu_memory_is_linear_in_seq():
     """Peak memory of the fused op beyond its inputs grows O(seq) (outputs and ``lse``), not O(seq^2)."""
