@@ -133,11 +133,12 @@ class Recorder:
         grid = kwargs.pop("grid", None)
         kwargs.pop("warmup", None)
         configs, pinned, grids = {}, {}, {}
+        if tuner is None:  # a plain @triton.jit launch: its one config comes with the call
+            plain = Config({}, num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))
         for arch in self.archs:
             with mock_device(arch):
                 if tuner is None:
-                    cands = [Config({}, num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))]
-                    pin = cands[0]
+                    cands, pin = [plain], plain
                 else:
                     tuner.nargs = dict(zip(tuner.arg_names, args, strict=False))
                     cands = list(tuner.prune_configs(kwargs)) if len(tuner.configs) > 1 else list(tuner.configs)

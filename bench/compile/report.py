@@ -205,11 +205,23 @@ def markdown(rows: list[dict], env: dict, shapes: list[str], jvp_loop: list[dict
             ]
         )
     lines += _table(cols, table)
-    failing = [r for r in rows if r["problems"]]
-    lines += ["", f"## Problems ({len(failing)} rows)", ""]
+    failing = defaultdict(list)
+    for r in rows:
+        if r["problems"]:
+            failing[r["arch"], r["kernel"], r["config"]].append(r)
+    lines += [
+        "",
+        f"## Problems ({sum(map(len, failing.values()))} rows, {len(failing)} kernel x config x arch)",
+        "",
+        "Grouped by kernel, config and arch; the problems are those of the first shape listed.",
+        "",
+    ]
     lines += _table(
-        ["arch", "shape", "kernel", "config", "problems"],
-        [[f"sm_{r['arch']}", r["shape"], r["kernel"], r["config"], "; ".join(r["problems"])] for r in failing],
+        ["arch", "kernel", "config", "shapes", "problems"],
+        [
+            [f"sm_{arch}", kernel, config, ", ".join(sorted({r["shape"] for r in rs})), "; ".join(rs[0]["problems"])]
+            for (arch, kernel, config), rs in sorted(failing.items())
+        ],
     )
     return "\n".join(lines) + "\n"
 
