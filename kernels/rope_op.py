@@ -31,10 +31,19 @@ in ``(cos, sin)``, so those tangents are the primal kernel with ``w_dot`` / ``(c
 in their place. The primal keeps its backward; the tangent is a constant to autograd.
 
 Backward: only the primal (``y_t`` detached, nothing saved for it); ``rstd`` (fp32, ``(B, H, L)``)
-is saved by the forward. One backward program per ``(batch, head)`` walks all tokens and writes
-one fp32 partial row of ``dw``; the ``(B * H, D)`` partials are summed (deterministic). The token
-count is a constexpr of the backward kernel (the Triton 3.6 interpreter cannot loop to a runtime
-bound under numpy >= 2.3), so it compiles once per sequence length.
+is saved by the forward. Each backward program covers 64 tokens of one ``(batch, head)`` (in
+``BLOCK_L`` tiles) and writes one fp32 partial row of ``dw``; the partials are summed in a fixed
+order (deterministic). Both grids are 1-D over ``batch x heads x token tiles``: grid axes 1 and 2
+stop at 65,535, and the backward no longer walks a whole sequence per ``(batch, head)`` program
+(which left an H100 under-filled below 132 ``batch x heads``).
+
+**Vectorised loads at any head_dim** (issue 13: at head_dim 72 every load was scalar and configs
+spilled up to 21 KB). ``D = head_dim`` is a constexpr, so the ``d < D`` mask and the rotation
+``rot(d)`` are known in groups of 8 (``D % 16 == 0``) or 4 (72); strides that are multiples of 16
+bytes (checked by the launcher, :func:`imf_kernels.attention_op.stride_align`) are rebuilt as
+visible multiples (``ALIGN``), since Triton does not specialise a stride like 72 and ignores
+``tl.multiple_of`` on scalars. Everything is read 16 bytes at a time except the rotated partner at
+head_dim 72, whose halves of 36 start 72 bytes apart (8-byte loads, cache hits of the main load).
 
 Tested: fp32/fp16 on CPU under the Triton interpreter (``tests/test_dual_ops.py``); the bf16 GPU
 tests there are written but were not run when this module was written (no GPU available).
@@ -46,25 +55,34 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_float, check_prefix, describe, interpreting, kernel_rule, saved
+from ._checks import check_float, check_prefix, describe, kernel_rule, saved
+from ._tuning import autotune
+from .attention_op import aligned, stride_align
 
-# Largest tile (tokens x padded head_dim, fp32 elements) one program holds.
-_MAX_TILE = 8192
+# Candidate configs: BLOCK_L tokens x BLOCK_D = next_power_of_2(head_dim) columns, num_warps.
+# Rule, from the sm_90 compile report (bf16, batch 32 x 276 tokens x 16 heads, head_dim 64 and 72;
+# ``python -m bench compile``), applied per BLOCK_D by :func:`_fits`:
+#   * 4 to 16 fp32 tile elements per thread: the forward with tangent keeps about ten such tiles live
+#     (x, x[rot], x_t, x_t[rot], cos, sin, outputs); at 16 it needs <= 160 registers and spills
+#     nothing, at 32 it reaches 255 (the old list's BLOCK_L = 128 with 2 warps spilled 10.7 KB); below
+#     4 the 16-byte loads are split across too many threads;
+#   * not 32 * num_warps == BLOCK_D: the 1-D weight load then gets one element per thread (scalar
+#     2-byte loads; seen at (BLOCK_D 64, 2 warps) and (128, 4 warps)).
+# That keeps 6-7 of these 20 per head_dim (e.g. head_dim 64: (8, 1), (8, 4), (16, 4), (16, 8),
+# (32, 4), (32, 8), (64, 8)), all with 16-byte loads and no spill.
+_CONFIGS = [triton.Config({"BLOCK_L": m}, num_warps=w) for m in (4, 8, 16, 32, 64) for w in (1, 2, 4, 8)]
+_INTERPRET_CONFIG = triton.Config({"BLOCK_L": 16}, num_warps=4)
+# Tokens one backward program covers (a multiple of every BLOCK_L): its fp32 dw partial row is 1/64
+# of the bytes of dy and x it reads, and batch 32 x 16 heads x 276 tokens still make 2560 programs
+# (132 SMs). The partial count depends on the shape only, so the backward is deterministic.
+_BWD_TOKENS = 64
 
 
-def _configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_L": m}, num_warps=w) for m in (8, 16, 32, 64, 128) for w in (2, 4, 8)]
-
-
-def _prune(configs, named_args, **kwargs):
-    block_d = {**named_args, **kwargs}["BLOCK_D"]
-    fit = [c for c in configs if c.kwargs["BLOCK_L"] * block_d <= _MAX_TILE]
-    return fit or configs[:1]
-
-
-_PRUNE = {"early_config_prune": _prune}
+def _fits(configs, meta):
+    """The configs of the rule above for this ``BLOCK_D``."""
+    block_d = meta["BLOCK_D"]
+    per_thread = lambda c: c.kwargs["BLOCK_L"] * block_d // (32 * c.num_warps)
+    return [c for c in configs if 4 <= per_thread(c) <= 16 and 32 * c.num_warps != block_d]
 
 
 @triton.jit
@@ -73,20 +91,29 @@ def _rope(z, zr, cos, sin, sgn):
     return z * cos + sgn * zr * sin
 
 
-@triton.autotune(configs=_configs(), key=["D", "WITH_PRIMAL", "WITH_TANGENT"], prune_configs_by=_PRUNE)
+@triton.jit
+def _tile(pid, L, H, BLOCK_L: tl.constexpr):
+    """``(token tile, head, batch)`` of a program of the 1-D grid ``B * H * cdiv(L, BLOCK_L)`` (grid axes
+    1 and 2 stop at 65,535; axis 0 does not)."""
+    n_l = tl.cdiv(L, BLOCK_L)
+    bh = pid // n_l
+    return pid % n_l, bh % H, (bh // H).to(tl.int64)
+
+
+@autotune(candidates=_CONFIGS, key=["D", "WITH_PRIMAL", "WITH_TANGENT"], interpret_config=_INTERPRET_CONFIG,
+          prune=_fits, name="rope_op.qk_norm_rope_fwd")  # fmt: skip
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
     X, XT, W, COS, SIN, Y, YT, RSTD,
     sx_b, sx_l, sx_h, sxt_b, sxt_l, sxt_h,
-    L, H, n_t, D, eps,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, WITH_PRIMAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
+    L, H, n_t, eps,
+    D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    WITH_PRIMAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
 ):  # fmt: skip
-    pid_l = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid_l, h, b = _tile(tl.program_id(0), L, H, BLOCK_L)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
-    half = D // 2
+    half: tl.constexpr = D // 2
     rot_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
     sgn = tl.where(offs_d < half, -1.0, 1.0)[None, :]
     mask_d = offs_d < D
@@ -98,7 +125,7 @@ def _qk_norm_rope_fwd_kernel(
     cos = tl.load(COS + tab + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     sin = tl.load(SIN + tab + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
 
-    x_row = X + b * sx_b + h * sx_h + offs_l[:, None] * sx_l
+    x_row = X + b * aligned(sx_b, ALIGN) + h * aligned(sx_h, ALIGN) + offs_l[:, None] * aligned(sx_l, ALIGN)
     x = tl.load(x_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     xr = tl.load(x_row + rot_d[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd_l = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
@@ -113,7 +140,8 @@ def _qk_norm_rope_fwd_kernel(
         tl.store(Y + out, _rope(xn * w, xnr * wr, cos, sin, sgn).to(Y.dtype.element_ty), mask=mask)
     if WITH_TANGENT:
         if b < n_t:
-            xt_row = XT + b * sxt_b + h * sxt_h + offs_l[:, None] * sxt_l
+            xt_row = XT + b * aligned(sxt_b, ALIGN) + h * aligned(sxt_h, ALIGN)
+            xt_row += offs_l[:, None] * aligned(sxt_l, ALIGN)
             xt = tl.load(xt_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
             xtr = tl.load(xt_row + rot_d[None, :], mask=mask, other=0.0).to(tl.float32)
             dot = (tl.sum(xn * xt, axis=1) / D)[:, None]
@@ -122,45 +150,47 @@ def _qk_norm_rope_fwd_kernel(
             tl.store(YT + out, _rope(zt, ztr, cos, sin, sgn).to(YT.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["D", "SEQ"], prune_configs_by=_PRUNE)
+@autotune(candidates=_CONFIGS, key=["D"], interpret_config=_INTERPRET_CONFIG, prune=_fits,
+          name="rope_op.qk_norm_rope_bwd")  # fmt: skip
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
     DY, X, W, COS, SIN, RSTD, DX, DW_PARTIAL,
     sdy_b, sdy_h, sdy_l, sx_b, sx_l, sx_h,
-    H, D,
-    SEQ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    L, H,
+    D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, TOKENS: tl.constexpr,
 ):  # fmt: skip
-    h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    pid_l, h, b = _tile(pid, L, H, TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
-    half = D // 2
+    half: tl.constexpr = D // 2
     rot_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
     sgn = tl.where(offs_d < half, -1.0, 1.0)[None, :]
     mask_d = offs_d < D
     w = tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    dy_head = DY + b * aligned(sdy_b, ALIGN) + h * aligned(sdy_h, ALIGN)
+    x_head = X + b * aligned(sx_b, ALIGN) + h * aligned(sx_h, ALIGN)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for start in range(0, SEQ, BLOCK_L):
-        offs_l = start + tl.arange(0, BLOCK_L)
-        mask_l = offs_l < SEQ
+    for start in range(0, TOKENS, BLOCK_L):
+        offs_l = pid_l * TOKENS + start + tl.arange(0, BLOCK_L)
+        mask_l = offs_l < L
         mask = mask_l[:, None] & mask_d[None, :]
         tab = offs_l[:, None] * D
         cos = tl.load(COS + tab + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         sinr = tl.load(SIN + tab + rot_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy_row = DY + b * sdy_b + h * sdy_h + offs_l[:, None] * sdy_l
+        dy_row = dy_head + offs_l[:, None] * aligned(sdy_l, ALIGN)
         dy = tl.load(dy_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         dyr = tl.load(dy_row + rot_d[None, :], mask=mask, other=0.0).to(tl.float32)
         dz = dy * cos - sgn * sinr * dyr
-
-        x = tl.load(X + b * sx_b + h * sx_h + offs_l[:, None] * sx_l + offs_d[None, :], mask=mask, other=0.0)
-        rstd = tl.load(RSTD + (b * H + h) * SEQ + offs_l, mask=mask_l, other=0.0)[:, None]
+        x = tl.load(x_head + offs_l[:, None] * aligned(sx_l, ALIGN) + offs_d[None, :], mask=mask, other=0.0)
+        rstd = tl.load(RSTD + (b * H + h) * L + offs_l, mask=mask_l, other=0.0)[:, None]
         xn = x.to(tl.float32) * rstd
-        dw += tl.sum(dz * xn, axis=0)
         g = dz * w
         dot = (tl.sum(g * xn, axis=1) / D)[:, None]
         dx = rstd * (g - xn * dot)
-        dx_off = ((b * SEQ + offs_l[:, None]) * H + h) * D + offs_d[None, :]
+        dx_off = ((b * L + offs_l[:, None]) * H + h) * D + offs_d[None, :]
         tl.store(DX + dx_off, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + (b * H + h) * D + offs_d, dw, mask=mask_d)
+        dw += tl.sum(dz * xn, axis=0)
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * D + offs_d, dw, mask=mask_d)
 
 
 def _validate(x, x_t, weight, cos, sin) -> None:
@@ -196,12 +226,13 @@ def _forward(x, x_t, weight, cos, sin, eps, *, primal=True):
     y = torch.empty((batch, heads, seq, d), dtype=x.dtype, device=x.device) if primal else None
     y_t = torch.empty((xt.shape[0], heads, seq, d), dtype=x.dtype, device=x.device) if x_t is not None else None
     rstd = torch.empty((batch, heads, seq), dtype=torch.float32, device=x.device) if primal else None
-    grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_L"]), heads, batch)
+    grid = lambda meta: (batch * heads * triton.cdiv(seq, meta["BLOCK_L"]),)
     _qk_norm_rope_fwd_kernel[grid](
         x, xt, weight, cos, sin, x if y is None else y, x if y_t is None else y_t, x if rstd is None else rstd,
         x.stride(0), x.stride(1), x.stride(2), xt.stride(0), xt.stride(1), xt.stride(2),
-        seq, heads, xt.shape[0] if x_t is not None else 0, d, eps,
-        BLOCK_D=triton.next_power_of_2(d), WITH_PRIMAL=primal, WITH_TANGENT=x_t is not None,
+        seq, heads, xt.shape[0] if x_t is not None else 0, eps,
+        D=d, BLOCK_D=triton.next_power_of_2(d), ALIGN=stride_align(x, xt),
+        WITH_PRIMAL=primal, WITH_TANGENT=x_t is not None,
     )  # fmt: skip
     return y, y_t, rstd
 
@@ -211,12 +242,14 @@ def _backward(dy, x, weight, cos, sin, rstd):
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dx = torch.empty((batch, seq, heads, d), dtype=x.dtype, device=x.device)
-    dw_partial = torch.empty((batch * heads, d), dtype=torch.float32, device=x.device)
-    _qk_norm_rope_bwd_kernel[(heads, batch)](
+    programs = batch * heads * triton.cdiv(seq, _BWD_TOKENS)
+    dw_partial = torch.empty((programs, d), dtype=torch.float32, device=x.device)
+    grid = (programs,)
+    _qk_norm_rope_bwd_kernel[grid](
         dy, x, weight, cos, sin, rstd, dx, dw_partial,
         dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2),
-        heads, d,
-        SEQ=seq, BLOCK_D=triton.next_power_of_2(d),
+        seq, heads,
+        D=d, BLOCK_D=triton.next_power_of_2(d), ALIGN=stride_align(dy, x), TOKENS=_BWD_TOKENS,
     )  # fmt: skip
     return dx, dw_partial.sum(0).to(weight.dtype)
 
