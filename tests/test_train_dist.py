@@ -1,7 +1,7 @@
-"""Trainer with 2 processes (gloo, CPU): FSDP2 equals one process on the same global batch, loss goes down,
-a non-finite loss on one rank skips the step on all, resume is bitwise, a 2-rank checkpoint exports;
-``parallelize``: bf16 parameters inside forward (fp32 master weights and gradients), and activation
-checkpointing gives the same gradients."""
+"""Trainer with 2 processes (gloo, CPU): FSDP2 equals one process fed the same two micro-batches, loss goes
+down, a non-finite loss on one rank skips the step on all, resume is bitwise, a 2-rank checkpoint exports;
+``parallel.build`` gives every world size the eager weights of the seed; ``parallelize``: bf16 parameters
+inside forward (fp32 master weights and gradients), and activation checkpointing gives the same gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,32 +21,102 @@ from conftest import randomize_
 from test_train import TINY, tiny_config
 
 from imf import build_model
-from imf.checkpoint import export_ema, latest, read_meta
-from imf.config import LossConfig
+from imf.config import LossConfig, preset
+from imf.dist import describe, free_port
 from imf.loss import imf_loss, sample_training_inputs
-from imf.parallel import parallelize, transformer_blocks
-from imf.train import run
+from imf.train.checkpoint import latest, read_meta
+from imf.train.export import export_ema
+from imf.train.parallel import build, parallelize, transformer_blocks
+from imf.train.trainer import Trainer, input_stream
 
 STEPS = 30
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(out: Path, *extra: str) -> list[str]:
-    return ["--preset", "demo", "--model_overrides.dim", str(TINY["dim"]), "--model_overrides.heads",
-            str(TINY["heads"]), "--batch", "32", "--steps", str(STEPS), "--schedule.warmup_steps", "5",
-            "--lr", "1e-3", "--schedule.decay", "constant",
-            "--debug.global_batch", "--debug.nan_steps", "[5]", "--log.every_steps", "1", "--log.progress", "false",
-            "--checkpoint.every_steps", "0", "--out", str(out), *extra]
+    return [
+        "--preset",
+        "demo",
+        "--model.dim",
+        str(TINY["dim"]),
+        "--model.heads",
+        str(TINY["heads"]),
+        "--batch",
+        "32",
+        "--steps",
+        str(STEPS),
+        "--schedule.warmup_steps",
+        "5",
+        "--lr",
+        "1e-3",
+        "--schedule.decay",
+        "constant",
+        "--debug.nan_steps",
+        "[5]",
+        "--log.every_steps",
+        "1",
+        "--log.progress",
+        "false",
+        "--checkpoint.every_steps",
+        "0",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+class _Interleaved:
+    """The micro-batches of ranks 0 and 1 of a 2-process run, alternately (one process, grad_accum 2)."""
+
+    def __init__(self, streams):
+        self.streams, self.k = streams, 0
+
+    def next(self):
+        self.k += 1
+        return self.streams[(self.k - 1) % 2].next()
+
+    def close(self):
+        for s in self.streams:
+            s.close()
+
+
+def _one_process_replay(tmp_path: Path) -> tuple[list[float], Trainer]:
+    """One process, grad_accum 2, fed rank 0's and rank 1's input streams of the 2-process run."""
+    cfg = tiny_config(
+        tmp_path / "one",
+        steps=STEPS,
+        schedule={"warmup_steps": 5},
+        debug={"nan_steps": [5]},
+        data={"batch_size": 32, "grad_accum": 2},
+    ).validate()
+    trainer = Trainer(cfg, describe("cpu"))
+    trainer.inputs.close()
+    trainer.inputs = _Interleaved(
+        [
+            input_stream(
+                cfg, trainer.model_cfg, trainer.loss_cfg, rank=r, world=2, batch_size=16, device=torch.device("cpu")
+            )
+            for r in range(2)
+        ]
+    )
+    losses = [trainer.train_step().metrics["loss"] for _ in range(STEPS)]
+    return losses, trainer
 
 
 def _torchrun(out: Path, *extra: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "imf.train", *_cli(out, "--debug.nan_rank", "1", *extra)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "imf.train",
+        *_cli(out, "--debug.nan_rank", "1", *extra),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -56,16 +125,15 @@ def _torchrun(out: Path, *extra: str) -> list[dict]:
 def test_fsdp_two_processes(tmp_path):
     torch.set_num_threads(1)
     two = _torchrun(tmp_path / "two")
-    one = run(tiny_config(tmp_path / "one", steps=STEPS, schedule={"warmup_steps": 5},
-                          data={"batch_size": 32}, debug={"global_batch": True, "nan_steps": [5]}))
+    losses, one = _one_process_replay(tmp_path)
 
-    # the same global batch on 1 and 2 processes: the same losses (to fp32 reduction order)
+    # the same samples on 1 and 2 processes: the same losses (to fp32 reduction order)
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
-    assert two[4]["loss"] is None and math.isnan(one.losses[4])  # NaN on rank 1 only: skipped on both
+    assert two[4]["loss"] is None and math.isnan(losses[4])  # NaN on rank 1 only: skipped on both
     assert two[4]["skipped_total"] == 1 and two[-1]["skipped_total"] == 1 and one.skipped == 1
     for k in range(STEPS):
         if k != 4:
-            assert two[k]["loss"] == pytest.approx(one.losses[k], rel=1e-5, abs=1e-6), k + 1
+            assert two[k]["loss"] == pytest.approx(losses[k], rel=1e-5, abs=1e-6), k + 1
     # it learns: the (un-normalised) mean squared error of the main term goes down
     first, last = (sum(r["mse_V"] for r in rows) / 5 for rows in (two[:5], two[-5:]))
     assert last < 0.9 * first, (first, last)
@@ -96,6 +164,14 @@ def _parallel_worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
+        # meta -> fully_shard -> to_empty -> init_weights -> rank 0's weights: the eager weights of the seed
+        built = build(preset("demo", **TINY), backend="reference", env=describe("cpu"), seed=7)
+        torch.manual_seed(7)
+        eager = build_model("demo", **TINY)
+        for n, p in built.named_parameters():
+            assert type(p).__name__ == "DTensor" and torch.equal(p.full_tensor(), eager.state_dict()[n]), n
+        assert torch.equal(built.rope_cos, eager.rope_cos)
+
         base = randomize_(build_model("demo", **TINY), std=0.05, generator=torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own samples
         x, e = torch.randn(8, 1, 8, 8, generator=g), torch.randn(8, 1, 8, 8, generator=g)
@@ -134,4 +210,4 @@ def _parallel_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_parallelize_bf16_and_activation_checkpointing():
-    mp.spawn(_parallel_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_parallel_worker, args=(2, free_port()), nprocs=2, join=True)

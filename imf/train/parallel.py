@@ -21,21 +21,22 @@ root's parameters are gathered for them too. With ``mesh=None`` (one process) no
 Parameter names stay those of the plain model, so EMA, checkpoints and export see the same keys
 everywhere.
 
-``build(model_cfg, ...)`` is the trainer's construction: the model is built on the meta device,
-parallelized, materialised with ``to_empty`` on the run's device (each rank allocates only its shards)
-and initialised with ``init_weights()`` (which also recomputes the non-persistent buffers, e.g. the RoPE
-tables). The weights then come from rank 0: it builds the same model eagerly on the CPU from the run's
-seed (the weights the seed names, identical for every world size and device) and
-``set_model_state_dict(..., broadcast_from_rank0=True)`` copies each rank its shard, one parameter at a
-time. So only rank 0 holds one full fp32 copy, in host memory, during start-up; the sharded ranks' own
-``init_weights`` draws are not used (on CPU meshes DTensor has no distributed RNG: every rank would draw
-the same numbers for its shard). Tested on CPU with gloo (2 processes, fp32 and bf16 param_dtype); the
-compile path is not covered by the CPU tests.
+``build(model_cfg, ...)`` is the trainer's construction: the model is built on the meta device and
+parallelized. One process then materialises it on the CPU with ``to_empty``, runs ``init_weights()``
+under the run's seed (the eager construction's weights, and the non-persistent buffers such as the RoPE
+tables) and moves it to its device. Sharded, each rank allocates only its shards on its device
+(``to_empty``), and rank 0 builds the same model eagerly on the CPU from the seed (``init_weights``
+inside) and sends every rank its shard of each parameter (``set_model_state_dict(...,
+broadcast_from_rank0=True)``, one parameter at a time) and the buffers. So the weights are the seed's
+on every world size and device, and only rank 0 holds one full fp32 copy, in host memory, during
+start-up. (DTensor has no distributed RNG on CPU meshes, so an ``init_weights`` on the shards would
+draw the same numbers on every rank.)
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
@@ -99,16 +100,25 @@ def parallelize(
 
 
 def build(model_cfg: ModelConfig, *, backend: str, env: DistEnv, seed: int, **parallel) -> nn.Module:
-    """The training model: meta -> :func:`parallelize` (``parallel`` keywords) -> ``to_empty`` ->
-    ``init_weights`` -> rank 0's seeded weights (see the module docstring); collective."""
+    """The training model: meta -> :func:`parallelize` (``parallel`` keywords) -> ``to_empty`` -> the weights
+    and buffers of ``init_weights()`` under ``seed`` (see the module docstring); collective."""
     model = build_model(model_cfg, backend=backend, device="meta")
     parallelize(model, mesh=env.mesh(), **parallel)
-    model.to_empty(device=env.device)
-    model.init_weights()
     torch.manual_seed(seed)
-    full = build_model(model_cfg, backend=backend, device="cpu").state_dict() if env.rank == 0 else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.world > 1)
-    set_model_state_dict(model, full, options=options)
+    if env.world == 1:  # nothing is sharded: initialise in place, on the CPU (the seed's weights on any device)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        return model.to(env.device)
+    model.to_empty(device=env.device)
+    eager = build_model(model_cfg, backend=backend, device="cpu") if env.rank == 0 else None
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, eager.state_dict() if eager is not None else {}, options=options)
+    with torch.no_grad():  # the buffers (RoPE tables, sinusoid frequencies): not in the state dict, not sharded
+        source = dict(eager.named_buffers()) if eager is not None else {}
+        for name, buf in model.named_buffers():
+            value = source[name].to(buf.device) if eager is not None else torch.empty_like(buf)
+            dist.broadcast(value, src=0)
+            buf.copy_(value)
     return model
 
 

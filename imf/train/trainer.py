@@ -89,6 +89,20 @@ class InputStream:
         self.loader.close()
 
 
+def input_stream(
+    cfg: TrainConfig, model_cfg, loss_cfg, *, rank: int, world: int, batch_size: int, device: torch.device
+) -> InputStream:
+    """Rank ``rank`` of ``world``'s input stream: its data shard (``batch_size`` per micro-batch) and its
+    noise generator, seeded by ``(cfg.seed, rank)``."""
+    shape = (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)
+    settings = LoaderSettings.of(
+        cfg.data, batch_size=batch_size, rank=rank, world_size=world, seed=cfg.seed, device=device
+    )
+    loader = build_loader(cfg.data.source, settings, shape=shape, num_classes=model_cfg.num_classes)
+    generator = torch.Generator(device).manual_seed(rank_noise_seed(cfg.seed, rank))
+    return InputStream(loader, loss_cfg, generator, device)
+
+
 class Trainer(Stateful):
     """Model (built on meta, parallelized, initialised: :func:`imf.train.parallel.build`), AdamW, LR schedule,
     EMAs, input stream and counters of one run on this rank; collective under torchrun."""
@@ -105,13 +119,10 @@ class Trainer(Stateful):
         self.backend = cfg.backend if cfg.backend != "auto" else ("triton" if device.type == "cuda" else "reference")
         self.accum = cfg.data.grad_accum
         self.micro = cfg.data.batch_size // (env.world * self.accum)
-        shape = (self.model_cfg.in_channels, self.model_cfg.input_size, self.model_cfg.input_size)
-        settings = LoaderSettings.of(
-            cfg.data, batch_size=self.micro, rank=env.rank, world_size=env.world, seed=cfg.seed, device=device
+        self.inputs = input_stream(
+            cfg, self.model_cfg, self.loss_cfg, rank=env.rank, world=env.world, batch_size=self.micro, device=device
         )
-        loader = build_loader(cfg.data.source, settings, shape=shape, num_classes=self.model_cfg.num_classes)
-        generator = torch.Generator(device).manual_seed(rank_noise_seed(cfg.seed, env.rank))
-        self.inputs = InputStream(loader, self.loss_cfg, generator, device)
+        loader = self.inputs.loader
         self.steps_per_epoch = max(1, loader.steps_per_epoch // self.accum)
         self.total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * self.steps_per_epoch)
         s = cfg.schedule
@@ -246,4 +257,4 @@ class Trainer(Stateful):
         self.inputs.close()
 
 
-__all__ = ["InputStream", "StepResult", "Trainer"]
+__all__ = ["InputStream", "StepResult", "Trainer", "input_stream"]
