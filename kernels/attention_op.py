@@ -194,15 +194,49 @@ def _fwd_inner(
     return acc, acc_t, l_i, r_i, m_i, c_i
 
 
+# Shared memory the compiler adds to the tiles (barriers, layout-conversion scratch): the first JVP
+# kernel at d128, 64x64, 3 stages was estimated at 229,376 B and compiled to 233,472 B (> 232,448).
+SMEM_SLACK = 4096
+
+
+def tile_configs(tiles, num_stages) -> list:
+    """``triton.Config`` per ``(BLOCK_M, BLOCK_N, num_warps)`` tile and pipeline depth."""
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n_}, num_warps=w, num_stages=n)
+        for m, n_, w in tiles
+        for n in num_stages
+    ]
+
+
 def _fwd_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_fwd`: the ``q`` (and ``q_t``) tile plus ``num_stages`` buffered
     ``k, v`` (and ``k_t, v_t``) tiles."""
     tile = meta["BLOCK_D"] * meta["Q"].element_size()
     n = 2 if meta["WITH_TANGENT"] else 1
-    return tile * n * (meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"])
+    return tile * n * (meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"]) + SMEM_SLACK
 
 
-FWD_CONFIGS = _tuning.configs(BLOCK_M=(64, 128), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+# Configs, from compiling every candidate of the first version for sm_90 (fp16, seq 4096, d64 and
+# d128; registers / spills from ptxas -v; docs/attention_jvp_loop.md has the method). The rule:
+# - warps follow the resident row tile: 64 rows -> 4 warps (one warpgroup), 128 rows -> 8 warps.
+#   128 rows on 4 warps needs 222-255 registers and spills at BLOCK_N = 128 (8 B at d64, 1 KB at
+#   d128), and the JVP 128-row 4-warp tiles spill 0.8-6.9 KB;
+# - primal BLOCK_N = 128 only with 8 warps (64x128 on 4 warps: 254 registers at d128);
+# - tangent BLOCK_N <= 64 (two fp32 accumulators plus the S, S_t and p_t tiles);
+# - 2 or 3 stages: a 4th stage changed neither registers nor the loop, only shared memory;
+# - BLOCK_N = 32 for short or ragged sequences (iMF's 276 tokens: 9 blocks, 86% useful keys).
+# The first entry of a mode is its pinned config (IMF_KERNELS_PINNED=1).
+FWD_PRIMAL_CONFIGS = tile_configs(
+    ((128, 64, 8), (64, 64, 4), (128, 128, 8), (64, 128, 8), (64, 32, 4)), num_stages=(3, 2)
+)
+FWD_TANGENT_CONFIGS = tile_configs(((128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4)), num_stages=(3, 2))
+FWD_CONFIGS = list(dict.fromkeys(FWD_PRIMAL_CONFIGS + FWD_TANGENT_CONFIGS))
+
+
+def _fwd_prune(configs: list, meta: dict) -> list:
+    """The configs of the launch's mode (``WITH_TANGENT``) among ``configs``, in the mode's order."""
+    mode = FWD_TANGENT_CONFIGS if meta["WITH_TANGENT"] else FWD_PRIMAL_CONFIGS
+    return [c for c in mode if c in configs]
 
 
 @_tuning.autotune(
@@ -210,6 +244,7 @@ FWD_CONFIGS = _tuning.configs(BLOCK_M=(64, 128), BLOCK_N=(64, 128), num_warps=(4
     key=["SEQ", "HEAD_DIM", "WITH_TANGENT"],
     smem_bytes=_fwd_smem,
     tensor_arg="Q",
+    prune=_fwd_prune,
     interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
 )
 @triton.jit
@@ -356,10 +391,15 @@ def _bwd_dkdv_inner(
 def _dkdv_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_bwd_dkdv`: resident ``k, v`` plus buffered ``q, do`` tiles."""
     tile = meta["BLOCK_D"] * meta["Q"].element_size()
-    return tile * (2 * meta["BLOCK_N"] + num_stages * 2 * meta["BLOCK_M"])
+    return tile * (2 * meta["BLOCK_N"] + num_stages * 2 * meta["BLOCK_M"]) + SMEM_SLACK
 
 
-DKDV_CONFIGS = _tuning.configs(BLOCK_M=(32, 64), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+# Rule (sm_90 compiles, as for the forward): BLOCK_N (resident k, v, dk, dv rows) 128 -> 8 warps
+# (on 4 warps: 246-255 registers, 0.7-1.1 KB spilled); 64 -> 4 or 8 warps; BLOCK_M 32 or 64;
+# 2 or 3 stages (a 4th only adds shared memory).
+DKDV_CONFIGS = tile_configs(
+    ((64, 128, 8), (32, 128, 8), (64, 64, 4), (32, 64, 4), (64, 64, 8)), num_stages=(3, 2)
+)
 
 
 @_tuning.autotune(
@@ -446,10 +486,14 @@ def _bwd_dq_inner(
 def _dq_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_bwd_dq`: resident ``q, do`` plus buffered ``k, v`` tiles."""
     tile = meta["BLOCK_D"] * meta["Q"].element_size()
-    return tile * (2 * meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"])
+    return tile * (2 * meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"]) + SMEM_SLACK
 
 
-DQ_CONFIGS = _tuning.configs(BLOCK_M=(64, 128), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(2, 3, 4))
+# Rule: the mirror of dk/dv: BLOCK_M (resident q, do, dq rows) 128 -> 8 warps (on 4 warps it spills
+# ~1.4 KB), 64 -> 4 or 8 warps; BLOCK_N 32 or 64; 2 or 3 stages.
+DQ_CONFIGS = tile_configs(
+    ((128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 32, 4), (64, 64, 8)), num_stages=(3, 2)
+)
 
 
 @_tuning.autotune(

@@ -286,30 +286,44 @@ def test_bad_inputs_raise(index):
         call()
 
 
-@pytest.mark.parametrize("itemsize", [2, 4])
+H100_SMEM = 227 * 1024  # opt-in shared memory per block
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize(
-    "candidates, smem",
+    "candidates, smem, with_tangent",
     [
-        (attention_op.FWD_CONFIGS, attention_op._fwd_smem),
-        (attention_op.DKDV_CONFIGS, attention_op._dkdv_smem),
-        (attention_op.DQ_CONFIGS, attention_op._dq_smem),
+        (attention_op.FWD_PRIMAL_CONFIGS, attention_op._fwd_smem, False),
+        (attention_op.FWD_TANGENT_CONFIGS, attention_op._fwd_smem, True),
+        (attention_op.DKDV_CONFIGS, attention_op._dkdv_smem, None),
+        (attention_op.DQ_CONFIGS, attention_op._dq_smem, None),
     ],
 )
-def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, itemsize):
-    dtype = torch.float16 if itemsize == 2 else torch.float32
-    meta = {"Q": torch.empty(0, dtype=dtype), "BLOCK_D": 128, "WITH_TANGENT": itemsize == 2}
-    limit = 227 * 1024  # H100 opt-in shared memory per block
-    fits = [c for c in candidates if smem({**meta, **c.kwargs}, c.num_stages) <= limit]
-    assert fits and _tuning.prune_by_shared_memory(candidates, meta, smem, limit) == fits
+def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, with_tangent, dtype):
+    meta = {"Q": torch.empty(0, dtype=dtype), "BLOCK_D": 128, "WITH_TANGENT": with_tangent}
+    fits = [c for c in candidates if smem({**meta, **c.kwargs}, c.num_stages) <= H100_SMEM]
+    assert fits and _tuning.prune_by_shared_memory(candidates, meta, smem, H100_SMEM) == fits
     assert len(_tuning.prune_by_shared_memory(candidates, meta, smem, 0)) == 1
 
 
-def test_autotune_prune_drops_deep_pipelines_at_head_dim_128():
-    """fp16, ``BLOCK_D = 128``: the fused JVP cannot buffer 4 stages of four 128-row tiles."""
+def test_forward_configs_follow_their_rule():
+    """Each mode tries only its own list; the lists keep the compile rule written next to them."""
+    tangent, primal = attention_op.FWD_TANGENT_CONFIGS, attention_op.FWD_PRIMAL_CONFIGS
+    assert attention_op._fwd_prune(attention_op.FWD_CONFIGS, {"WITH_TANGENT": True}) == tangent
+    assert attention_op._fwd_prune(attention_op.FWD_CONFIGS, {"WITH_TANGENT": False}) == primal
+    for configs in (primal, tangent, attention_op.DKDV_CONFIGS, attention_op.DQ_CONFIGS):
+        assert 6 <= len(configs) <= 12 and all(c.num_stages in (2, 3) for c in configs)
+    assert all(c.num_warps == 8 for c in primal + tangent + attention_op.DQ_CONFIGS if c.kwargs["BLOCK_M"] == 128)
+    assert all(c.num_warps == 8 for c in attention_op.DKDV_CONFIGS + primal if c.kwargs["BLOCK_N"] == 128)
+    assert all(c.kwargs["BLOCK_N"] <= 64 for c in tangent)
+
+
+def test_prune_drops_the_tangent_tile_that_overflows_shared_memory():
+    """fp16, ``BLOCK_D = 128``: 64x64 with 3 stages compiles to more than the estimate (slack)."""
     meta = {"Q": torch.empty(0, dtype=torch.float16), "BLOCK_D": 128, "WITH_TANGENT": True}
-    kept = _tuning.prune_by_shared_memory(attention_op.FWD_CONFIGS, meta, attention_op._fwd_smem, 227 * 1024)
-    assert 0 < len(kept) < len(attention_op.FWD_CONFIGS)
-    assert all(not (c.kwargs["BLOCK_N"] == 128 and c.num_stages == 4) for c in kept)
+    kept = _tuning.prune_by_shared_memory(attention_op.FWD_TANGENT_CONFIGS, meta, attention_op._fwd_smem, H100_SMEM)
+    assert 0 < len(kept) < len(attention_op.FWD_TANGENT_CONFIGS)
+    assert not any(c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64} and c.num_stages == 3 for c in kept)
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the smoke run uses CPU tensors")
