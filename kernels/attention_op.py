@@ -566,7 +566,7 @@ def validate(q, k, v, scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
     if not 0 < scale < float("inf"):
-        raise ValueError(f"scale must be positive and finite (the kernels take the row max before scaling), got {scale}")
+        raise ValueError(f"scale must be positive and finite (the kernels scale after the row max), got {scale}")
     return float(scale)
 
 
