@@ -28,6 +28,7 @@ from bench.gpu_check_report import report, verdict
 from bench.gpu_check_runner import (
     KILL_GRACE_S,
     RUNNER_OVERHEAD_S,
+    allowed_files,
     plan_rows,
     plan_total,
     prepare_out_dir,
@@ -124,11 +125,12 @@ def _main(argv: list[str]) -> int:
             if args.smoke
             else default_out_dir(False) / "gpu-check"
         )
+    known = allowed_files(plan(smoke=args.smoke))  # files of an earlier, fuller run: replaced
     try:
-        prepare_out_dir(args.out, stages)
+        prepare_out_dir(args.out, stages, known)
     except ValueError as err:
         raise UserError(str(err)) from err
-    state = run_stages(stages, args.out, budget_s=args.budget_s, smoke=args.smoke, env=env, report=report)
+    state = run_stages(stages, args.out, budget_s=args.budget_s, smoke=args.smoke, env=env, report=report, known=known)
     rows = verdict(state)
     print(f"\nwrote {args.out} ({len(list(args.out.iterdir()))} files); verdict (targets: docs/design.md section 7):")
     print(markdown_table(rows, ["target", "goal", "measured", "verdict", "detail"]), end="")

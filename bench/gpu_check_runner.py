@@ -14,7 +14,8 @@ The child writes ``<stage>.json`` (status, result, rows, skipped items) after ev
 After every stage the parent writes :data:`SUMMARY_JSON` and :data:`REPORT_MD` (the report callback
 renders them). The output directory holds at most :data:`FILES_MAX` files and no subfolders: only
 those two and one JSON per stage; anything else that appears there during a run is removed and named
-in the run record. A directory holding files gpu-check did not write is refused.
+in the run record. A directory holding files gpu-check did not write is refused; the files of an
+earlier run (``known`` names, e.g. the stages a ``--stages`` subset leaves out) are replaced.
 
 The overall budget: each stage gets ``min(box, budget left)``; a stage with under :data:`MIN_BOX_S`
 left (less than its box) is recorded ``not run``. :func:`plan_total` is the worst case (every box used in full).
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +87,14 @@ def plan_rows(stages: Sequence[Stage]) -> list[dict]:
     ]
 
 
-def prepare_out_dir(out: Path, stages: Sequence[Stage]) -> None:
-    """Create ``out``; refuse (``ValueError``) one that holds a subfolder or a file gpu-check does not write."""
+def prepare_out_dir(out: Path, stages: Sequence[Stage], known: Iterable[str] = ()) -> None:
+    """Create ``out``; refuse (``ValueError``) one that holds a subfolder or a file that is neither one of
+    the run's files nor in ``known`` (the other files an earlier gpu-check run may have left)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
-    foreign = sorted(p.name for p in out.iterdir() if p.is_dir() or p.name not in allowed_files(stages))
+    ours = allowed_files(stages) | set(known)
+    foreign = sorted(p.name for p in out.iterdir() if p.is_dir() or p.name not in ours)
     if foreign:
         raise ValueError(
             f"--out {out} holds {', '.join(foreign[:5])}, which gpu-check does not write; "
@@ -213,8 +216,8 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 
 def _reserve(box: float) -> float:
-    """How much before the hard limit the child's soft deadline lies."""
-    return min(10.0, 0.1 * box)
+    """How much before the hard limit the child's soft deadline lies: time to write and exit."""
+    return min(10.0, max(1.0, 0.1 * box), 0.5 * box)
 
 
 def run_stage(stage: Stage, out: Path, box: float, *, smoke: bool, env: dict[str, str]) -> dict:
@@ -284,14 +287,17 @@ def run_stages(
     smoke: bool,
     env: dict[str, str],
     report: Callable[[dict], tuple[dict, str]],
+    known: Iterable[str] = (),
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run ``stages`` in order within ``budget_s``; after each, write :data:`SUMMARY_JSON` (the run state
-    plus what ``report(state)`` adds) and :data:`REPORT_MD` (its markdown). Returns the final state.
-    SIGTERM is turned into ``KeyboardInterrupt`` meanwhile, so the running child is ended with the run."""
+    """Run ``stages`` in order within ``budget_s``; before the first and after each, write
+    :data:`SUMMARY_JSON` (the run state plus what ``report(state)`` adds) and :data:`REPORT_MD` (its
+    markdown). Returns the final state. What an earlier run left in ``out`` (its files, or ``known``
+    names) is removed first. SIGTERM is turned into ``KeyboardInterrupt`` meanwhile, so the running
+    child is ended with the run."""
     check_plan(stages)
     out = Path(out)
-    prepare_out_dir(out, stages)
+    prepare_out_dir(out, stages, known)
     t0 = time.monotonic()
     state = {
         "tool": "gpu-check",
@@ -313,6 +319,9 @@ def run_stages(
         write_json(out / SUMMARY_JSON, {**state, **extra})
         (out / REPORT_MD).write_text(markdown)
 
+    for p in out.iterdir():  # prepare_out_dir checked that each is a file of an earlier run
+        p.unlink()
+    write()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         for i, stage in enumerate(stages, 1):
