@@ -24,7 +24,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from bench.gpu_check_report import report, verdict
+from bench.gpu_check_report import report, test_counts, verdict
 from bench.gpu_check_runner import (
     KILL_GRACE_S,
     RUNNER_OVERHEAD_S,
@@ -135,8 +135,7 @@ def _main(argv: list[str]) -> int:
     print(f"\nwrote {args.out} ({len(list(args.out.iterdir()))} files); verdict (targets: docs/design.md section 7):")
     print(markdown_table(rows, ["target", "goal", "measured", "verdict", "detail"]), end="")
     failed = [n for n, s in state["stages"].items() if s.get("status") == "failed"]
-    tests_failed = state["stages"].get("correctness", {}).get("result", {}).get("failed", 0)
-    return 1 if failed or tests_failed else 0
+    return 1 if failed or test_counts(state)["failed"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,11 +226,12 @@ def _kernel(op, mode, impl, seq, head_dim, **kw):
     return {"op": op, "mode": mode, "impl": impl, "seq": seq, "head_dim": head_dim, "batch": 32768 // seq, **kw}
 
 
-def _state(kernel_rows=(), step_rows=(), correctness=None, smoke=False, status="done"):
+def _state(kernel_rows=(), step_rows=(), outcomes=(), smoke=False, status="done"):
+    tests = [{"test": f"tests/test_x.py::test_{i}", "outcome": o} for i, o in enumerate(outcomes)]
     stages = {
         "kernels": {"status": status, "rows": list(kernel_rows)},
         "step": {"status": status, "rows": list(step_rows)},
-        "correctness": {"status": status, "rows": [], "result": correctness or {}},
+        "correctness": {"status": status, "rows": tests},
     }
     return {"smoke": smoke, "stages": stages, "budget_s": 420, "started_utc": "now", "plan": []}
 
@@ -269,7 +270,7 @@ def test_verdict_met_not_met_and_not_measured():
         {**eng, "variant": "baseline_compiled", "ms": 120.0},
         {**eng, "variant": "fm_compiled", "ms": 50.0, "flops_per_step": 3.0},
     ]
-    got = _by_target(verdict(_state(kernels, steps, {"passed": 10, "failed": 1, "skipped": 0})))
+    got = _by_target(verdict(_state(kernels, steps, ["passed"] * 10 + ["failed", "skipped"])))
     expect = {
         "GPU correctness: every kernel, bf16 + fp16 vs fp64 (gpu-check stage 2)": ("not met", "1 failed tests"),
         "attention fwd+bwd vs SDPA flash, seq 256-4096, d64/72": ("met", "1.05x"),
@@ -307,6 +308,8 @@ def test_verdict_makes_no_claim_on_a_smoke_run_and_says_why_nothing_was_measured
         "verdict": NOT_MEASURED,
         "detail": "stage kernels: cut",
     }
+    cut_tests = _by_target(verdict(_state(outcomes=["passed", "failed"], status="cut")))  # counted from the rows
+    assert cut_tests["GPU correctness: every kernel, bf16 + fp16 vs fp64 (gpu-check stage 2)"]["verdict"] == "not met"
     extra, md = report(_state(rows, smoke=True))
     assert extra["verdict"] and md.rstrip().splitlines()[-1].startswith("| scaling to 8 GPUs")
     assert "Smoke run on a CPU" in md
@@ -401,7 +404,7 @@ def test_smoke_stage_time_box_leaves_items_out(tmp_path):
 
 def test_smoke_correctness_records_every_test(tmp_path, monkeypatch):
     """The correctness stage through the runner (pytest in the child), on its interpreter stand-in selection."""
-    from bench.gpu_check_report import report
+    from bench.gpu_check_report import report, test_counts
     from bench.gpu_check_stages import plan
 
     s = next(s for s in plan(smoke=True) if s.name == "correctness")
@@ -409,6 +412,6 @@ def test_smoke_correctness_records_every_test(tmp_path, monkeypatch):
     state = run_stages([s], tmp_path, budget_s=120, smoke=True, env={}, report=report, log=lambda m: None)
     data = state["stages"]["correctness"]
     assert data["status"] == "done", data.get("run")
-    assert data["result"]["passed"] == len(data["rows"]) >= 2 and data["result"]["failed"] == 0
+    assert test_counts(state) == {"passed": len(data["rows"]), "failed": 0, "skipped": 0} and len(data["rows"]) >= 2
     assert all(r["outcome"] == "passed" and "::" in r["test"] for r in data["rows"])
     assert "## Correctness" in (tmp_path / REPORT_MD).read_text()
