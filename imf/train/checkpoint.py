@@ -5,7 +5,8 @@ Layout under the checkpoint root::
     step_000001000/   .metadata, __<rank>_0.distcp   DCP: the trainer's sharded state (model, optimizer, EMAs)
                       train_state_rank<r>.pt          per rank: the trainer's ``rank`` entry (step, scheduler,
                                                       counters, RNG states, data loader position)
-                      meta.json                       step, world size, EMA decays, model + run config
+                      meta.json                       step, world size, EMA decays, model + run config,
+                                                      size and sha256 of every file (checked on resume)
     latest            the name of the newest complete step directory
     superseded/<UTC time>/step_...   checkpoints newer than the step a run resumed from (moved, never deleted)
 
@@ -29,6 +30,7 @@ resumed run can save the same step numbers again; nothing is deleted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,6 +86,36 @@ def atomic_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def file_digests(path: Path) -> dict[str, dict]:
+    """``{name: {"bytes", "sha256"}}`` of every file in checkpoint directory ``path`` except ``meta.json``."""
+    out = {}
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.name != META:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            out[f.name] = {"bytes": f.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def verify(path: Path, meta: dict) -> str | None:
+    """None when every file ``meta["files"]`` lists is present with its size and hash, else what is wrong."""
+    expected = meta.get("files")
+    if expected is None:  # written before the digests existed
+        return None
+    found = file_digests(path)
+    for name, want in expected.items():
+        got = found.get(name)
+        if got is None:
+            return f"{name} is missing"
+        if got["bytes"] != want["bytes"]:
+            return f"{name} has {got['bytes']} bytes, {want['bytes']} were written (truncated?)"
+        if got["sha256"] != want["sha256"]:
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
 
 
 def step_of(path: Path) -> int:
@@ -200,7 +232,8 @@ def save(root: str | os.PathLike, step: int, state: dict, *, meta: dict, keep_la
     torch.save(state[RANK_ENTRY], tmp / rank_file(rank))
     dist.barrier()
     if rank == 0:
-        atomic_write(tmp / META, json.dumps(dict(meta, step=step, world_size=world), indent=1))
+        meta = dict(meta, step=step, world_size=world, files=file_digests(tmp))
+        atomic_write(tmp / META, json.dumps(meta, indent=1))
         os.replace(tmp, final)
         _fsync_dir(root)
         atomic_write(root / LATEST, final.name)
@@ -272,6 +305,13 @@ def load(path: str | os.PathLike, trainer) -> None:
     rank_path = path / rank_file(rank)
     if not (path / ".metadata").is_file() or not rank_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: missing .metadata or {rank_path.name}")
+    problem = [verify(path, meta) if rank == 0 else None]
+    if dist.is_distributed():
+        torch.distributed.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        earlier = [p.name for p in step_dirs(path.parent) if step_of(p) < meta["step"]][-1:]
+        hint = f"; resume from an earlier one with --resume {path.parent / earlier[0]}" if earlier else ""
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem[0]}{hint}")
     state = trainer.state_dict()
     state.pop(RANK_ENTRY)
     read_sharded(path, state)
