@@ -140,14 +140,12 @@ def run(args, scorer=None) -> dict | None:
 
 def _sweep(
     args, env: dist.DistEnv, loaded: Loaded, cells, decode, scorer, autocast, precision: str, backend: str
-) -> dict:
+) -> dict | None:
     out = Path(args.out)
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    model = loaded.model
-    indices = shard(args.num, env.rank, env.world)
-    labels = labels_of(range(args.num), model.cfg.num_classes)
+    labels = labels_of(range(args.num), loaded.model.cfg.num_classes)
     results = []
     for steps, omega, t_min, t_max in cells:
         name = f"nfe{steps}_w{omega:g}_t{t_min:g}-{t_max:g}"
@@ -155,107 +153,108 @@ def _sweep(
         if args.npz and env.rank == 0:
             parts.mkdir(exist_ok=True)
         dist.barrier()
-        memmap = None
-        feats: dict[str, list[torch.Tensor]] = {}
-        t_gen = t_dec = 0.0
         start = time.perf_counter()
-        bar = tqdm(
-            total=len(indices) * env.world,
-            desc=name,
-            unit="img",
-            dynamic_ncols=True,
-            disable=env.rank != 0 or not args.progress,
+        sampling = dict(steps=steps, omega=omega, t_min=t_min, t_max=t_max, autocast_dtype=autocast)
+        gathered = dist.gather(
+            _sample_cell(args, env, loaded.model, sampling, decode, scorer, out / "png" / name, parts)
         )
-        for idx, _, x, seconds in sample_batches(
-            model,
-            indices,
-            seed=args.seed,
-            steps=steps,
-            omega=omega,
-            t_min=t_min,
-            t_max=t_max,
-            batch=args.batch,
-            autocast_dtype=autocast,
-            device=env.device,
-        ):
-            t_gen += seconds
-            t0 = time.perf_counter()
-            images = decode(x) if decode is not None else x
-            sync(env.device)
-            t_dec += time.perf_counter() - t0
-            u8 = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
-            if args.npz:
-                if memmap is None:
-                    memmap = np.lib.format.open_memmap(
-                        parts / f"rank{env.rank:05d}.npy",
-                        mode="w+",
-                        dtype=np.uint8,
-                        shape=(len(indices), *u8.shape[1:]),
-                    )
-                memmap[idx.start - indices.start : idx.stop - indices.start] = u8
-            if args.png:
-                _write_pngs(out / "png" / name, idx, u8)
-            for k, v in scorer.features(images).items():
-                feats.setdefault(k, []).append(v)
-            bar.update(len(idx) * env.world)
-        bar.close()
-        if memmap is not None:
-            memmap.flush()
-            del memmap
-        gathered = dist.gather(({k: torch.cat(v) for k, v in feats.items()}, t_gen, t_dec))
         dist.barrier()
-        if env.rank == 0:
-            full = {k: torch.cat([g[0][k] for g in gathered]) for k in gathered[0][0]}
-            metrics = scorer.score(full, labels)
-            npz = None
-            if args.npz:
-                npz = str(write_npz(out / f"{name}.npz", [parts / f"rank{r:05d}.npy" for r in range(env.world)]))
-                shutil.rmtree(parts)
-            gen_s, dec_s = max(g[1] for g in gathered), max(g[2] for g in gathered)
-            cell = {
-                "name": name,
-                "steps": steps,
-                "omega": omega,
-                "t_min": t_min,
-                "t_max": t_max,
-                "metrics": metrics,
-                "sample_img_per_s": args.num / gen_s,
-                "decode_img_per_s": args.num / dec_s if decode else None,
-                "sample_seconds": gen_s,
-                "wall_seconds": time.perf_counter() - start,
-                "npz": npz,
-            }
-            results.append(cell)
-            print(
-                f"imf.evaluate: {name}: "
-                + ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
-                + f"; {cell['sample_img_per_s']:.1f} img/s sampling",
-                file=sys.stderr,
-            )
+        if env.rank != 0:
+            continue
+        full = {k: torch.cat([g[0][k] for g in gathered]) for k in gathered[0][0]}
+        metrics = scorer.score(full, labels)
+        npz = None
+        if args.npz:
+            npz = str(write_npz(out / f"{name}.npz", [parts / f"rank{r:05d}.npy" for r in range(env.world)]))
+            shutil.rmtree(parts)
+        gen_s, dec_s = max(g[1] for g in gathered), max(g[2] for g in gathered)
+        cell = {
+            "name": name,
+            "steps": steps,
+            "omega": omega,
+            "t_min": t_min,
+            "t_max": t_max,
+            "metrics": metrics,
+            "sample_img_per_s": args.num / gen_s,
+            "decode_img_per_s": args.num / dec_s if decode else None,
+            "sample_seconds": gen_s,
+            "wall_seconds": time.perf_counter() - start,
+            "npz": npz,
+        }
+        results.append(cell)
+        print(
+            f"imf.evaluate: {name}: "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
+            + f"; {cell['sample_img_per_s']:.1f} img/s sampling",
+            file=sys.stderr,
+        )
     if env.rank != 0:
         return None
-    device_name = (
-        torch.cuda.get_device_name(env.device)
-        if env.device.type == "cuda"
-        else (f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    )
     report = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git": git_commit(),
         "torch": torch.__version__,
-        "device": device_name,
+        "device": _device_name(env.device),
         "world_size": env.world,
         "precision": precision,
         "backend": backend,
         "scorer": scorer.name,
         "checkpoint": {"source": loaded.source, "preset": loaded.preset, "step": loaded.step, "decay": loaded.decay},
-        "model_config": dataclasses.asdict(model.cfg),
+        "model_config": dataclasses.asdict(loaded.model.cfg),
         "train_config": loaded.train_config,
         "config": vars(args),
         "cells": results,
     }
     write_report(out, report)
     return report
+
+
+def _sample_cell(args, env: dist.DistEnv, model, sampling: dict, decode, scorer, png_dir: Path, parts: Path):
+    """This rank's share of one cell: sample, decode, write its ``.npy`` part (and PNGs), compute features.
+
+    Returns ``(features, sampling seconds, decoding seconds)`` for the gather on rank 0.
+    """
+    indices = shard(args.num, env.rank, env.world)
+    memmap = None
+    feats: dict[str, list[torch.Tensor]] = {}
+    t_gen = t_dec = 0.0
+    bar = tqdm(
+        total=len(indices) * env.world,
+        desc=png_dir.name,
+        unit="img",
+        dynamic_ncols=True,
+        disable=env.rank != 0 or not args.progress,
+    )
+    batches = sample_batches(model, indices, seed=args.seed, batch=args.batch, device=env.device, **sampling)
+    for idx, _, x, seconds in batches:
+        t_gen += seconds
+        t0 = time.perf_counter()
+        images = decode(x) if decode is not None else x
+        sync(env.device)
+        t_dec += time.perf_counter() - t0
+        u8 = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        if args.npz:
+            if memmap is None:
+                memmap = np.lib.format.open_memmap(
+                    parts / f"rank{env.rank:05d}.npy", mode="w+", dtype=np.uint8, shape=(len(indices), *u8.shape[1:])
+                )
+            memmap[idx.start - indices.start : idx.stop - indices.start] = u8
+        if args.png:
+            _write_pngs(png_dir, idx, u8)
+        for k, v in scorer.features(images).items():
+            feats.setdefault(k, []).append(v)
+        bar.update(len(idx) * env.world)
+    bar.close()
+    if memmap is not None:
+        memmap.flush()
+        del memmap
+    return {k: torch.cat(v) for k, v in feats.items()}, t_gen, t_dec
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _write_pngs(folder: Path, idx: range, u8: np.ndarray) -> None:
