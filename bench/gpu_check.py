@@ -6,8 +6,9 @@
 The stages (:mod:`bench.gpu_check_stages`), in priority order, each in a child process with its own
 time box (:mod:`bench.gpu_check_runner`): environment and ceilings, correctness on the GPU, attention
 kernels, the iMF-B/2 training step, more steps while time remains. The children run with
-``IMF_KERNELS_PINNED=1`` (one kernel config per shape class, no timing of candidates; ``--configs``
-passes a saved cache as ``IMF_KERNELS_CONFIGS``). ``DIR`` gets ``gpu_check.json`` (everything),
+``IMF_KERNELS_PINNED=1`` unless the environment sets it (one kernel config per shape class, no timing
+of candidates; ``--configs`` passes a saved cache as ``IMF_KERNELS_CONFIGS``, which takes precedence) and
+``TRITON_INTERPRET=0`` (the GPU tests skip under the interpreter). ``DIR`` gets ``gpu_check.json`` (everything),
 ``gpu_check.md`` (the report) and one JSON per stage, rewritten as the run goes: at most 8 files, no
 subfolders. The last thing printed is the verdict (:mod:`bench.gpu_check_report`): every target of
 docs/design.md section 7, the measured value, met / not met / not measured.

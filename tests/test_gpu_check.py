@@ -402,6 +402,7 @@ def test_smoke_stage_time_box_leaves_items_out(tmp_path):
     assert not ctx.data["rows"] and len(ctx.data["skipped"]) == 2 * len(kernels.options["shapes"])
 
 
+@pytest.mark.slow
 def test_smoke_correctness_records_every_test(tmp_path, monkeypatch):
     """The correctness stage through the runner (pytest in the child), on its interpreter stand-in selection."""
     from bench.gpu_check_report import report, test_counts
