@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -341,3 +342,14 @@ def test_evaluate_cli_rejects_bad_input(export, tmp_path, capsys, monkeypatch, c
     assert got == code, err
     assert len(err) == 1, err  # exactly one line, no traceback
     assert err[0].startswith("python -m imf.evaluate: error: ") and text.format(root=root) in err[0], err
+
+
+def test_missing_torch_fidelity_is_a_missing_dependency(monkeypatch):
+    """Without torch-fidelity the Inception scorer stops with the install command (exit code 3 via run_cli)."""
+    from imf.cli import MissingDependencyError
+    from imf.evaluate.scorers import require_fidelity
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # makes `import torch_fidelity` fail
+    with pytest.raises(MissingDependencyError, match=r'needs torch-fidelity.*pip install -e "\.\[eval\]"') as e:
+        require_fidelity()
+    assert e.value.exit_code == 3
