@@ -103,6 +103,7 @@ JVP_CASES = [
     (F16, (2, 2, 33, 128), 1, "blhd", 0.0),
     (F16, (2, 1, 17, 96), 1, "bhld", 0.0),
     (F32, (2, 1, 276, 64), 1, "blhd", 0.0),
+    (F16, (2, 1, 33, 48), 1, "bhld", 4.0),
 ]
 
 
@@ -196,6 +197,26 @@ def test_unaligned_inputs_match_reference():
     """A view starting 2 bytes into its buffer runs the unaligned path (``ALIGN = 1``) and is exact."""
     q, k, v = (torch.randn(1, 2, 17, 73, dtype=F16, device=DEVICE)[..., 1:].requires_grad_() for _ in range(3))
     check_attention_grads(attention(q, k, v), q, k, v, F16)
+
+
+@pytest.mark.parametrize(
+    "head_dim, blocks",
+    [
+        (72, (64, 16, True)),
+        (96, (64, 32, True)),
+        (48, (32, 16, True)),
+        (80, (64, 16, True)),
+        (64, (64, 16, False)),
+        (100, (128, 64, False)),
+        (128, (128, 16, False)),
+        (17, (32, 16, False)),
+        (8, (16, 16, False)),
+    ],
+)
+def test_forward_splits_the_head_dim_when_it_saves_work(head_dim, blocks):
+    """72 runs as 64 + 16 columns (1.11x the work) instead of one padded 128 tile (1.78x)."""
+    meta = attention_op.forward_meta(torch.empty(1, 1, 1, head_dim, device=DEVICE))
+    assert (meta["BLOCK_D"], meta["BLOCK_D2"], meta["SPLIT"]) == blocks
 
 
 def test_grid_is_one_axis():
