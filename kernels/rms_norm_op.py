@@ -40,10 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import as_rows, check_float, check_prefix, describe, interpreting, kernel_rule, rows_layout, saved
+from ._checks import as_rows, check_float, check_prefix, describe, kernel_rule, rows_layout, saved
+from ._tuning import autotune
+from .attention_op import aligned, stride_align
 
-# Largest tile (rows x padded D, fp32 elements) one program holds; beyond it registers spill.
-_MAX_TILE = 8192
 # Elements of x one backward program walks (64 rows at D = 768). Its fp32 dw partial row adds about
 # 1% to the bf16 traffic of those rows (x, dy read, dx written), and 70k rows still make 1100 programs.
 _BWD_ELEMENTS_PER_PROGRAM = 65536
@@ -56,30 +56,30 @@ def _rows_per_program(block_d: int) -> int:
     return max(16, _BWD_ELEMENTS_PER_PROGRAM // block_d)
 
 
-def _configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 8}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (2, 4, 8)]
+# Candidate configs: BLOCK_M rows x BLOCK_D = next_power_of_2(D) columns, num_warps. Rule, from the
+# sm_90 compile report (bf16, 8832 rows, D = 768 and 1152; ``python -m bench compile``), applied by
+# :func:`_fits`: 8 to 32 tile elements per thread. Above 32 the backward reaches 255 registers, and
+# with 16 warps (at most 128 registers a thread) it spilled 84 B - 2.6 KB; below 8 a thread's share
+# of a row is under 16 bytes and the loads split (8-byte or narrower). 6-9 of these per D remain.
+_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (2, 4, 8)]
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 8}, num_warps=4)
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles that exceed the register budget or leave threads idle; keep at least the smallest."""
-    block_d = {**named_args, **kwargs}["BLOCK_D"]
-    tile = lambda c: c.kwargs["BLOCK_M"] * block_d
-    fit = [c for c in configs if tile(c) <= max(_MAX_TILE, block_d) and c.num_warps * 32 <= tile(c)]
-    return fit or configs[:1]
+def _fits(configs, meta):
+    """The configs of the rule above for this ``BLOCK_D``."""
+    per_thread = lambda c: c.kwargs["BLOCK_M"] * meta["BLOCK_D"] // (32 * c.num_warps)
+    return [c for c in configs if 8 <= per_thread(c) <= 32]
 
 
-_PRUNE = {"early_config_prune": _prune}
-
-
-@triton.autotune(configs=_configs(), key=["D", "WITH_PRIMAL", "WITH_TANGENT"], prune_configs_by=_PRUNE)
+@autotune(candidates=_CONFIGS, key=["D", "WITH_PRIMAL", "WITH_TANGENT"], interpret_config=_INTERPRET_CONFIG,
+          prune=_fits, name="rms_norm_op.rms_norm_fwd")  # fmt: skip
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, XT, W, Y, YT, RSTD,
     stride_x, stride_xt,
-    rows, rows_t, D, eps,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WITH_PRIMAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
+    rows, rows_t, eps,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    WITH_PRIMAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -87,7 +87,7 @@ def _rms_norm_fwd_kernel(
     rows64 = offs_m.to(tl.int64)[:, None]
     mask = (offs_m < rows)[:, None] & mask_d[None, :]
 
-    x = tl.load(X + rows64 * stride_x + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + rows64 * aligned(stride_x, ALIGN) + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
     xn = x * rstd[:, None]
@@ -96,19 +96,22 @@ def _rms_norm_fwd_kernel(
         tl.store(Y + rows64 * D + offs_d[None, :], (xn * w[None, :]).to(Y.dtype.element_ty), mask=mask)
     if WITH_TANGENT:
         mask_t = (offs_m < rows_t)[:, None] & mask_d[None, :]
-        xt = tl.load(XT + rows64 * stride_xt + offs_d[None, :], mask=mask_t, other=0.0).to(tl.float32)
+        xt = tl.load(XT + rows64 * aligned(stride_xt, ALIGN) + offs_d[None, :], mask=mask_t, other=0.0)
+        xt = xt.to(tl.float32)
         dot = tl.sum(xn * xt, axis=1) / D
         yt = w[None, :] * rstd[:, None] * (xt - xn * dot[:, None])
         tl.store(YT + rows64 * D + offs_d[None, :], yt.to(YT.dtype.element_ty), mask=mask_t)
 
 
-@triton.autotune(configs=_configs(), key=["D"], prune_configs_by=_PRUNE)
+@autotune(candidates=_CONFIGS, key=["D"], interpret_config=_INTERPRET_CONFIG, prune=_fits,
+          name="rms_norm_op.rms_norm_bwd")  # fmt: skip
 @triton.jit
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL,
     stride_dy, stride_x,
-    rows, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    rows,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -120,8 +123,8 @@ def _rms_norm_bwd_kernel(
         mask_m = offs_m < rows
         rows64 = offs_m.to(tl.int64)[:, None]
         mask = mask_m[:, None] & mask_d[None, :]
-        dy = tl.load(DY + rows64 * stride_dy + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + rows64 * stride_x + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * aligned(stride_dy, ALIGN) + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64 * aligned(stride_x, ALIGN) + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + offs_m, mask=mask_m, other=0.0)
         xn = x * rstd[:, None]
         g = dy * w[None, :]
@@ -160,8 +163,9 @@ def _forward(x, x_t, weight, eps, *, primal=True):
     _rms_norm_fwd_kernel[grid](
         x2, xt2, weight, unused if y is None else y, unused if y_t is None else y_t, unused if rstd is None else rstd,
         x2.stride(0), xt2.stride(0),
-        rows, rows_t, d, eps,
-        BLOCK_D=triton.next_power_of_2(d), WITH_PRIMAL=primal, WITH_TANGENT=x_t is not None,
+        rows, rows_t, eps,
+        D=d, BLOCK_D=triton.next_power_of_2(d), ALIGN=stride_align(x2, xt2),
+        WITH_PRIMAL=primal, WITH_TANGENT=x_t is not None,
     )  # fmt: skip
     return y, y_t, rstd
 
@@ -180,8 +184,8 @@ def _backward(dy, x, weight, rstd):
     _rms_norm_bwd_kernel[(programs,)](
         dy2, x2, weight, rstd, dx, dw_partial,
         dy2.stride(0), x2.stride(0),
-        rows, d,
-        BLOCK_D=block_d, ROWS_PER_PROGRAM=per_program,
+        rows,
+        D=d, BLOCK_D=block_d, ALIGN=stride_align(dy2, x2), ROWS_PER_PROGRAM=per_program,
     )  # fmt: skip
     return dx, dw_partial.sum(0).to(weight.dtype)
 

@@ -62,14 +62,14 @@ from .attention_op import aligned, stride_align
 # Candidate configs: BLOCK_L tokens x BLOCK_D = next_power_of_2(head_dim) columns, num_warps.
 # Rule, from the sm_90 compile report (bf16, batch 32 x 276 tokens x 16 heads, head_dim 64 and 72;
 # ``python -m bench compile``), applied per BLOCK_D by :func:`_fits`:
-#   * 4 to 16 fp32 tile elements per thread: the forward with tangent keeps about ten such tiles live
+#   * 8 to 16 fp32 tile elements per thread: the forward with tangent keeps about ten such tiles live
 #     (x, x[rot], x_t, x_t[rot], cos, sin, outputs); at 16 it needs <= 160 registers and spills
 #     nothing, at 32 it reaches 255 (the old list's BLOCK_L = 128 with 2 warps spilled 10.7 KB); below
-#     4 the 16-byte loads are split across too many threads;
+#     8 a thread's share of a row is under 16 bytes (8-byte loads);
 #   * not 32 * num_warps == BLOCK_D: the 1-D weight load then gets one element per thread (scalar
 #     2-byte loads; seen at (BLOCK_D 64, 2 warps) and (128, 4 warps)).
-# That keeps 6-7 of these 20 per head_dim (e.g. head_dim 64: (8, 1), (8, 4), (16, 4), (16, 8),
-# (32, 4), (32, 8), (64, 8)), all with 16-byte loads and no spill.
+# That keeps 4-6 of these 20 per head_dim (head_dim 64: (4, 1), (8, 1), (16, 4), (32, 4), (32, 8),
+# (64, 8)), all with 16-byte loads and no spill.
 _CONFIGS = [triton.Config({"BLOCK_L": m}, num_warps=w) for m in (4, 8, 16, 32, 64) for w in (1, 2, 4, 8)]
 _INTERPRET_CONFIG = triton.Config({"BLOCK_L": 16}, num_warps=4)
 # Tokens one backward program covers (a multiple of every BLOCK_L): its fp32 dw partial row is 1/64
@@ -82,7 +82,7 @@ def _fits(configs, meta):
     """The configs of the rule above for this ``BLOCK_D``."""
     block_d = meta["BLOCK_D"]
     per_thread = lambda c: c.kwargs["BLOCK_L"] * block_d // (32 * c.num_warps)
-    return [c for c in configs if 4 <= per_thread(c) <= 16 and 32 * c.num_warps != block_d]
+    return [c for c in configs if 8 <= per_thread(c) <= 16 and 32 * c.num_warps != block_d]
 
 
 @triton.jit

@@ -34,26 +34,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import as_rows, check_float, check_like, check_prefix, interpreting, kernel_rule, rows_layout, saved
+from ._checks import as_rows, check_float, check_like, check_prefix, kernel_rule, rows_layout, saved
+from ._tuning import autotune
+from .attention_op import aligned, stride_align
+
+# Candidate configs: BLOCK_M rows x BLOCK_N columns, num_warps. Rule, from the sm_90 compile report
+# (bf16, 8832 rows x hidden 2752 / 2048, fused-projection halves; ``python -m bench compile``):
+#   * 8 to 32 tile elements per thread (:func:`_fits`): at 64 the forward with tangent reaches 255
+#     registers and spills (36-56 B); at 4 a thread's share of a row is one 8-byte load, not 16;
+#   * 4 or 8 warps (1-2 warp programs only win at tiny row counts), tiles of 1-4K elements;
+#   * ``BLOCK_N`` no wider than the row (``N`` rounded up to a power of two, at least 128).
+_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
+    for m, n, w in (
+        (1, 1024, 4), (2, 1024, 4), (2, 1024, 8), (4, 512, 4), (4, 512, 8), (4, 1024, 4), (4, 1024, 8),
+        (8, 128, 4), (8, 256, 4), (8, 256, 8), (8, 512, 4), (8, 512, 8), (16, 128, 4), (16, 256, 8),
+    )
+]  # fmt: skip
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4)
 
 
-def _configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
-        for m, n in ((1, 1024), (2, 1024), (4, 512), (4, 1024), (8, 256), (8, 512), (16, 256))
-        for w in (4, 8)
-    ]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop column tiles much wider than a row."""
-    width = max(256, triton.next_power_of_2({**named_args, **kwargs}["N"]))
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= width]
-
-
-_PRUNE = {"early_config_prune": _prune}
+def _fits(configs, meta):
+    """The configs of the rule above for a row of ``N`` columns."""
+    width = max(128, triton.next_power_of_2(meta["N"]))
+    per_thread = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= width and 8 <= per_thread(c) <= 32]
 
 
 @triton.jit
@@ -63,13 +68,15 @@ def _silu_and_grad(a):
     return a * s, s * (1.0 + a * (1.0 - s))
 
 
-@triton.autotune(configs=_configs(), key=["N", "WITH_PRIMAL", "WITH_TANGENT"], prune_configs_by=_PRUNE)
+@autotune(candidates=_CONFIGS, key=["N", "WITH_PRIMAL", "WITH_TANGENT"], interpret_config=_INTERPRET_CONFIG,
+          prune=_fits, name="swiglu_op.swiglu_fwd")  # fmt: skip
 @triton.jit
 def _swiglu_fwd_kernel(
     A, B, AT, BT, H, HT,
     sa, sb, sat, sbt,
     rows, rows_t, N,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_PRIMAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
+    WITH_PRIMAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,34 +84,35 @@ def _swiglu_fwd_kernel(
     cols = offs_n[None, :]
     mask_n = (offs_n < N)[None, :]
     mask = (offs_m < rows)[:, None] & mask_n
-    a = tl.load(A + rows64 * sa + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + rows64 * sb + cols, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(A + rows64 * aligned(sa, ALIGN) + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + rows64 * aligned(sb, ALIGN) + cols, mask=mask, other=0.0).to(tl.float32)
     silu, dsilu = _silu_and_grad(a)
     if WITH_PRIMAL:
         tl.store(H + rows64 * N + cols, (silu * b).to(H.dtype.element_ty), mask=mask)
     if WITH_TANGENT:
         mask_t = (offs_m < rows_t)[:, None] & mask_n
-        at = tl.load(AT + rows64 * sat + cols, mask=mask_t, other=0.0).to(tl.float32)
-        bt = tl.load(BT + rows64 * sbt + cols, mask=mask_t, other=0.0).to(tl.float32)
+        at = tl.load(AT + rows64 * aligned(sat, ALIGN) + cols, mask=mask_t, other=0.0).to(tl.float32)
+        bt = tl.load(BT + rows64 * aligned(sbt, ALIGN) + cols, mask=mask_t, other=0.0).to(tl.float32)
         tl.store(HT + rows64 * N + cols, (dsilu * at * b + silu * bt).to(HT.dtype.element_ty), mask=mask_t)
 
 
-@triton.autotune(configs=_configs(), key=["N"], prune_configs_by=_PRUNE)
+@autotune(candidates=_CONFIGS, key=["N"], interpret_config=_INTERPRET_CONFIG, prune=_fits,
+          name="swiglu_op.swiglu_bwd")  # fmt: skip
 @triton.jit
 def _swiglu_bwd_kernel(
     DH, A, B, DA, DB,
     sdh, sa, sb,
     rows, N,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows64 = offs_m.to(tl.int64)[:, None]
     cols = offs_n[None, :]
     mask = (offs_m < rows)[:, None] & (offs_n < N)[None, :]
-    dh = tl.load(DH + rows64 * sdh + cols, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(A + rows64 * sa + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + rows64 * sb + cols, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(DH + rows64 * aligned(sdh, ALIGN) + cols, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(A + rows64 * aligned(sa, ALIGN) + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + rows64 * aligned(sb, ALIGN) + cols, mask=mask, other=0.0).to(tl.float32)
     silu, dsilu = _silu_and_grad(a)
     tl.store(DA + rows64 * N + cols, (dh * b * dsilu).to(DA.dtype.element_ty), mask=mask)
     tl.store(DB + rows64 * N + cols, (dh * silu).to(DB.dtype.element_ty), mask=mask)
@@ -135,7 +143,7 @@ def _forward(a, b, a_t, b_t, *, primal=True):
         a2, b2, at2, bt2, a2 if h is None else h, a2 if h_t is None else h_t,
         a2.stride(0), b2.stride(0), at2.stride(0), bt2.stride(0),
         a2.shape[0], at2.shape[0] if a_t is not None else 0, n,
-        WITH_PRIMAL=primal, WITH_TANGENT=a_t is not None,
+        ALIGN=stride_align(a2, b2, at2, bt2), WITH_PRIMAL=primal, WITH_TANGENT=a_t is not None,
     )  # fmt: skip
     return h, h_t
 
@@ -152,6 +160,7 @@ def _backward(dh, a, b):
         dh2, a2, b2, da, db,
         dh2.stride(0), a2.stride(0), b2.stride(0),
         a2.shape[0], n,
+        ALIGN=stride_align(dh2, a2, b2),
     )  # fmt: skip
     return da, db
 
