@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, tiny_config
+from test_train import TINY_CLI, tiny_config
 
 import imf.train.checkpoint as ckpt
 from imf.demo import main as demo_main
@@ -72,22 +72,9 @@ def _assert_like_reference(out: Path, reference: Path) -> None:
 
 # --- bad command lines -------------------------------------------------------------------------------------
 
-CLI = [
-    "--preset",
-    "demo",
-    "--model.dim",
-    "32",
-    "--model.heads",
-    "2",
-    "--batch",
-    "16",
-    "--steps",
-    "2",
-    "--log.progress",
-    "false",
-    "--threads",
-    "1",
-]
+CLI = [*TINY_CLI, "--steps", "2"]
+# _cfg(out) as options: a run of STEPS steps that checkpoints every 2 and keeps 2
+RUN = [*TINY_CLI, "--steps", str(STEPS), "--checkpoint.every_steps", "2", "--checkpoint.keep_last", "2"]
 
 
 def _bad_inputs(tmp: Path, good_ckpt: Path) -> list[tuple[str, list[str], dict, int, str]]:
@@ -380,30 +367,7 @@ def test_kill_9_at_random_moments(tmp_path, reference):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):
         out = tmp_path / f"run{attempt}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "imf.train",
-            *CLI,
-            "--steps",
-            str(STEPS),
-            "--out",
-            str(out),
-            "--model.dim",
-            str(TINY["dim"]),
-            "--checkpoint.every_steps",
-            "2",
-            "--checkpoint.keep_last",
-            "2",
-            "--log.every_steps",
-            "1",
-            "--schedule.warmup_steps",
-            "2",
-            "--schedule.decay",
-            "constant",
-            "--lr",
-            "1e-3",
-        ]
+        cmd = [sys.executable, "-m", "imf.train", *RUN, "--out", str(out)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         deadline = time.time() + 120
         while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
@@ -459,28 +423,7 @@ def test_damaged_checkpoint(tmp_path, capsys, reference, what, target, damage, s
     root = out / "checkpoints"
     damage(root / target.replace("step/", "step_000000004/"))
     capsys.readouterr()
-    argv = [
-        *CLI,
-        "--model.dim",
-        str(TINY["dim"]),
-        "--steps",
-        str(STEPS),
-        "--out",
-        str(out),
-        "--resume",
-        "--checkpoint.every_steps",
-        "2",
-        "--checkpoint.keep_last",
-        "2",
-        "--log.every_steps",
-        "1",
-        "--schedule.warmup_steps",
-        "2",
-        "--schedule.decay",
-        "constant",
-        "--lr",
-        "1e-3",
-    ]
+    argv = [*RUN, "--out", str(out), "--resume"]
     rc = main(argv)
     if survived:
         assert rc == 0, capsys.readouterr().err

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_data import tiny_vae
 
 import imf.train.checkpoint as ckpt_mod
 from imf import build_model
@@ -29,6 +30,29 @@ from imf.train.config import ConfigError
 from imf.train.export import export_ema, load_exported
 
 TINY = {"dim": 32, "heads": 2}
+# tiny_config(out) as command-line options (add --steps, --out, checkpoint options)
+TINY_CLI = [
+    "--preset",
+    "demo",
+    "--model.dim",
+    "32",
+    "--model.heads",
+    "2",
+    "--batch",
+    "16",
+    "--lr",
+    "1e-3",
+    "--schedule.warmup_steps",
+    "2",
+    "--schedule.decay",
+    "constant",
+    "--log.every_steps",
+    "1",
+    "--log.progress",
+    "false",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -224,16 +248,7 @@ def test_export_matches_ema_model_and_sample_grids(tmp_path):
 
 
 def test_latent_sample_grids_decode_with_vae(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    vae = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_vae(tmp_path / "vae")
     cfg = tiny_config(
         tmp_path / "run",
         steps=2,
@@ -284,29 +299,7 @@ def test_nonfinite_in_a_row_stops_with_checkpoint(tmp_path):
 
 def test_sigterm_writes_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "imf.train",
-        "--preset",
-        "demo",
-        "--model.dim",
-        "32",
-        "--model.heads",
-        "2",
-        "--batch",
-        "16",
-        "--threads",
-        "1",
-        "--steps",
-        "100000",
-        "--out",
-        str(out),
-        "--log.every_steps",
-        "1",
-        "--log.progress",
-        "false",
-    ]
+    cmd = [sys.executable, "-m", "imf.train", *TINY_CLI, "--steps", "100000", "--out", str(out)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
     )
@@ -389,7 +382,10 @@ def test_thread_default(monkeypatch):
     assert cfg.torch_threads() is None  # torch follows OMP_NUM_THREADS
     monkeypatch.delenv("OMP_NUM_THREADS")
     cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert cfg.torch_threads(1) == max(1, min(8, cpus)) and cfg.torch_threads(2 * cpus) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cpus), 0.0, 0.0))
+    assert cfg.torch_threads(1) == 1  # a busy machine: one thread
     assert tiny_config(Path("unused"), threads=3).torch_threads(4) == 3
 
 

@@ -127,7 +127,9 @@ class TrainConfig:
     device: str = opt("auto", "auto (CUDA if available), cpu or cuda[:i]")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 (fp32 master weights) or fp32")
     threads: int | None = opt(
-        None, "torch CPU threads per process (default: OMP_NUM_THREADS, else CPUs / local processes, at most 8)"
+        None,
+        "torch CPU threads per process (default: OMP_NUM_THREADS; 1 on a busy machine; else CPUs / local "
+        "processes, at most 8)",
     )
     ema_decays: tuple[float, ...] = opt((0.9999,), "EMA decays kept in fp32 (the first one is sampled)", alias="ema")
     max_nonfinite: int = opt(10, "stop after this many non-finite steps in a row")
@@ -154,14 +156,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def torch_threads(self, local_world: int = 1) -> int | None:
-        """The torch CPU threads to use: ``threads``, else None when ``OMP_NUM_THREADS`` is set (torch follows
-        it), else the CPUs this process may use divided by the local processes, at most 8. (torch's own
-        default, every core in every process, made steps 15-70x slower on a loaded 2-core machine.)"""
+        """The torch CPU threads to use: ``threads``; else None when ``OMP_NUM_THREADS`` is set (torch follows
+        it); else 1 when the machine is already busy (1-minute load average >= its CPUs: spinning OpenMP
+        threads then made steps 15-70x slower), otherwise the CPUs this process may use divided by the local
+        processes, at most 8."""
         if self.threads is not None:
             return self.threads
         if os.environ.get("OMP_NUM_THREADS"):
             return None
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if os.getloadavg()[0] >= cpus:
+            return 1
         return max(1, min(8, cpus // max(1, local_world)))
 
     def validate(self, world_size: int = 1) -> TrainConfig:
