@@ -8,6 +8,7 @@ expected, instead of a Triton compile error or a silent wrong answer.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -33,8 +34,17 @@ def check_float(name: str, t, *, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {describe(t)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got {describe(t)}")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have at least 1 dim, got {describe(t)}")
     if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
         raise ValueError(f"{name} must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got {describe(t)}")
+
+
+def check_eps(eps) -> None:
+    """``eps`` is a finite real number > 0 (``rsqrt(mean(x^2) + eps)`` is NaN or inf otherwise)."""
+    ok = isinstance(eps, int | float) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0
+    if not ok:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
 
 def check_like(name: str, t, ref_name: str, ref: torch.Tensor, *, shape: bool = True) -> None:

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import as_rows, check_float, check_prefix, describe, kernel_rule, rows_layout, saved
+from ._checks import as_rows, check_eps, check_float, check_prefix, describe, kernel_rule, rows_layout, saved
 from ._tuning import autotune
 from .attention_op import aligned, stride_align
 
@@ -135,7 +135,7 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * D + offs_d, dw, mask=mask_d)
 
 
-def _validate(x, x_t, weight) -> None:
+def _validate(x, x_t, weight, eps) -> None:
     check_float("x", x)
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got {describe(x)}")
@@ -146,6 +146,7 @@ def _validate(x, x_t, weight) -> None:
         raise ValueError(f"weight must have shape ({x.shape[-1]},) (last dim of x), got {describe(weight)}")
     if weight.device != x.device:
         raise ValueError(f"weight must be on the device of x ({x.device}), got {describe(weight)}")
+    check_eps(eps)
 
 
 def _forward(x, x_t, weight, eps, *, primal=True):
@@ -237,7 +238,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
     ``x``: any shape ``(..., D)`` that flattens to rows without a copy; ``weight``: ``(D,)``, any float dtype.
     """
-    _validate(x, None, weight)
+    _validate(x, None, weight, eps)
     return _RMSNormFn.apply(x, None, weight, eps)[0]
 
 
@@ -248,5 +249,5 @@ def rms_norm_jvp(
 
     ``y`` is differentiable in ``x`` and ``weight``; ``y_t`` is detached.
     """
-    _validate(x, x_t, weight)
+    _validate(x, x_t, weight, eps)
     return _RMSNormFn.apply(x, x_t, weight, eps)[:2]

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_float, check_prefix, describe, kernel_rule, saved
+from ._checks import check_eps, check_float, check_prefix, describe, kernel_rule, saved
 from ._tuning import autotune
 from .attention_op import aligned, stride_align
 
@@ -193,7 +193,7 @@ def _qk_norm_rope_bwd_kernel(
     tl.store(DW_PARTIAL + pid.to(tl.int64) * D + offs_d, dw, mask=mask_d)
 
 
-def _validate(x, x_t, weight, cos, sin) -> None:
+def _validate(x, x_t, weight, cos, sin, eps) -> None:
     check_float("x", x, ndim=4)
     batch, seq, heads, d = x.shape
     if x.numel() == 0:
@@ -216,6 +216,7 @@ def _validate(x, x_t, weight, cos, sin) -> None:
     for name, t in (("weight", weight), ("cos", cos), ("sin", sin)):
         if t.device != x.device:
             raise ValueError(f"{name} must be on the device of x ({x.device}), got {describe(t)}")
+    check_eps(eps)
 
 
 def _forward(x, x_t, weight, cos, sin, eps, *, primal=True):
@@ -313,7 +314,7 @@ def qk_norm_rope(
     Returns ``y``: ``(B, H, L, D)`` contiguous, dtype of ``x``; differentiable in ``x`` and ``weight``
     (``cos``/``sin`` are constants and get no gradient).
     """
-    _validate(x, None, weight, cos, sin)
+    _validate(x, None, weight, cos, sin, eps)
     return _QKNormRopeFn.apply(x, None, weight, cos, sin, eps)[0]
 
 
@@ -329,5 +330,5 @@ def qk_norm_rope_jvp(
 
     ``y_t`` is ``(n, H, L, D)`` contiguous and detached.
     """
-    _validate(x, x_t, weight, cos, sin)
+    _validate(x, x_t, weight, cos, sin, eps)
     return _QKNormRopeFn.apply(x, x_t, weight, cos, sin, eps)[:2]

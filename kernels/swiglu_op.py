@@ -127,6 +127,12 @@ def _validate(a, b, a_t, b_t) -> None:
     if a.numel() == 0:
         raise ValueError(f"a must not be empty, got shape {tuple(a.shape)}")
     check_like("b", b, "a", a)
+    if (a_t is None) != (b_t is None):
+        given, missing = ("a_t", "b_t") if b_t is None else ("b_t", "a_t")
+        raise ValueError(
+            f"a_t and b_t must be given together (tangents of both a and b, or neither): got {given} "
+            f"but {missing}=None (pass zeros for an input that does not move)"
+        )
     if a_t is not None:
         check_prefix("a_t", a_t, "a", a)
         check_like("b_t", b_t, "a_t", a_t)
@@ -211,7 +217,8 @@ def swiglu_jvp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, h_t)``: :func:`swiglu` and its tangent along ``(a_t, b_t)`` (``(n, ...)``, ``n <= a.shape[0]``).
 
-    ``h_t`` is contiguous and detached.
+    ``h_t`` is contiguous and detached. ``a_t`` and ``b_t`` come together (both ``None``: ``h_t`` is
+    ``None``; one alone is a ``ValueError``: pass zeros for an input that does not move).
     """
     _validate(a, b, a_t, b_t)
     return _SwiGLUFn.apply(a, b, a_t, b_t)

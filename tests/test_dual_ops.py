@@ -503,6 +503,8 @@ def _bad_calls():
     q = torch.randn(2, 5, 3, 8, device=d)
     a = torch.randn(2, 5, 6, device=d)
     lw = torch.randn(4, 8, device=d)
+    strided = torch.randn(2, 5, 16, device=d)[..., ::2]
+    q_strided = torch.randn(2, 5, 3, 16, device=d)[..., ::2]
     return [
         ("rms_norm int x", lambda: imf_kernels.rms_norm(x.long(), w), "x must be float32"),
         (
@@ -560,6 +562,34 @@ def _bad_calls():
         ),
         ("linear x_t shape", lambda: imf_kernels.linear_dual(x, x[..., :4], lw), "x_t must have shape"),
         ("linear x int", lambda: imf_kernels.linear_dual(x.long(), x, lw), "x must be a float"),
+        ("linear bias device", lambda: imf_kernels.linear_dual(x, x, lw, lw[:, 0].to("meta")), "bias must match x"),
+        ("linear x_t missing", lambda: imf_kernels.linear_dual(x, None, lw), "x_t must be a torch.Tensor"),
+        # issue 16 item 9 and the launcher audit
+        ("rms_norm eps -1", lambda: imf_kernels.rms_norm(x, w, eps=-1), r"eps must be a finite number > 0, got -1$"),
+        ("rms_norm eps 0", lambda: imf_kernels.rms_norm_jvp(x, x, w, 0.0), r"eps must be .* got 0\.0$"),
+        ("rms_norm eps nan", lambda: imf_kernels.rms_norm(x, w, float("nan")), r"eps must be .* got nan$"),
+        ("rms_norm eps str", lambda: imf_kernels.rms_norm(x, w, "1e-6"), r"eps must be .* got '1e-6'$"),
+        ("rms_norm 0-d x", lambda: imf_kernels.rms_norm(x[0, 0, 0], w), "x must have at least 1 dim"),
+        ("rms_norm x_t stride", lambda: imf_kernels.rms_norm_jvp(x, strided, w), "x_t must have unit stride"),
+        ("rms_norm weight dtype", lambda: imf_kernels.rms_norm(x, w.long()), "weight must be float32"),
+        ("rope eps", lambda: imf_kernels.qk_norm_rope(q, w, cos, sin, eps=0), "eps must be a finite number > 0"),
+        ("rope weight device", lambda: imf_kernels.qk_norm_rope(q, w.to("meta"), cos, sin), "weight must be a CUDA"),
+        ("rope cos device", lambda: imf_kernels.qk_norm_rope(q, w, cos.to("meta"), sin), "cos must be a CUDA"),
+        ("rope x_t dtype", lambda: imf_kernels.qk_norm_rope_jvp(q, q.half(), w, cos, sin), "x_t must have the dtype"),
+        ("rope x_t stride", lambda: imf_kernels.qk_norm_rope_jvp(q, q_strided, w, cos, sin), "x_t must have unit"),
+        ("swiglu 0-d a", lambda: imf_kernels.swiglu(a[0, 0, 0], a[0, 0, 0]), "a must have at least 1 dim"),
+        ("swiglu b device", lambda: imf_kernels.swiglu(a, a.to("meta")), "b must be a CUDA"),
+        (
+            "swiglu a_t None",
+            lambda: imf_kernels.swiglu_jvp(a, a, None, a),
+            r"^a_t and b_t must be given together .* got b_t but a_t=None",
+        ),
+        (
+            "swiglu b_t None",
+            lambda: imf_kernels.swiglu_jvp(a, a, a, None),
+            r"^a_t and b_t must be given together .* got a_t but b_t=None",
+        ),
+        ("swiglu a_t dtype", lambda: imf_kernels.swiglu_jvp(a, a, a.half(), a.half()), "a_t must have the dtype"),
     ]
 
 
@@ -568,6 +598,14 @@ def test_bad_inputs(case):
     _, call, message = case
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_swiglu_jvp_without_tangents():
+    """Neither tangent: the primal alone, ``h_t`` is ``None``."""
+    a = torch.randn(2, 5, 6, device=DEVICE)
+    h, h_t = imf_kernels.swiglu_jvp(a, a, None, None)
+    assert h_t is None
+    assert_bound("primal", h, ref.swiglu(a, a), ref.swiglu(a.double(), a.double()))
 
 
 # ---------------------------------------------------------------------------------------------
