@@ -321,7 +321,7 @@ H100_SMEM = 227 * 1024  # opt-in shared memory per block
     ],
 )
 def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, with_tangent, dtype):
-    meta = {"Q": torch.empty(0, dtype=dtype), "BLOCK_D": 128, "WITH_TANGENT": with_tangent}
+    meta = {"Q": torch.empty(0, dtype=dtype), "BLOCK_D": 128, "WITH_TANGENT": with_tangent, "SPLIT": False}
     fits = [c for c in candidates if smem({**meta, **c.kwargs}, c.num_stages) <= H100_SMEM]
     assert fits and _tuning.prune_by_shared_memory(candidates, meta, smem, H100_SMEM) == fits
     assert len(_tuning.prune_by_shared_memory(candidates, meta, smem, 0)) == 1
@@ -341,10 +341,15 @@ def test_forward_configs_follow_their_rule():
 
 def test_prune_drops_the_tangent_tile_that_overflows_shared_memory():
     """fp16, ``BLOCK_D = 128``: 64x64 with 3 stages compiles to more than the estimate (slack)."""
-    meta = {"Q": torch.empty(0, dtype=torch.float16), "BLOCK_D": 128, "WITH_TANGENT": True}
+    meta = {"Q": torch.empty(0, dtype=torch.float16), "BLOCK_D": 128, "WITH_TANGENT": True, "SPLIT": False}
     kept = _tuning.prune_by_shared_memory(attention_op.FWD_TANGENT_CONFIGS, meta, attention_op._fwd_smem, H100_SMEM)
     assert 0 < len(kept) < len(attention_op.FWD_TANGENT_CONFIGS)
     assert not any(c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64} and c.num_stages == 3 for c in kept)
+    split = {**meta, "BLOCK_D": 64, "BLOCK_D2": 16, "SPLIT": True}  # head_dim 72: 80 columns, all tiles fit
+    assert all(
+        attention_op._fwd_smem({**split, **c.kwargs}, c.num_stages) <= H100_SMEM
+        for c in attention_op.FWD_TANGENT_CONFIGS
+    )
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the smoke run uses CPU tensors")
