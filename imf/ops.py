@@ -7,17 +7,18 @@ detached: the MeanFlow losses stop their gradient, so only the primal path is di
 
 ``ReferenceOps`` is plain PyTorch (math attention): its primal-only path is made of ops with
 forward-mode AD, so ``torch.func.jvp`` runs through a model built on it. ``TritonOps`` swaps in
-the fused kernels of ``imf_kernels`` where they exist and keeps the reference op otherwise.
+the fused kernels of ``imf_kernels``; their forward-mode rules make ``torch.func.jvp`` run through
+it as well (eager), and under ``torch.compile`` it traces without graph breaks (see its docstring).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import imf_kernels
 import torch
 import torch.nn.functional as F
+from imf_kernels import custom_ops
 from imf_kernels import reference as ref
 
 Pair = tuple[torch.Tensor, torch.Tensor | None]
@@ -112,54 +113,46 @@ class ReferenceOps:
 
 
 class TritonOps(ReferenceOps):
-    """Fused Triton kernels from ``imf_kernels`` where they exist; reference ops for the rest."""
+    """The fused Triton kernels of ``imf_kernels``.
+
+    Eager: every fused op. Their ``autograd.Function``s carry ``jvp`` rules, so ``torch.func.jvp``
+    and ``forward_ad`` through the plain forward (tangent ``None``) run the fused kernels too.
+
+    Under ``torch.compile`` (see :mod:`imf_kernels.custom_ops`): attention, primal and dual, goes
+    through its custom ops (opaque to Dynamo, flash backward, no graph break); RMSNorm, QK-norm +
+    RoPE, SwiGLU and the dual linear use the plain-PyTorch reference, which Inductor fuses with its
+    neighbours (the kernels' jvp rules would be graph breaks). ``torch.func.jvp`` inside
+    ``torch.compile`` raises rather than return wrong tangents.
+    """
 
     name = "triton"
-    _warned = False
-
-    def __init__(self):
-        kernel_names = {
-            "attention": ("attention", "attention_jvp"),
-            "rms_norm": ("rms_norm", "rms_norm_jvp"),
-            "qk_norm_rope": ("qk_norm_rope", "qk_norm_rope_jvp"),
-            "swiglu": ("swiglu", "swiglu_jvp"),
-            "linear": ("linear_dual",),
-        }
-        self.missing = sorted(op for op, names in kernel_names.items()
-                              if not all(hasattr(imf_kernels, n) for n in names))
-        if self.missing and not TritonOps._warned:
-            TritonOps._warned = True
-            warnings.warn(f"imf_kernels has no fused kernel for {self.missing}: the triton backend uses the "
-                          "reference PyTorch op for those", stacklevel=2)
 
     def linear(self, x, x_t, weight, bias=None) -> Pair:
-        if x_t is None or "linear" in self.missing:
+        if x_t is None or torch.compiler.is_compiling():
             return super().linear(x, x_t, weight, bias)
         return imf_kernels.linear_dual(*matmul_operands(x, x_t, weight, bias))
 
     def rms_norm(self, x, x_t, weight, eps) -> Pair:
-        if "rms_norm" in self.missing:
+        if torch.compiler.is_compiling():
             return super().rms_norm(x, x_t, weight, eps)
         if x_t is None:
             return imf_kernels.rms_norm(x, weight, eps), None
         return imf_kernels.rms_norm_jvp(x, x_t, weight, eps)
 
     def qk_norm_rope(self, x, x_t, weight, cos, sin, eps) -> Pair:
-        if "qk_norm_rope" in self.missing:
+        if torch.compiler.is_compiling():
             return super().qk_norm_rope(x, x_t, weight, cos, sin, eps)
         if x_t is None:
             return imf_kernels.qk_norm_rope(x, weight, cos, sin, eps), None
         return imf_kernels.qk_norm_rope_jvp(x, x_t, weight, cos, sin, eps)
 
     def attention(self, q, k, v, q_t=None, k_t=None, v_t=None) -> Pair:
-        if "attention" in self.missing:
-            return super().attention(q, k, v, q_t, k_t, v_t)
         if q_t is None:
-            return imf_kernels.attention(q, k, v), None
-        return imf_kernels.attention_jvp(q, k, v, q_t, k_t, v_t)
+            return custom_ops.attention(q, k, v), None
+        return custom_ops.attention_jvp(q, k, v, q_t, k_t, v_t)
 
     def swiglu(self, a, b, a_t, b_t) -> Pair:
-        if "swiglu" in self.missing:
+        if torch.compiler.is_compiling():
             return super().swiglu(a, b, a_t, b_t)
         if a_t is None:
             return imf_kernels.swiglu(a, b), None

@@ -26,6 +26,10 @@ The error is raised while Dynamo traces, so a tangent is never silently wrong: w
 inside ``torch._dynamo.exc.Unsupported``. ``torch.func.jvp`` of an already compiled function,
 called from eager, is refused by Dynamo itself (pytorch #128711) and also runs eagerly.
 
+The explicit dual path (:func:`attention_jvp`: primal + tangent in one fused pass, primal-only
+backward, prefix tangents) is a custom op the same way (``imf_kernels::flash_attention_dual``), so
+the engine's ``forward_with_tangent`` compiles too; that is the way to combine JVPs and ``torch.compile``.
+
 The elementwise kernels (RMSNorm, QK-norm + RoPE, SwiGLU) are not registered here: under
 ``torch.compile`` the model's triton backend uses their plain-PyTorch references, which Inductor
 fuses with their neighbours (:mod:`imf.ops`).
@@ -37,6 +41,7 @@ import torch
 from torch._C._functorch import TransformType
 from torch.autograd import forward_ad
 
+from . import attention_jvp_op
 from . import attention_op as flash
 
 JVP_UNDER_COMPILE = (
@@ -91,17 +96,47 @@ def _(do, q, k, v, o, lse, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+@torch.library.custom_op("imf_kernels::flash_attention_dual", mutates_args=())
+def flash_attention_dual(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, o_t, lse)`` of the fused JVP kernel on validated inputs with tangents for every sample."""
+    o, lse = flash.empty_outputs(q)
+    o_t = flash.alloc(q_t)
+    flash.flash_forward_into(q, k, v, o, lse, scale, (q_t, k_t, v_t, o_t))
+    return o, o_t, lse
+
+
+@flash_attention_dual.register_fake
+def _(q, k, v, q_t, k_t, v_t, scale):
+    return torch.empty_like(q), torch.empty_like(q_t), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, ctx.scale = inputs
-    o, lse = output
+    q, k, v, *_, ctx.scale = inputs
+    o, *_, lse = output
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(q, k, v, o, lse)
 
 
-def _backward(ctx, do, _dlse):
-    return (*flash_attention_backward(do, *ctx.saved_tensors, ctx.scale), None)
+def _backward(ctx, do, *_):
+    """The flash backward of ``o`` only (``o_t`` is a stop-gradient output, ``lse`` a statistic)."""
+    return (*flash_attention_backward(do, *ctx.saved_tensors, ctx.scale), *(None,) * (ctx.n_inputs - 3))
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
+flash_attention_dual.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_compilable() -> None:
+    if forward_mode_active():
+        raise RuntimeError(JVP_UNDER_COMPILE)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
@@ -109,8 +144,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     the ``autograd.Function`` (with its jvp rule) otherwise; see the module docstring."""
     if not torch.compiler.is_compiling():
         return _eager_attention(q, k, v, scale)
-    if forward_mode_active():
-        raise RuntimeError(JVP_UNDER_COMPILE)
+    _check_compilable()
     return flash_attention(q, k, v, flash.validate(q, k, v, scale))[0]
 
 
@@ -119,3 +153,19 @@ def _eager_attention(q, k, v, scale):
     """The eager route, kept out of Dynamo: when a frame falls back to eager after the error above,
     Dynamo still compiles the frames it calls; this one must run as plain Python (jvp rule)."""
     return flash.attention(q, k, v, scale=scale)
+
+
+def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`imf_kernels.attention_jvp` (the explicit dual path) that also compiles: its custom ops while
+    ``torch.compile`` traces. Prefix tangents (``n = q_t.shape[0] <= batch``): the dual op on ``[:n]``,
+    the primal op on the rest, concatenated. ``o_t`` is detached, as there."""
+    if not torch.compiler.is_compiling():
+        return attention_jvp_op.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale)
+    _check_compilable()
+    scale = flash.validate(q, k, v, scale)
+    attention_jvp_op.validate_tangents(q, q_t, k_t, v_t)
+    n = q_t.shape[0]
+    o, o_t, _ = flash_attention_dual(q[:n], k[:n], v[:n], q_t, k_t, v_t, scale)
+    if n < q.shape[0]:
+        o = torch.cat([o, flash_attention(q[n:], k[n:], v[n:], scale)[0]])
+    return o, o_t.detach()
