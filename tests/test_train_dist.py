@@ -104,7 +104,7 @@ def _one_process_replay(tmp_path: Path) -> tuple[list[float], Trainer]:
     return losses, trainer
 
 
-def _torchrun(out: Path, *extra: str) -> list[dict]:
+def _torchrun(out: Path, *extra: str) -> tuple[list[dict], str]:
     cmd = [
         sys.executable,
         "-m",
@@ -119,12 +119,12 @@ def _torchrun(out: Path, *extra: str) -> list[dict]:
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc.stderr
 
 
 def test_fsdp_two_processes(tmp_path):
     torch.set_num_threads(1)
-    two = _torchrun(tmp_path / "two")
+    two, _ = _torchrun(tmp_path / "two")
     losses, one = _one_process_replay(tmp_path)
 
     # the same samples on 1 and 2 processes: the same losses (to fp32 reduction order)
@@ -150,9 +150,10 @@ def test_fsdp_two_processes(tmp_path):
         torch.testing.assert_close(exported[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
     # interrupted at step 15 and resumed: bitwise the same metrics as the uninterrupted run
-    cut = _torchrun(tmp_path / "cut", "--debug.interrupt_at_step", "15")
+    cut, err = _torchrun(tmp_path / "cut", "--debug.interrupt_at_step", "15")
     assert [r["step"] for r in cut] == list(range(1, 16))
-    resumed = _torchrun(tmp_path / "cut", "--resume")
+    assert err.count("stopped at step 15") == 1, err[-2000:]  # rank 0 reports it, rank 1 does not
+    resumed, _ = _torchrun(tmp_path / "cut", "--resume")
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(two, resumed, strict=True):
         assert (a["loss"], a["mse_V"], a["grad_norm"]) == (b["loss"], b["mse_V"], b["grad_norm"]), a["step"]
