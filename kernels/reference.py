@@ -118,3 +118,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (_acc(x) * cos + _acc(rotated) * sin).to(x.dtype)
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6):
+    """QK-RMSNorm over ``head_dim``, then RoPE, with the head transpose folded in (the contract of
+    :func:`imf_kernels.qk_norm_rope`): ``x`` ``(B, L, H, D)`` -> ``rope(rms_norm(x).transpose(1, 2))``
+    ``(B, H, L, D)``; ``cos``, ``sin``: ``(L, D)`` from :func:`rope_tables`."""
+    return rope(rms_norm(x, weight, eps).transpose(1, 2), cos, sin)
+
+
+def qk_norm_rope_jvp(x, x_t, weight, cos, sin, eps: float = 1e-6):
+    """``(y, y_t)`` of :func:`qk_norm_rope`: the RMSNorm tangent, rotated (RoPE is linear in its input)."""
+    y, y_t = rms_norm_jvp(x, x_t, weight, eps)
+    with torch.no_grad():
+        y_t = rope(y_t.transpose(1, 2), cos, sin)
+    return rope(y.transpose(1, 2), cos, sin), y_t

@@ -149,15 +149,11 @@ def test_rms_norm_tangent_for_no_rows():
 # QK-RMSNorm + RoPE: x is (B, L, H, D); the kernel returns (B, H, L, D).
 
 
-def _qk_reference(cos, sin):
-    return lambda x, w: ref.rope(ref.rms_norm(x, w).transpose(1, 2), cos, sin)
-
-
 def run_qk_norm_rope(shape, packed, dtype, mode):
     """``packed``: x is ``qkv[:, :, 1]`` of a ``(B, L, 3, H, D)`` projection (a strided view)."""
     batch, seq, heads, d = shape
     cos, sin = (t.to(DEVICE) for t in ref.rope_tables(seq, d))
-    reference = _qk_reference(cos, sin)
+    reference = lambda x, w: ref.qk_norm_rope(x, w, cos, sin)
     if packed:
         pick = lambda qkv: qkv[:, :, 1]
         leaf_shape = (batch, seq, 3, heads, d)
@@ -343,7 +339,7 @@ def run_forward_ad(fused, reference, primals64, tangents64, dtype, via, n_grad=N
 
 def _forward_ad_cases():
     """``(name, fused, reference, primal shapes, which primals move)``: shapes are odd on purpose."""
-    qk = lambda x, w, cos, sin: ref.rope(ref.rms_norm(x, w).transpose(1, 2), cos, sin)
+    qk = ref.qk_norm_rope
     pick = lambda qkv: qkv[:, :, 2]
     halves = lambda ab: ab.chunk(2, dim=-1)
     return [
@@ -396,7 +392,7 @@ def test_forward_ad_input_only(dtype):
     cos, sin = (t.to(DEVICE, dtype) for t in ref.rope_tables(17, 72))
     w = (1 + 0.2 * randn(72)).to(DEVICE, dtype)
     fused = lambda x: imf_kernels.qk_norm_rope(x, w, cos, sin)
-    reference = lambda x: ref.rope(ref.rms_norm(x, w.to(x.dtype)).transpose(1, 2), cos.to(x.dtype), sin.to(x.dtype))
+    reference = lambda x: ref.qk_norm_rope(x, w.to(x.dtype), cos.to(x.dtype), sin.to(x.dtype))
     run_forward_ad(fused, reference, [randn(2, 17, 3, 72)], [randn(2, 17, 3, 72)], dtype, "func")
     a, b = randn(2, 9, 40), randn(2, 9, 40).to(DEVICE)
     run_forward_ad(lambda a: imf_kernels.swiglu(a, b.to(a.dtype)), lambda a: ref.swiglu(a, b.to(a.dtype)),
@@ -421,6 +417,26 @@ def test_forward_ad_of_dual_op():
     assert_bound(
         "tangent", yd, ref.rms_norm_jvp(x, x_t, w)[1], ref.rms_norm_jvp(x.double(), x_t.double(), w.double())[1]
     )
+
+
+def test_reference_tangent_formulas():
+    """The explicit ``*_jvp`` references (prefix tangents) equal ``torch.func.jvp`` of their primals, fp64."""
+    cos, sin = (t.double().to(DEVICE) for t in ref.rope_tables(9, 16))
+    x, x_t, w = randn(3, 9, 2, 16).to(DEVICE), randn(2, 9, 2, 16).to(DEVICE), (1 + randn(16)).to(DEVICE)
+    a, b, a_t, b_t = randn(3, 9, 24).to(DEVICE), randn(3, 9, 24).to(DEVICE), randn(2, 9, 24), randn(2, 9, 24)
+    a_t, b_t = a_t.to(DEVICE), b_t.to(DEVICE)
+    lw, lb = randn(40, 24).to(DEVICE), randn(40).to(DEVICE)
+    cases = [  # (explicit (y, y_t), primal, primal args, prefix tangents)
+        (ref.rms_norm_jvp(x, x_t, w), lambda x: ref.rms_norm(x, w), (x,), (x_t,)),
+        (ref.qk_norm_rope_jvp(x, x_t, w, cos, sin), lambda x: ref.qk_norm_rope(x, w, cos, sin), (x,), (x_t,)),
+        (ref.swiglu_jvp(a, b, a_t, b_t), ref.swiglu, (a, b), (a_t, b_t)),
+        (ref.linear_dual(a, a_t, lw, lb), lambda a: F.linear(a, lw, lb), (a,), (a_t,)),
+    ]
+    for i, ((y, y_t), primal, args, tangents) in enumerate(cases):
+        full = tuple(torch.cat([t, torch.zeros_like(p[t.shape[0] :])]) for t, p in zip(tangents, args, strict=True))
+        want, want_t = torch.func.jvp(primal, args, full)
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12, msg=f"case {i} primal")
+        torch.testing.assert_close(y_t, want_t[: y_t.shape[0]], rtol=1e-10, atol=1e-10, msg=f"case {i} tangent")
 
 
 # ---------------------------------------------------------------------------------------------
