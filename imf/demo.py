@@ -26,10 +26,10 @@ import torch
 from imf.cli import UserError, run_cli
 from imf.data.digits import NUM_CLASSES, DigitsJudge
 from imf.sample import generate, save_grid
-from imf.train import run
 from imf.train.args import Parser, add_config_options, build_config, normalise, overrides_of
 from imf.train.config import ConfigError, TrainConfig
 from imf.train.export import export_ema, load_exported
+from imf.train.loop import run
 from imf.train.signals import exit_code
 
 # The demo's run on top of the demo preset's training defaults (imf.train.config.PRESET_DEFAULTS["demo"]).
@@ -51,6 +51,7 @@ MIN_EVAL_SAMPLES = 100  # the sample grids show 10 per class
 def parser() -> Parser:
     p = Parser(
         prog="python -m imf.demo",
+        usage="python -m imf.demo [--OPTION VALUE ...]",
         description=__doc__,
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,

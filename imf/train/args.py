@@ -207,7 +207,10 @@ def add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, p
         if path == "checkpoint.resume":
             kw.update(nargs="?", const="auto")
         help_text = f.metadata.get("help") or f"{path.split('.')[0]} field"
-        groups[section].add_argument(*names, help=f"{help_text} (default: {_default_of(defaults, path)})", **kw)
+        value = _default_of(defaults, path)
+        if not ("default" in help_text and value is None):  # the help says what None means
+            help_text = f"{help_text} (default: {value})"
+        groups[section].add_argument(*names, help=help_text, **kw)
 
 
 def normalise(argv: list[str]) -> list[str]:
@@ -241,7 +244,11 @@ def overrides_of(namespace: argparse.Namespace, paths: list[str] | None = None) 
 def train_parser(prog: str = "python -m imf.train", description: str | None = None) -> Parser:
     """The trainer's parser: ``--config FILE`` and every schema field."""
     p = Parser(
-        prog=prog, description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=description,
+        allow_abbrev=False,
+        usage=f"{prog} [--config FILE] [--OPTION VALUE ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="a .yaml/.yml/.json/.toml file with the same nested fields")
     add_config_options(p, TrainConfig())

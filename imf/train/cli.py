@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 import sys
 
+import imf.train.export as export
 from imf.cli import run_cli
-from imf.train import export
 from imf.train.args import load_config, train_parser
 from imf.train.loop import NonFiniteError, run
 from imf.train.signals import exit_code

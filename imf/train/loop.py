@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import imf.train.checkpoint as checkpoint
+import imf.train.metrics as metrics
 from imf import dist
 from imf.cli import UserError
-from imf.train import checkpoint, metrics
 from imf.train.args import dump_config
 from imf.train.config import ConfigError, TrainConfig
 from imf.train.ema import EMA

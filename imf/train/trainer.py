@@ -31,12 +31,13 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+import imf.train.parallel as parallel
+import imf.train.schedule as schedule
 from imf.data import LoaderSettings, build_loader
 from imf.dist import DistEnv
 from imf.flops import peak_flops, train_step_flops
 from imf.loss import imf_loss, mf_loss, sample_training_inputs
 from imf.seeding import rank_noise_seed
-from imf.train import parallel, schedule
 from imf.train.checkpoint import RANK_ENTRY
 from imf.train.config import TrainConfig
 from imf.train.ema import EMA
