@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import socket
 import statistics
 import time
 
@@ -65,8 +64,9 @@ from bench.common import is_cuda, matmul_peak, one_cpu_thread, summarize, time_s
 from imf import build_model, flops
 from imf.baseline import imf_loss_func_jvp, mf_loss_func_jvp
 from imf.config import LossConfig, preset
-from imf.model.layers import DualModule
+from imf.dist import free_port
 from imf.loss import imf_loss, mf_loss, sample_training_inputs
+from imf.model.layers import DualModule
 from imf.ops import ReferenceOps
 
 VARIANTS = ("engine", "engine_fsdp2", "baseline_eager", "baseline_compiled", "fm_compiled")
@@ -146,12 +146,6 @@ def _fm_loss(model, lc: LossConfig, x, y, e, t, r, omega, t_min, t_max, drop):
     return (u.float() - (e - x)).pow(2).mean()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _single_rank_group(device):
     """A one-process group (NCCL on a GPU, gloo on a CPU) unless one exists already."""
@@ -162,7 +156,7 @@ def _single_rank_group(device):
         return
     if is_cuda(device):
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if is_cuda(device) else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+    dist.init_process_group("nccl" if is_cuda(device) else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                             rank=0, world_size=1)
     try:
         yield

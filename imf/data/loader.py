@@ -25,6 +25,7 @@ from imf.data.digits import NUM_CLASSES, load_digits_tensors
 from imf.data.format import DataError
 from imf.data.plan import BatchPlan, normalized_latents
 from imf.data.source import LoaderSettings, PlanSource, PositionedSource
+from imf.seeding import derive_seed, philox
 
 __all__ = ["DigitsLoader", "LatentLoader", "SyntheticLatents", "build_loader"]
 
@@ -140,7 +141,7 @@ class SyntheticLatents(PositionedSource):
         while True:
             e, s = self.position
             k = e * self.steps_per_epoch + s
-            self._gen.manual_seed(int(np.random.SeedSequence([self.seed, k]).generate_state(1, np.uint64)[0] >> 1))
+            self._gen.manual_seed(derive_seed(self.seed, k))
             x = torch.randn((self.batch_size, *self.shape), generator=self._gen, device=self.device)
             y = torch.randint(0, self.num_classes, (self.batch_size,), generator=self._gen, device=self.device)
             self.advance()
@@ -176,7 +177,7 @@ class DigitsLoader(PositionedSource):
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's image indices of ``epoch`` in order (batch ``k`` is entries ``k*B:(k+1)*B``)."""
-        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, epoch])))
+        rng = philox(self.seed, epoch)
         a = self.rank * self.per_rank
         return rng.permutation(len(self.x))[a : a + self.per_rank]
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from imf.data.format import DataError
 from imf.data.index import LatentIndex
+from imf.seeding import philox
 
 PERM_TAG = 0x5045524D  # "PERM": stream tag of the epoch permutation
 NOISE_TAG = 0x4E4F4953  # "NOIS": stream tag of the per-batch flips and eps
@@ -60,7 +61,7 @@ class BatchPlan:
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's global sample indices for ``epoch``, in order (length ``N // world_size``)."""
         if self._perm_epoch != epoch:
-            rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, epoch, PERM_TAG])))
+            rng = philox(self.seed, epoch, PERM_TAG)
             self._perm = rng.permutation(self.index.count)
             self._perm_epoch = epoch
         a = self.rank * self.per_rank
@@ -71,9 +72,7 @@ class BatchPlan:
             raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
         b = self.batch_size
         idx = self.epoch_indices(epoch)[step * b : (step + 1) * b]
-        rng = np.random.Generator(
-            np.random.Philox(np.random.SeedSequence([self.seed, epoch, self.rank, step, NOISE_TAG]))
-        )
+        rng = philox(self.seed, epoch, self.rank, step, NOISE_TAG)
         drawn = (rng.random(b) < 0.5) & self.flip
         eps = rng.standard_normal((b, *self.index.latent_shape), dtype=np.float32)
         if self.index.flipped:
