@@ -330,8 +330,12 @@ def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, with
 def test_forward_configs_follow_their_rule():
     """Each mode tries only its own list; the lists keep the compile rule written next to them."""
     tangent, primal = attention_op.FWD_TANGENT_CONFIGS, attention_op.FWD_PRIMAL_CONFIGS
-    assert attention_op._fwd_prune(attention_op.FWD_CONFIGS, {"WITH_TANGENT": True}) == tangent
-    assert attention_op._fwd_prune(attention_op.FWD_CONFIGS, {"WITH_TANGENT": False}) == primal
+    d64 = {"BLOCK_D": 64, "BLOCK_D2": 16, "SPLIT": False}
+    assert attention_op._fwd_prune(attention_op.FWD_CONFIGS, {**d64, "WITH_TANGENT": True}) == tangent
+    assert attention_op._fwd_prune(attention_op.FWD_CONFIGS, {**d64, "WITH_TANGENT": False}) == primal
+    d128 = {"BLOCK_D": 128, "BLOCK_D2": 16, "SPLIT": False, "WITH_TANGENT": True}
+    wide = attention_op._fwd_prune(attention_op.FWD_CONFIGS, d128)
+    assert wide == [c for c in tangent if c.kwargs["BLOCK_N"] == 32]  # the clean ones at d128
     for configs in (primal, tangent, attention_op.DKDV_CONFIGS, attention_op.DQ_CONFIGS):
         assert 6 <= len(configs) <= 12 and all(c.num_stages in (2, 3) for c in configs)
     assert all(c.num_warps == 8 for c in primal + tangent + attention_op.DQ_CONFIGS if c.kwargs["BLOCK_M"] == 128)
