@@ -52,6 +52,7 @@ def report(tmp_path_factory) -> dict:
     return doc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_config_compiles_cleanly_for_sm90(report, shape):
     rows = [r for r in report["rows"] if r["shape"] == shape]
@@ -63,6 +64,7 @@ def test_every_config_compiles_cleanly_for_sm90(report, shape):
         pytest.fail(f"{len(failing)} of {len(rows)} sm_90 compiles fail the static checks:\n" + "\n".join(lines))
 
 
+@pytest.mark.slow
 def test_gate_reports_what_it_checked(report):
     """The report is static and covers the attention kernels and the elementwise kernels of iMF."""
     assert report["static"] is True

@@ -52,7 +52,7 @@ def _clean_state(monkeypatch):
 
 def test_pinned_mode_default_rule_is_first_surviving_candidate(monkeypatch):
     monkeypatch.setenv(_tuning.PINNED_ENV, "1")
-    drop_16 = lambda configs, meta: [c for c in configs if c.kwargs["BLOCK"] != 16]  # noqa: E731
+    drop_16 = lambda configs, meta: [c for c in configs if c.kwargs["BLOCK"] != 16]
     chosen = _launch(_tuner(prune=drop_16))
     assert chosen == CANDIDATES[2]
 
@@ -60,7 +60,7 @@ def test_pinned_mode_default_rule_is_first_surviving_candidate(monkeypatch):
 def test_pinned_mode_uses_declared_config_and_function(monkeypatch):
     monkeypatch.setenv(_tuning.PINNED_ENV, "1")
     assert _launch(_tuner(pinned=CANDIDATES[5])) == CANDIDATES[5]
-    by_n = lambda meta: CANDIDATES[1] if meta["n"] < 100 else CANDIDATES[4]  # noqa: E731
+    by_n = lambda meta: CANDIDATES[1] if meta["n"] < 100 else CANDIDATES[4]
     assert _launch(_tuner(pinned=by_n), n=37) == CANDIDATES[1]
     assert _launch(_tuner(pinned=by_n), n=300) == CANDIDATES[4]
 
