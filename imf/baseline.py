@@ -2,8 +2,10 @@
 
 This is what people run today (and what the benchmarks compare against): the losses written out
 line by line from ARCHITECTURE.md section 1, with the JVP taken by forward-mode AD over the plain
-forward (so the model must use math attention, e.g. the ``"reference"`` backend), every sample
-getting a tangent, and autograd keeping both the primal and the tangent graphs. It is independent
+forward, every sample getting a tangent, and autograd keeping both the primal and the tangent
+graphs. Both backends run it: ``"reference"`` through math attention, ``"triton"`` through the
+fused kernels' forward-mode rules (``torch.func.jvp`` sees them; eager only, see
+:mod:`imf_kernels.custom_ops` for ``torch.compile``). It is independent
 of :mod:`imf.loss` (which uses the explicit dual forward) and the tests check the two agree.
 Each returns ``(loss, mean squared error of the main term)``.
 """

@@ -56,11 +56,12 @@ def conditions(model, n: int, gen):
     return z, (t, r, y, omega, t_min, t_max)
 
 
-def func_jvp(model, z, z_t, cond, dtype=torch.float32):
-    """``torch.func.jvp`` of ``(z, t) -> model(z, t, r, ...)`` at tangents ``(z_t, 1)``."""
+def func_jvp(model, z, z_t, cond, dtype=torch.float32, **kwargs):
+    """``torch.func.jvp`` of ``(z, t) -> model(z, t, r, ..., **kwargs)`` at tangents ``(z_t, 1)``."""
     cast = lambda v: v.to(dtype) if v.is_floating_point() else v
     t, rest = cast(cond[0]), [cast(v) for v in cond[1:]]
-    return torch.func.jvp(lambda zz, tt: model(zz, tt, *rest), (cast(z), t), (cast(z_t), torch.ones_like(t)))
+    f = lambda zz, tt: model(zz, tt, *rest, **kwargs)
+    return torch.func.jvp(f, (cast(z), t), (cast(z_t), torch.ones_like(t)))
 
 
 def grads(model):
