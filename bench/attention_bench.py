@@ -8,7 +8,11 @@ Library only (the CLI lives in ``bench/__main__.py``); every function returns a 
   the primal only) vs ``torch.func.jvp`` over math attention + autograd
   (:func:`imf_kernels.reference.attention_jvp_autodiff`) and vs the PyPI package
   ``jvp-flash-attention`` (``JVPAttn.fwd_dual`` on forward-AD dual tensors) when importable;
-  modes ``fwd`` (the dual forward) and ``fwd+bwd``.
+  modes ``fwd`` (the dual forward) and ``fwd+bwd``. Also the SDPA drop-in under ``torch.func.jvp``
+  (``sdpa_dropin_func_jvp``: ``imf_kernels.scaled_dot_product_attention`` through functorch and its jvp
+  rule, then the flash backward): its ratio to ``imf_kernels`` is the overhead of the functorch route
+  (it runs the primal kernel, then the fused kernel: 8 matmuls' worth of forward against 6), and it is
+  charged the same FLOPs.
 
 FLOPs (real multiply-adds counted as 2), per (batch, head), ``L = seq``, ``D = head_dim``; one
 ``L x L x D`` matmul is ``2 L^2 D``::
@@ -109,6 +113,9 @@ def attention_jvp_impls(device) -> dict[str, Callable[[Inputs], torch.Tensor]]:
     """``name -> fn(inputs) -> o`` for the dual forward (the tangent is computed and dropped)."""
     impls = {
         "imf_kernels": lambda x: imf_kernels.attention_jvp(x.q, x.k, x.v, x.q_t, x.k_t, x.v_t)[0],
+        "sdpa_dropin_func_jvp": lambda x: torch.func.jvp(
+            imf_kernels.scaled_dot_product_attention, (x.q, x.k, x.v), (x.q_t, x.k_t, x.v_t)
+        )[0],
         "torch_func_jvp_math": lambda x: reference.attention_jvp_autodiff(
             x.q, x.k, x.v, x.q_t, x.k_t, x.v_t
         )[0],

@@ -369,7 +369,7 @@ def test_bench_smoke():
         (op, mode, impl)
         for op, impls in (
             ("attention", ("imf_kernels", "sdpa_flash")),
-            ("attention_jvp", ("imf_kernels", "torch_func_jvp_math")),
+            ("attention_jvp", ("imf_kernels", "sdpa_dropin_func_jvp", "torch_func_jvp_math")),
         )
         for mode in ("fwd", "fwd+bwd")
         for impl in impls
