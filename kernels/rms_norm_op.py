@@ -27,6 +27,9 @@ depends on the shape, so the backward is deterministic (no atomics).
 (``WITH_PRIMAL=False``), the tangent along ``w_dot`` the primal kernel with ``w_dot`` as weight
 (``y`` is linear in ``w``). The primal keeps its backward; the tangent is a constant to autograd.
 
+``D`` is a constexpr (the ``d < D`` mask is known in whole 16-byte groups) and 16-byte aligned row
+strides are rebuilt as visible multiples (``ALIGN``), so rows load as 16-byte vectors.
+
 Block sizes: a row is one ``BLOCK_D = next_power_of_2(D)`` tile; ``BLOCK_M`` rows per tile and
 ``num_warps`` are autotuned per ``D`` (one fixed config under ``TRITON_INTERPRET=1``).
 

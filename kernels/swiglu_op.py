@@ -17,6 +17,13 @@ The dual forward reads ``a`` and ``b`` once for both outputs; the backward is th
 in the last dim is accepted. Outputs (``h``, ``h_t``, and the gradients ``da``, ``db``) are
 contiguous; autograd scatters ``da`` and ``db`` into the gradient of ``ab``.
 
+**Alignment.** When every operand starts 16-byte aligned and its row stride is a multiple of 16
+bytes (checked by the launcher), the strides are rebuilt in the kernel as visible multiples
+(``ALIGN``) and every access is a 16-byte vector; otherwise the kernel is correct but scalar. The
+halves of one packed projection are aligned only if ``hidden`` is a multiple of 8 (bf16): the iMF
+block pads each half to a multiple of 64 units for that (hidden 2730 -> 2752, see
+``imf.model.layers.IMFBlock``; unpadded, every load at iMF-L/2 and XL/2 was a scalar 2-byte load).
+
 **Forward-mode AD.** ``torch.func.jvp`` / ``forward_ad`` through :func:`swiglu`: the tangent is the
 fused kernel in tangent-only mode (``WITH_PRIMAL=False``; a missing ``a_dot`` or ``b_dot`` is zero).
 The primal keeps its backward; the tangent is a constant to autograd.

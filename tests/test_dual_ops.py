@@ -180,7 +180,13 @@ def run_qk_norm_rope(shape, packed, dtype, mode):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize(
     "shape, packed",
-    [((2, 37, 3, 64), True), ((2, 37, 3, 64), False), ((3, 17, 2, 72), True), ((1, 276, 2, 64), True)],
+    [
+        ((2, 37, 3, 64), True),
+        ((2, 37, 3, 64), False),
+        ((3, 17, 2, 72), True),
+        ((1, 276, 2, 64), True),
+        ((2, 9, 3, 6), True),  # strides not 16-byte multiples: the unaligned (ALIGN = 1) path
+    ],
 )
 def test_qk_norm_rope(shape, packed, dtype, mode):
     run_qk_norm_rope(shape, packed, dtype, mode)
@@ -217,7 +223,10 @@ def run_swiglu(shape, packed, dtype, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("shape, packed", [((2, 37, 144), True), ((2, 37, 144), False), ((1, 276, 72), True)])
+@pytest.mark.parametrize(
+    "shape, packed",
+    [((2, 37, 144), True), ((2, 37, 144), False), ((1, 276, 72), True), ((2, 5, 37), True)],  # 37: unaligned halves
+)
 def test_swiglu(shape, packed, dtype, mode):
     run_swiglu(shape, packed, dtype, mode)
 
