@@ -403,6 +403,21 @@ def test_attention_jvp_gpu(dtype, seq, head_dim, n):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq, head_dim", [(276, 64), (256, 72), (1024, 128)])
+def test_func_jvp_gpu(dtype, seq, head_dim):
+    """``torch.func.jvp`` through the jvp rule at model shapes (the split 72, the BLOCK_N-32 d128 tangent)."""
+    q, k, v = (make((2, 6, seq, head_dim), dtype, grad=True, device="cuda") for _ in range(3))
+    tangents = tuple(make((2, 6, seq, head_dim), dtype, device="cuda") for _ in range(3))
+    o, o_t = torch.func.jvp(attention, (q, k, v), tangents)
+    o64, o_t64 = reference_jvp((q, k, v), tangents, torch.float64)
+    o_lo, o_t_lo = reference_jvp((q, k, v), tangents, dtype)
+    assert_bound("o", o, o_lo, o64)
+    assert_bound("o_t", o_t, o_t_lo, o_t64)
+    check_attention_grads(o, q, k, v, dtype)
+
+
+@pytest.mark.gpu
 def test_attention_jvp_gpu_memory_is_linear_in_seq():
     """Peak memory of the fused op beyond its inputs grows O(seq) (outputs and ``lse``), not O(seq^2)."""
     extra = []
