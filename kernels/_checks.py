@@ -140,3 +140,17 @@ def kernel_rule(rule):
             return rule(ctx, *map(plain, args))
 
     return run
+
+
+def per_thread(config, elements: int) -> int:
+    """Tile elements (of a program's ``elements``) each thread of a ``triton.Config`` holds."""
+    return elements // (32 * config.num_warps)
+
+
+def preferred(configs: list, elements) -> object | None:
+    """The pinned-mode choice (``IMF_KERNELS_PINNED=1``, no timing) among an elementwise kernel's
+    surviving ``configs``: closest to 16 tile elements per thread (``elements(c)`` per program; the
+    middle of the spill-free range of the compile report), then the most warps, then the earlier in
+    ``configs`` (callers sort by their own tie-break). ``None`` if there is no config."""
+    key = lambda c: (abs(per_thread(c, elements(c)) - 16), -c.num_warps)
+    return min(configs, key=key) if configs else None

@@ -43,7 +43,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import as_rows, check_eps, check_float, check_prefix, describe, kernel_rule, rows_layout, saved
+from ._checks import (
+    as_rows,
+    check_eps,
+    check_float,
+    check_prefix,
+    describe,
+    kernel_rule,
+    per_thread,
+    preferred,
+    rows_layout,
+    saved,
+)
 from ._tuning import autotune
 from .attention_op import aligned, stride_align
 
@@ -70,14 +81,21 @@ _CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16)
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 8}, num_warps=4)
 
 
+def _elements(config, meta) -> int:
+    return config.kwargs["BLOCK_M"] * meta["BLOCK_D"]
+
+
 def _fits(configs, meta):
     """The configs of the rule above for this ``BLOCK_D``."""
-    per_thread = lambda c: c.kwargs["BLOCK_M"] * meta["BLOCK_D"] // (32 * c.num_warps)
-    return [c for c in configs if 8 <= per_thread(c) <= 32]
+    return [c for c in configs if 8 <= per_thread(c, _elements(c, meta)) <= 32]
+
+
+def _pinned(meta):
+    return preferred(_fits(_CONFIGS, meta), lambda c: _elements(c, meta))
 
 
 @autotune(candidates=_CONFIGS, key=["D", "WITH_PRIMAL", "WITH_TANGENT"], interpret_config=_INTERPRET_CONFIG,
-          prune=_fits, name="rms_norm_op.rms_norm_fwd")  # fmt: skip
+          prune=_fits, pinned=_pinned, name="rms_norm_op.rms_norm_fwd")  # fmt: skip
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, XT, W, Y, YT, RSTD,
@@ -108,7 +126,7 @@ def _rms_norm_fwd_kernel(
         tl.store(YT + rows64 * D + offs_d[None, :], yt.to(YT.dtype.element_ty), mask=mask_t)
 
 
-@autotune(candidates=_CONFIGS, key=["D"], interpret_config=_INTERPRET_CONFIG, prune=_fits,
+@autotune(candidates=_CONFIGS, key=["D"], interpret_config=_INTERPRET_CONFIG, prune=_fits, pinned=_pinned,
           name="rms_norm_op.rms_norm_bwd")  # fmt: skip
 @triton.jit
 def _rms_norm_bwd_kernel(

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_eps, check_float, check_prefix, describe, kernel_rule, saved
+from ._checks import check_eps, check_float, check_prefix, describe, kernel_rule, per_thread, preferred, saved
 from ._tuning import autotune
 from .attention_op import aligned, stride_align
 
@@ -78,11 +78,18 @@ _INTERPRET_CONFIG = triton.Config({"BLOCK_L": 16}, num_warps=4)
 _BWD_TOKENS = 64
 
 
+def _elements(config, meta) -> int:
+    return config.kwargs["BLOCK_L"] * meta["BLOCK_D"]
+
+
 def _fits(configs, meta):
     """The configs of the rule above for this ``BLOCK_D``."""
-    block_d = meta["BLOCK_D"]
-    per_thread = lambda c: c.kwargs["BLOCK_L"] * block_d // (32 * c.num_warps)
-    return [c for c in configs if 8 <= per_thread(c) <= 16 and 32 * c.num_warps != block_d]
+    ok = lambda c: 8 <= per_thread(c, _elements(c, meta)) <= 16 and 32 * c.num_warps != meta["BLOCK_D"]
+    return [c for c in configs if ok(c)]
+
+
+def _pinned(meta):
+    return preferred(_fits(_CONFIGS, meta), lambda c: _elements(c, meta))
 
 
 @triton.jit
@@ -101,7 +108,7 @@ def _tile(pid, L, H, BLOCK_L: tl.constexpr):
 
 
 @autotune(candidates=_CONFIGS, key=["D", "WITH_PRIMAL", "WITH_TANGENT"], interpret_config=_INTERPRET_CONFIG,
-          prune=_fits, name="rope_op.qk_norm_rope_fwd")  # fmt: skip
+          prune=_fits, pinned=_pinned, name="rope_op.qk_norm_rope_fwd")  # fmt: skip
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
     X, XT, W, COS, SIN, Y, YT, RSTD,
@@ -150,7 +157,7 @@ def _qk_norm_rope_fwd_kernel(
             tl.store(YT + out, _rope(zt, ztr, cos, sin, sgn).to(YT.dtype.element_ty), mask=mask)
 
 
-@autotune(candidates=_CONFIGS, key=["D"], interpret_config=_INTERPRET_CONFIG, prune=_fits,
+@autotune(candidates=_CONFIGS, key=["D"], interpret_config=_INTERPRET_CONFIG, prune=_fits, pinned=_pinned,
           name="rope_op.qk_norm_rope_bwd")  # fmt: skip
 @triton.jit
 def _qk_norm_rope_bwd_kernel(

@@ -41,7 +41,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import as_rows, check_float, check_like, check_prefix, kernel_rule, rows_layout, saved
+from ._checks import (
+    as_rows,
+    check_float,
+    check_like,
+    check_prefix,
+    kernel_rule,
+    per_thread,
+    preferred,
+    rows_layout,
+    saved,
+)
 from ._tuning import autotune
 from .attention_op import aligned, stride_align
 
@@ -61,11 +71,21 @@ _CONFIGS = [
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4)
 
 
+def _elements(config) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+
+
 def _fits(configs, meta):
     """The configs of the rule above for a row of ``N`` columns."""
     width = max(128, triton.next_power_of_2(meta["N"]))
-    per_thread = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= width and 8 <= per_thread(c) <= 32]
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= width and 8 <= per_thread(c, _elements(c)) <= 32]
+
+
+def _pinned(meta):
+    """:func:`preferred`, among equals the column tile that pads a row least (2752 = 11 x 256 - 64)."""
+    n = meta["N"]
+    fits = sorted(_fits(_CONFIGS, meta), key=lambda c: triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_N"])
+    return preferred(fits, _elements)
 
 
 @triton.jit
@@ -76,7 +96,7 @@ def _silu_and_grad(a):
 
 
 @autotune(candidates=_CONFIGS, key=["N", "WITH_PRIMAL", "WITH_TANGENT"], interpret_config=_INTERPRET_CONFIG,
-          prune=_fits, name="swiglu_op.swiglu_fwd")  # fmt: skip
+          prune=_fits, pinned=_pinned, name="swiglu_op.swiglu_fwd")  # fmt: skip
 @triton.jit
 def _swiglu_fwd_kernel(
     A, B, AT, BT, H, HT,
@@ -103,7 +123,7 @@ def _swiglu_fwd_kernel(
         tl.store(HT + rows64 * N + cols, (dsilu * at * b + silu * bt).to(HT.dtype.element_ty), mask=mask_t)
 
 
-@autotune(candidates=_CONFIGS, key=["N"], interpret_config=_INTERPRET_CONFIG, prune=_fits,
+@autotune(candidates=_CONFIGS, key=["N"], interpret_config=_INTERPRET_CONFIG, prune=_fits, pinned=_pinned,
           name="swiglu_op.swiglu_bwd")  # fmt: skip
 @triton.jit
 def _swiglu_bwd_kernel(
