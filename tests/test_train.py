@@ -198,7 +198,8 @@ def test_resume_is_bitwise_identical(tmp_path):
     first = run(tiny_config(tmp_path / "cut", debug={"interrupt_at_step": 4}))
     assert first.step == 4 and first.stopped == "debug.interrupt_at_step 4"
     assert first.losses == full.losses[:4]
-    resumed = run(tiny_config(tmp_path / "cut", checkpoint={"resume": "auto"}))
+    latest = tmp_path / "cut" / "checkpoints" / "latest"  # the pointer file is accepted as a checkpoint path
+    resumed = run(tiny_config(tmp_path / "cut", checkpoint={"resume": str(latest)}))
     assert resumed.first_step == 5 and resumed.step == 8
     assert resumed.losses == full.losses[4:]  # bitwise: the same floats
     for k, v in _params(full.model).items():
@@ -225,7 +226,9 @@ def test_export_matches_ema_model_and_sample_grids(tmp_path):
         "step000000012_w4_t0-1.png",
     ]
     out = tmp_path / "ema.safetensors"
-    assert main(["export", "--ckpt", str(tmp_path / "run" / "checkpoints"), "--out", str(out), "--decay", "0.5"]) == 0
+    root = tmp_path / "run" / "checkpoints"
+    assert main(["export", "--ckpt", str(root), "--out", str(tmp_path / "root.safetensors"), "--decay", "0.5"]) == 0
+    assert main(["export", "--ckpt", str(root / "latest"), "--out", str(out), "--decay", "0.5"]) == 0
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
     assert meta["imf.preset"] == "demo" and meta["imf.ema_decay"] == "0.5" and meta["imf.step"] == "12"
