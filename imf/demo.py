@@ -125,7 +125,7 @@ def run_demo(argv: list[str] | None = None) -> dict:
             exit_code(result.stopped),
         )
     weights = export_ema(result.checkpoint, out / "model.safetensors")
-    model = load_exported(weights, backend=cfg.backend)
+    model = load_exported(weights, backend="triton" if cfg.backend == "triton" else "reference")  # CPU sampling
     results = evaluate(model, omegas, n, cfg.seed, out)
     summary = {
         "train_seconds": result.train_seconds,
