@@ -42,8 +42,8 @@ sharing the primal's rescaling. Each program keeps, per query row, a shift ``c``
 Per block: ``p_t = p * (S_t - c)`` (one FFMA and one FMUL per score), ``r += rowsum(p_t)``,
 ``acc += p v``, ``t += p_t v + p v_t``. ``c`` moves only in the (rare) rescale branch, to the running
 mean including the current block: ``delta = r / l``, ``c += delta``, ``p_t -= delta p``,
-``t -= delta acc`` (``acc`` before this block), ``r = 0``; this keeps the invariants above exact for
-any ``c``. At the end ``mu - c = r / l``, so::
+``t -= delta acc`` (``acc`` before this block), ``r -= delta l`` (= 0 up to rounding); this keeps
+the invariants above exact for any ``c``. At the end ``mu - c = r / l``, so::
 
     o_t = (t - (r / l) acc) / l = P_t v + P v_t
 
@@ -53,7 +53,8 @@ matmul keeps the rounding error proportional to the spread of ``S_t`` rather tha
 already removes it). ``S_t`` and ``p_t`` are formed in fp32; ``P_t v`` and ``P v_t`` share the
 accumulator ``t``. The fused forward costs 6 matmuls of ``L x L x D`` (``S``, the two of ``S_t``,
 ``P v``, ``P_t v``, ``P v_t``) against 2 for the primal, and O(L) memory. Static cost on sm_90
-(d64, 128x64 tile, 8 warps, bf16): see ``docs/attention_jvp_loop.md``.
+(d64, 128x64 tile, 8 warps): 459 SASS instructions per iteration on the hot path (627 in the first
+version), 204 registers, no spills; see ``docs/attention_jvp_loop.md``.
 
 Forward-mode AD: :class:`_Attention` has a ``jvp`` rule, so ``torch.func.jvp(attention, ...)`` and
 ``torch.autograd.forward_ad`` dual tensors work. Both call ``forward`` first (the primal kernel,
