@@ -98,36 +98,31 @@ def _(do, q, k, v, o, lse, scale):
 
 @torch.library.custom_op("imf_kernels::flash_attention_dual", mutates_args=())
 def flash_attention_dual(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    v_t: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tangents: list[torch.Tensor], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(o, o_t, lse)`` of the fused JVP kernel on validated inputs with tangents for every sample."""
+    """``(o, o_t, lse)`` of the fused JVP kernel on validated inputs, ``tangents = [q_t, k_t, v_t]`` for
+    every sample (unlike ``imf_kernels::attention_tangent``, which keeps only ``o_t``: it has no backward)."""
     o, lse = flash.empty_outputs(q)
-    o_t = flash.alloc(q_t)
-    flash.flash_forward_into(q, k, v, o, lse, scale, (q_t, k_t, v_t, o_t))
+    o_t = flash.alloc(tangents[0])
+    flash.flash_forward_into(q, k, v, o, lse, scale, (*tangents, o_t))
     return o, o_t, lse
 
 
 @flash_attention_dual.register_fake
-def _(q, k, v, q_t, k_t, v_t, scale):
-    return torch.empty_like(q), torch.empty_like(q_t), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, k, v, tangents, scale):
+    return torch.empty_like(q), torch.empty_like(tangents[0]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, *_, ctx.scale = inputs
     o, *_, lse = output
-    ctx.n_inputs = len(inputs)
+    ctx.no_grads = [[None] * len(x) if isinstance(x, list) else None for x in inputs[3:]]
     ctx.save_for_backward(q, k, v, o, lse)
 
 
 def _backward(ctx, do, *_):
     """The flash backward of ``o`` only (``o_t`` is a stop-gradient output, ``lse`` a statistic)."""
-    return (*flash_attention_backward(do, *ctx.saved_tensors, ctx.scale), *(None,) * (ctx.n_inputs - 3))
+    return (*flash_attention_backward(do, *ctx.saved_tensors, ctx.scale), *ctx.no_grads)
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -165,7 +160,7 @@ def attention_jvp(q, k, v, q_t, k_t, v_t, *, scale: float | None = None) -> tupl
     scale = flash.validate(q, k, v, scale)
     attention_jvp_op.validate_tangents(q, q_t, k_t, v_t)
     n = q_t.shape[0]
-    o, o_t, _ = flash_attention_dual(q[:n], k[:n], v[:n], q_t, k_t, v_t, scale)
+    o, o_t, _ = flash_attention_dual(q[:n], k[:n], v[:n], [q_t, k_t, v_t], scale)
     if n < q.shape[0]:
         o = torch.cat([o, flash_attention(q[n:], k[n:], v[n:], scale)[0]])
     return o, o_t.detach()

@@ -14,7 +14,7 @@ import torch
 import torch._dynamo
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
-from imf_kernels import reference, scaled_dot_product_attention
+from imf_kernels import attention_jvp, custom_ops, reference, scaled_dot_product_attention
 from numerics import DEVICE, assert_bound, rel_err
 from torch._dynamo.utils import counters
 
@@ -235,3 +235,18 @@ def test_dynamo_drops_a_custom_jvp_rule():
     assert torch.equal(torch.func.jvp(Tagged.apply, (x,), (x_t,))[1], 3 * x_t)
     compiled = _compiled(lambda a, b: torch.func.jvp(Tagged.apply, (a,), (b,)))(x, x_t)[1]
     assert torch.equal(compiled, 2 * x_t)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_compiled_explicit_dual_path_matches_eager(n, seeded):
+    """:func:`imf_kernels.custom_ops.attention_jvp` (the engine's dual attention) under ``fullgraph=True``:
+    prefix tangents of ``n`` of 2 samples, ``o_t`` detached, the gradients of ``o`` as in eager."""
+    q, k, v = (x.requires_grad_() for x in _qkv((2, 2, 17, 16)))
+    tangents = [torch.randn(n, 2, 17, 16, device=DEVICE) for _ in range(3)]
+    compiled = _compiled(custom_ops.attention_jvp, fullgraph=True)
+    (o, o_t), (o_eager, o_t_eager) = compiled(q, k, v, *tangents), attention_jvp(q, k, v, *tangents)
+    assert not counters["graph_break"] and not o_t.requires_grad and o_t.shape == (n, 2, 17, 16)
+    do = torch.randn_like(o)
+    grads, grads_eager = torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(o_eager, (q, k, v), do)
+    for a, b in zip((o, o_t, *grads), (o_eager, o_t_eager, *grads_eager), strict=True):
+        assert torch.equal(a, b)
