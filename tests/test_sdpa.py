@@ -204,12 +204,15 @@ def test_forward_ad_inside_fullgraph_compile_raises(seeded):
         _compiled(fn, fullgraph=True)(q, k, v)
 
 
-def test_func_jvp_inside_compile_falls_back_to_eager(seeded):
-    """Without ``fullgraph`` Dynamo runs the frame eagerly after the error: the jvp rule applies, the
-    tangent is right (never the silently dropped one)."""
+@pytest.mark.parametrize("where", ["jvp inside compile", "compiled function under eager jvp"])
+def test_func_jvp_and_compile_never_return_a_wrong_tangent(where, seeded):
+    """Without ``fullgraph``: after the error Dynamo runs the frame eagerly, where the jvp rule applies;
+    ``torch.func.jvp`` of a compiled function is refused by Dynamo (pytorch #128711) and runs eagerly."""
     primals, tangents = _qkv(), tuple(_qkv())
-    fn = _compiled(lambda p, t: torch.func.jvp(scaled_dot_product_attention, p, t))
-    o, o_t = fn(tuple(primals), tangents)
+    if where == "jvp inside compile":
+        o, o_t = _compiled(lambda p, t: torch.func.jvp(scaled_dot_product_attention, p, t))(tuple(primals), tangents)
+    else:
+        o, o_t = torch.func.jvp(_compiled(scaled_dot_product_attention), tuple(primals), tangents)
     check_primal_and_tangent(o, o_t, primals, tangents, F32)
 
 
