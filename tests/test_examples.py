@@ -42,7 +42,7 @@ def test_example_loss_matches_math_attention(monkeypatch):
     example = load_example()
     gen = torch.Generator().manual_seed(5)
     model = randomize_(example.TinyDiT(dim=32, depth=2, heads=2, classes=4), std=0.3, generator=gen)
-    x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+    x, y = torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen)
     results = []
     for attention in (example.attention, reference.attention):
         monkeypatch.setattr(example, "attention", attention)
