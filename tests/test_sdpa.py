@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import imf_kernels
 import pytest
 import torch
 import torch._dynamo
@@ -253,3 +254,12 @@ def test_compiled_explicit_dual_path_matches_eager(n, seeded):
     grads, grads_eager = torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(o_eager, (q, k, v), do)
     for a, b in zip((o, o_t, *grads), (o_eager, o_t_eager, *grads_eager), strict=True):
         assert torch.equal(a, b)
+
+
+def test_dynamo_cannot_trace_a_function_with_a_jvp_rule():
+    """Why compiled calls go through custom ops (torch 2.13; cf. pytorch #180284): ``imf_kernels.attention``
+    itself (an ``autograd.Function`` with a ``jvp`` rule) stops a ``fullgraph=True`` compile when its inputs
+    require grad. If this starts failing, torch traces such Functions and the custom ops may be dropped."""
+    q, k, v = (x.requires_grad_() for x in _qkv())
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="Unsupported custom jvp"):
+        _compiled(imf_kernels.attention, fullgraph=True)(q, k, v)
