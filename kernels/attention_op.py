@@ -575,17 +575,24 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_inner(
     dk,
+    dk2,
     dv,
+    dv2,
     k,
+    k2,
     v,
+    v2,
     q_ptrs,
+    q2_ptrs,
     do_ptrs,
+    do2_ptrs,
     lse_ptrs,
     delta_ptrs,
     stride_ql,
     stride_dol,
     offs_m,
     d_ok,
+    d2_ok,
     qk_scale,
     start: tl.constexpr,
     end: tl.constexpr,
@@ -593,32 +600,46 @@ def _bwd_dkdv_inner(
     BLOCK_M: tl.constexpr,
     MASK_M: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Accumulate ``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` over query blocks ``[start, end)``.
+    """Accumulate ``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` over query blocks ``[start, end)``
+    (``dk2, dv2, k2, ...``: the second column tile when ``SPLIT``).
 
     Query rows past the end get ``lse = +inf``, so their ``P`` is exactly zero."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         q = load_rows(q_ptrs + start_m * stride_ql, rows, seq_len, d_ok, MASK_M, EVEN_D)
         do = load_rows(do_ptrs + start_m * stride_dol, rows, seq_len, d_ok, MASK_M, EVEN_D)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        if SPLIT:
+            q2 = load_rows(q2_ptrs + start_m * stride_ql, rows, seq_len, d2_ok, MASK_M, EVEN_D2)
+            do2 = load_rows(do2_ptrs + start_m * stride_dol, rows, seq_len, d2_ok, MASK_M, EVEN_D2)
+            s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=PRECISION)
         if MASK_M:
             lse = tl.load(lse_ptrs + start_m, mask=rows < seq_len, other=float("inf"))
             delta = tl.load(delta_ptrs + start_m, mask=rows < seq_len, other=0.0)
         else:
             lse = tl.load(lse_ptrs + start_m)
             delta = tl.load(delta_ptrs + start_m)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        p_lo = p_t.to(do.dtype)
+        dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-    return dk, dv
+        if SPLIT:
+            dv2 = tl.dot(p_lo, do2, dv2, input_precision=PRECISION)
+            dp_t = tl.dot(v2, tl.trans(do2), dp_t, input_precision=PRECISION)
+        ds_lo = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_lo, q, dk, input_precision=PRECISION)
+        if SPLIT:
+            dk2 = tl.dot(ds_lo, q2, dk2, input_precision=PRECISION)
+    return dk, dk2, dv, dv2
 
 
 def _dkdv_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_bwd_dkdv`: resident ``k, v`` plus buffered ``q, do`` tiles."""
-    tile = meta["BLOCK_D"] * meta["Q"].element_size()
+    tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * meta["Q"].element_size()
     return tile * (2 * meta["BLOCK_N"] + num_stages * 2 * meta["BLOCK_M"]) + SMEM_SLACK
 
 
@@ -678,6 +699,8 @@ def _attn_bwd_dkdv(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -687,38 +710,56 @@ def _attn_bwd_dkdv(
     stride_dol = aligned(stride_dol, ALIGN)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # a split's first tile is all real columns
+    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    d2_ok = offs_d2 < HEAD_DIM
 
     k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
     v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
     k = load_rows(k_ptrs, offs_n, SEQ, d_ok, True, EVEN_D)
     v = load_rows(v_ptrs, offs_n, SEQ, d_ok, True, EVEN_D)
+    k2_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d2, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
+    v2_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d2, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
+    k2 = load_rows(k2_ptrs, offs_n, SEQ, d2_ok, True, EVEN_D2) if SPLIT else k
+    v2 = load_rows(v2_ptrs, offs_n, SEQ, d2_ok, True, EVEN_D2) if SPLIT else v
     q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
     do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
+    q2_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d2, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
+    do2_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d2, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
     lse_ptrs = LSE + off_bh.to(tl.int64) * SEQ + offs_m
     delta_ptrs = DELTA + off_bh.to(tl.int64) * SEQ + offs_m
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+    dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     m_full: tl.constexpr = (SEQ // BLOCK_M) * BLOCK_M
-    dk, dv = _bwd_dkdv_inner(
+    dk, dk2, dv, dv2 = _bwd_dkdv_inner(
         dk,
+        dk2,
         dv,
+        dv2,
         k,
+        k2,
         v,
+        v2,
         q_ptrs,
+        q2_ptrs,
         do_ptrs,
+        do2_ptrs,
         lse_ptrs,
         delta_ptrs,
         stride_ql,
         stride_dol,
         offs_m,
         d_ok,
+        d2_ok,
         qk_scale,
         0,
         m_full,
@@ -726,21 +767,30 @@ def _attn_bwd_dkdv(
         BLOCK_M,
         False,
         EVEN_D,
+        EVEN_D2,
+        SPLIT,
         PRECISION,
     )
-    dk, dv = _bwd_dkdv_inner(
+    dk, dk2, dv, dv2 = _bwd_dkdv_inner(
         dk,
+        dk2,
         dv,
+        dv2,
         k,
+        k2,
         v,
+        v2,
         q_ptrs,
+        q2_ptrs,
         do_ptrs,
+        do2_ptrs,
         lse_ptrs,
         delta_ptrs,
         stride_ql,
         stride_dol,
         offs_m,
         d_ok,
+        d2_ok,
         qk_scale,
         m_full,
         SEQ,
@@ -748,6 +798,8 @@ def _attn_bwd_dkdv(
         BLOCK_M,
         True,
         EVEN_D,
+        EVEN_D2,
+        SPLIT,
         PRECISION,
     )
 
@@ -756,21 +808,33 @@ def _attn_bwd_dkdv(
     dv_ptrs = tile_ptrs(DV, off_b, off_h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvl, stride_dvd, ALIGN)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    if SPLIT:
+        mask2 = (offs_n < SEQ)[:, None] & d2_ok[None, :]
+        dk2_ptrs = tile_ptrs(DK, off_b, off_h, offs_n, offs_d2, stride_dkb, stride_dkh, stride_dkl, stride_dkd, ALIGN)
+        dv2_ptrs = tile_ptrs(DV, off_b, off_h, offs_n, offs_d2, stride_dvb, stride_dvh, stride_dvl, stride_dvd, ALIGN)
+        tl.store(dk2_ptrs, (dk2 * scale).to(DK.dtype.element_ty), mask=mask2)
+        tl.store(dv2_ptrs, dv2.to(DV.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
 def _bwd_dq_inner(
     dq,
+    dq2,
     q,
+    q2,
     do,
+    do2,
     lse,
     delta,
     k_ptrs,
+    k2_ptrs,
     v_ptrs,
+    v2_ptrs,
     stride_kl,
     stride_vl,
     offs_n,
     d_ok,
+    d2_ok,
     qk_scale,
     start: tl.constexpr,
     end: tl.constexpr,
@@ -778,25 +842,37 @@ def _bwd_dq_inner(
     BLOCK_N: tl.constexpr,
     MASK_N: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Accumulate ``dq`` (unscaled ``dS k``) over key blocks ``[start, end)``."""
+    """Accumulate ``dq`` (unscaled ``dS k``) over key blocks ``[start, end)`` (``dq2``: the second
+    column tile when ``SPLIT``)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
         v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if SPLIT:
+            k2 = load_rows(k2_ptrs + start_n * stride_kl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
+            v2 = load_rows(v2_ptrs + start_n * stride_vl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASK_N:
             p = tl.where((cols < seq_len)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    return dq
+        if SPLIT:
+            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
+        ds_lo = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = tl.dot(ds_lo, k, dq, input_precision=PRECISION)
+        if SPLIT:
+            dq2 = tl.dot(ds_lo, k2, dq2, input_precision=PRECISION)
+    return dq, dq2
 
 
 def _dq_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_bwd_dq`: resident ``q, do`` plus buffered ``k, v`` tiles."""
-    tile = meta["BLOCK_D"] * meta["Q"].element_size()
+    tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * meta["Q"].element_size()
     return tile * (2 * meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"]) + SMEM_SLACK
 
 
@@ -849,6 +925,8 @@ def _attn_bwd_dq(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -858,37 +936,53 @@ def _attn_bwd_dq(
     stride_vl = aligned(stride_vl, ALIGN)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # a split's first tile is all real columns
+    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    d2_ok = offs_d2 < HEAD_DIM
     row_ok = offs_m < SEQ
 
     q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
     do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
     q = load_rows(q_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
     do = load_rows(do_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
+    q2_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d2, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
+    do2_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d2, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
+    q2 = load_rows(q2_ptrs, offs_m, SEQ, d2_ok, True, EVEN_D2) if SPLIT else q
+    do2 = load_rows(do2_ptrs, offs_m, SEQ, d2_ok, True, EVEN_D2) if SPLIT else do
     lse = tl.load(LSE + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=0.0)
     k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
     v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
+    k2_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d2, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
+    v2_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d2, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     n_full: tl.constexpr = (SEQ // BLOCK_N) * BLOCK_N
-    dq = _bwd_dq_inner(
+    dq, dq2 = _bwd_dq_inner(
         dq,
+        dq2,
         q,
+        q2,
         do,
+        do2,
         lse,
         delta,
         k_ptrs,
+        k2_ptrs,
         v_ptrs,
+        v2_ptrs,
         stride_kl,
         stride_vl,
         offs_n,
         d_ok,
+        d2_ok,
         qk_scale,
         0,
         n_full,
@@ -896,20 +990,28 @@ def _attn_bwd_dq(
         BLOCK_N,
         False,
         EVEN_D,
+        EVEN_D2,
+        SPLIT,
         PRECISION,
     )
-    dq = _bwd_dq_inner(
+    dq, dq2 = _bwd_dq_inner(
         dq,
+        dq2,
         q,
+        q2,
         do,
+        do2,
         lse,
         delta,
         k_ptrs,
+        k2_ptrs,
         v_ptrs,
+        v2_ptrs,
         stride_kl,
         stride_vl,
         offs_n,
         d_ok,
+        d2_ok,
         qk_scale,
         n_full,
         SEQ,
@@ -917,11 +1019,16 @@ def _attn_bwd_dq(
         BLOCK_N,
         True,
         EVEN_D,
+        EVEN_D2,
+        SPLIT,
         PRECISION,
     )
 
     dq_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if SPLIT:
+        dq2_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d2, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
+        tl.store(dq2_ptrs, (dq2 * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d2_ok[None, :])
 
 
 def validate(q, k, v, scale) -> float:
@@ -973,10 +1080,10 @@ def kernel_meta(*tensors: torch.Tensor) -> dict:
     }
 
 
-def forward_meta(*tensors: torch.Tensor) -> dict:
-    """:func:`kernel_meta` for the forward kernel, which splits a head dim that is not a power of two
-    into two power-of-two column tiles when that is less matmul work than padding: 72 = 64 + 16
-    (80 columns computed, 1.11x) instead of 128 (1.78x); 96 = 64 + 32; 48 = 32 + 16."""
+def split_meta(*tensors: torch.Tensor) -> dict:
+    """:func:`kernel_meta` for the forward, dk/dv and dq kernels, which split a head dim that is not a
+    power of two into two power-of-two column tiles when that is less matmul work than padding:
+    72 = 64 + 16 (80 columns computed, 1.11x) instead of 128 (1.78x); 96 = 64 + 32; 48 = 32 + 16."""
     meta = kernel_meta(*tensors)
     head_dim, padded = meta["HEAD_DIM"], meta["BLOCK_D"]
     first = max(16, 1 << (head_dim.bit_length() - 1))
@@ -1035,7 +1142,7 @@ def flash_forward_into(q, k, v, o, lse, scale: float, tangents=None) -> None:
         scale,
         SEQ=seq,
         WITH_TANGENT=tangents is not None,
-        **forward_meta(q, k, v, o, q_t, k_t, v_t, o_t),
+        **split_meta(q, k, v, o, q_t, k_t, v_t, o_t),
     )
 
 
@@ -1045,7 +1152,8 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     if q.numel() == 0:
         return dq, dk, dv
-    meta = kernel_meta(q, k, v, do, o, dq, dk, dv)
+    meta = kernel_meta(q, k, v, do, o, dq, dk, dv)  # the preprocess reads whole (padded) rows
+    split = split_meta(q, k, v, do, o, dq, dk, dv)
     delta = alloc(lse)
     _attn_bwd_preprocess[row_grid("BLOCK_M", seq, batch * heads)](
         o,
@@ -1076,7 +1184,7 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
         scale * LOG2E,
         scale,
         SEQ=seq,
-        **meta,
+        **split,
     )
     _attn_bwd_dq[row_grid("BLOCK_M", seq, batch * heads)](
         q,
@@ -1092,7 +1200,7 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
         scale * LOG2E,
         scale,
         SEQ=seq,
-        **meta,
+        **split,
     )
     return dq, dk, dv
 

@@ -213,9 +213,9 @@ def test_unaligned_inputs_match_reference():
         (8, (16, 16, False)),
     ],
 )
-def test_forward_splits_the_head_dim_when_it_saves_work(head_dim, blocks):
+def test_kernels_split_the_head_dim_when_it_saves_work(head_dim, blocks):
     """72 runs as 64 + 16 columns (1.11x the work) instead of one padded 128 tile (1.78x)."""
-    meta = attention_op.forward_meta(torch.empty(1, 1, 1, head_dim, device=DEVICE))
+    meta = attention_op.split_meta(torch.empty(1, 1, 1, head_dim, device=DEVICE))
     assert (meta["BLOCK_D"], meta["BLOCK_D2"], meta["SPLIT"]) == blocks
 
 
