@@ -22,8 +22,8 @@ from imf.loss import imf_loss, mf_loss, sample_training_inputs
 
 pytestmark = pytest.mark.triton
 
-# dim 256: the rms_norm backward kernel loops over 65536 / dim rows per program, a cost under the
-# interpreter (dim 32 takes 4x longer); one token per condition group, depth 2 (trunk, u-head, v-head).
+# dim 256: the rms_norm backward kernel walks a fixed number of elements per program (more, masked, rows
+# at a small dim), slow under the interpreter; one token per condition group, depth 2 (trunk, u-, v-head).
 ONE_TOKEN = dict(class_tokens=1, omega_tokens=1, t_min_tokens=1, t_max_tokens=1, time_tokens=1)
 TINY = {
     "imf": (
