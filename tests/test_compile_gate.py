@@ -93,12 +93,15 @@ SASS = """
         /*0120*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
         /*0130*/                   FMUL R2, R3, R4 ;
         /*0140*/                   MUFU.EX2 R5, R2 ;
-        /*0150*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
-        /*0160*/              @!P0 BRA 0x110 ;
-        /*0170*/                   FFMA R6, R7, R8, R9 ;
-        /*0180*/                   @P1 BRA 0x170 ;
-        /*0190*/                   EXIT ;
-        /*01a0*/                   BRA 0x1a0;
+        /*0150*/              @!P2 BRA 0x180 ;
+        /*0160*/                   FMUL R24, R24, R3 ;
+        /*0170*/                   FMUL R25, R25, R3 ;
+        /*0180*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0190*/              @!P0 BRA 0x110 ;
+        /*01a0*/                   FFMA R6, R7, R8, R9 ;
+        /*01b0*/                   @P1 BRA 0x1a0 ;
+        /*01c0*/                   EXIT ;
+        /*01d0*/                   BRA 0x1d0;
 """
 
 
@@ -127,7 +130,13 @@ def test_main_loop_is_the_loop_with_the_most_mma():
     from bench.compile import asm
 
     loop = asm.main_loop(SASS)
-    assert loop == {"instructions": 6, "mma": 2, "full_waits": 1, "fp32": 2}
+    assert loop == {
+        "instructions": 9,
+        "mma": 2,
+        "full_waits": 1,
+        "fp32": 4,
+        "hot": {"instructions": 7, "mma": 2, "full_waits": 1, "fp32": 2},
+    }  # rare FMULs skipped
     assert asm.main_loop("        /*0000*/                   EXIT ;\n") is None
 
 

@@ -12,7 +12,9 @@ Definitions used by the report:
 * **main loop**: the SASS loop (a backward branch) holding the most ``HGMMA``/``HMMA``; per iteration
   its instruction count, tensor-core instructions, full warpgroup waits
   (``WARPGROUP.DEPBAR.LE gsb0, 0x0``: wait until no MMA is in flight) and FP32 instructions
-  (``FADD FMUL FFMA FMNMX FSEL FSETP FSWZADD MUFU``).
+  (``FADD FMUL FFMA FMNMX FSEL FSETP FSWZADD MUFU``); and the same for its **hot path**: the
+  instructions run when every forward branch inside the loop is taken, i.e. its rarely executed
+  blocks (lazy rescaling) are skipped.
 """
 
 from __future__ import annotations
@@ -72,23 +74,48 @@ def sass_instructions(sass: str) -> list[tuple[int, str]]:
     return [(int(m[1], 16), m[2]) for m in map(_SASS_LINE.search, sass.splitlines()) if m]
 
 
+def _branch_target(text: str) -> int | None:
+    m = _BRANCH.search(text)
+    return int(m[1], 16) if m and m[1] else None
+
+
+def _stats(body: list[str]) -> dict:
+    opcodes = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body]
+    return {
+        "instructions": len(body),
+        "mma": sum(1 for op in opcodes if op in ("HGMMA", "HMMA")),
+        "full_waits": sum(1 for t in body if re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", t)),
+        "fp32": sum(1 for op in opcodes if op in FP32_OPS),
+    }
+
+
+def _hot_path(body: list[tuple[int, str]]) -> list[str]:
+    """The instructions of one iteration when every forward branch inside the loop is taken (it skips
+    a rarely executed block, e.g. the lazy-rescale branch) - the path most iterations run."""
+    index = {a: i for i, (a, _) in enumerate(body)}
+    out, i = [], 0
+    while i < len(body):
+        addr, text = body[i]
+        out.append(text)
+        target = _branch_target(text)
+        i = index[target] if target is not None and target > addr and target in index else i + 1
+    return out
+
+
 def main_loop(sass: str) -> dict | None:
-    """Per-iteration statistics of the SASS loop with the most MMA instructions (None: no loop)."""
+    """Per-iteration statistics of the SASS loop with the most MMA instructions (None: no loop): the whole
+    loop body, and under ``hot`` its hot path (:func:`_hot_path`)."""
     instrs = sass_instructions(sass)
     best = None
     for i, (addr, text) in enumerate(instrs):
-        m = _BRANCH.search(text)
-        if not m or not m[1] or int(m[1], 16) >= addr:
+        start = _branch_target(text)
+        if start is None or start >= addr:
             continue
-        start = int(m[1], 16)
-        body = [t for a, t in instrs[: i + 1] if a >= start]
-        mma = sum(1 for t in body if re.search(r"\bH[G]?MMA\b|\bHGMMA\.", t))
-        if best is None or mma > best["mma"]:
-            best = {"instructions": len(body), "mma": mma, "body": body}
+        body = [(a, t) for a, t in instrs[: i + 1] if a >= start]
+        stats = _stats([t for _, t in body])
+        if best is None or stats["mma"] > best[0]["mma"]:
+            best = stats, body
     if best is None:
         return None
-    body = best.pop("body")
-    opcodes = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body]
-    best["full_waits"] = sum(1 for t in body if re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", t))
-    best["fp32"] = sum(1 for op in opcodes if op in FP32_OPS)
-    return best
+    stats, body = best
+    return {**stats, "hot": _stats(_hot_path(body))}
