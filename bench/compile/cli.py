@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run.run(shapes, archs, args.kernel, args.jobs)
     loop = jvp_loop.compare() if args.jvp_loop and 90 in archs else None
-    paths = report.write(args.out, rows, shapes, loop)
+    paths = report.write(args.out, rows, shapes, loop, " ".join(["python -m bench compile", *argv]))
     bad = sum(1 for r in rows if r["problems"])
     print(
         f"[compile] {len(rows)} rows, {bad} with problems, {time.perf_counter() - t0:.0f} s; "

@@ -81,12 +81,12 @@ def _loads(r: dict) -> str:
 
 def markdown(rows: list[dict], env: dict, shapes: list[str], jvp_loop: list[dict] | None) -> str:
     lines = [
-        "# Static compile report (sm_90 / sm_80)",
+        f"# Static compile report ({' / '.join(f'sm_{a}' for a in sorted({r['arch'] for r in rows}, reverse=True))})",
         "",
         STATIC_NOTE,
         "",
         f"triton {env['triton']}, torch {env['torch']}, commit {env['commit']}, {env['date']}. "
-        "Regenerate: `python -m bench compile --arch 90,80 --out bench/results/compile`.",
+        f"Command: `{env.get('command', 'python -m bench compile')}`.",
         "",
         "Checks per row (kernel x config the autotuner may consider x shape class x arch): compiles; "
         "shared memory within the opt-in limit (sm_90: 232,448 B, sm_80: 166,912 B); 0 spill bytes "
@@ -253,9 +253,10 @@ def jvp_section(jvp_loop: list[dict]) -> list[str]:
     return lines
 
 
-def write(out: Path, rows: list[dict], shapes: list[str], jvp_loop: list[dict] | None) -> dict[str, Path]:
+def write(out: Path, rows: list[dict], shapes: list[str], jvp_loop: list[dict] | None, command: str) -> dict:
+    """Write ``compile.json`` and ``compile.md`` to ``out``; ``command`` is the command line that made them."""
     out.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = {**environment(), "command": command}
     doc = {
         "static": True,
         "note": STATIC_NOTE,
