@@ -42,7 +42,7 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) ->
         raise ValueError(f"attn_mask must be None (the fused kernels have no attention mask), got {got}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or dropout_p != 0:
         raise ValueError(f"dropout_p must be 0.0 (the fused kernels have no attention dropout), got {dropout_p!r}")
-    if is_causal is not False:
+    if is_causal:
         raise ValueError(f"is_causal must be False (the fused kernels are non-causal), got {is_causal!r}")
     if not isinstance(enable_gqa, bool):
         raise ValueError(f"enable_gqa must be a bool, got {enable_gqa!r}")
