@@ -40,16 +40,24 @@ COMMANDS = ("kernels", "block", "step", "loader", "scaling")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=(*COMMANDS, "all"))
-    p.add_argument("--preset", action="append", default=None,
-                   help="model preset (repeatable); step default iMF-B/2 and MF-B/2, block default iMF-B/2 and "
-                        "iMF-XL/2; the first one is swept and projected by scaling")
-    p.add_argument("--batch", type=int, default=None,
-                   help="per-GPU batch (step default 256, block 64, loader 256)")
+    p.add_argument(
+        "--preset",
+        action="append",
+        default=None,
+        help="model preset (repeatable); step default iMF-B/2 and MF-B/2, block default iMF-B/2 and "
+        "iMF-XL/2; the first one is swept and projected by scaling",
+    )
+    p.add_argument("--batch", type=int, default=None, help="per-GPU batch (step default 256, block 64, loader 256)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--out", type=Path, default=None, help="output directory (created)")
     smoke = p.add_mutually_exclusive_group()
-    smoke.add_argument("--smoke", dest="smoke", action="store_true", default=None,
-                       help="tiny CPU run that checks the harness (default without a GPU)")
+    smoke.add_argument(
+        "--smoke",
+        dest="smoke",
+        action="store_true",
+        default=None,
+        help="tiny CPU run that checks the harness (default without a GPU)",
+    )
     smoke.add_argument("--no-smoke", dest="smoke", action="store_false", help="full GPU benchmark")
     return p
 
@@ -73,18 +81,50 @@ def cmd_kernels(args, device, env) -> dict:
         for mode in ("fwd", "fwd+bwd"):
             sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
             for hd in sorted({r["head_dim"] for r in sel}):
-                plots.append({"file": f"kernels_{op}_{mode.replace('+', '_')}_d{hd}.png", "x": "seq",
-                              "ys": ["tflops", "peak_mem_mb"], "series": "impl", "logx": True,
-                              "title": f"{op} {mode}, head_dim {hd}",
-                              "rows": [r for r in sel if r["head_dim"] == hd]})
-    columns = ["op", "mode", "impl", "dtype", "batch", "heads", "seq", "head_dim", "ms", "ms_p20", "ms_p80",
-               "tflops", "peak_mem_mb", "imf_speedup", "error"]
+                plots.append(
+                    {
+                        "file": f"kernels_{op}_{mode.replace('+', '_')}_d{hd}.png",
+                        "x": "seq",
+                        "ys": ["tflops", "peak_mem_mb"],
+                        "series": "impl",
+                        "logx": True,
+                        "title": f"{op} {mode}, head_dim {hd}",
+                        "rows": [r for r in sel if r["head_dim"] == hd],
+                    }
+                )
+    columns = [
+        "op",
+        "mode",
+        "impl",
+        "dtype",
+        "batch",
+        "heads",
+        "seq",
+        "head_dim",
+        "ms",
+        "ms_p20",
+        "ms_p80",
+        "tflops",
+        "peak_mem_mb",
+        "imf_speedup",
+        "error",
+    ]
     summary = _speedup_summary(rows, ("op", "mode"), "imf_speedup", "imf_kernels")
     tf = [r["tflops"] for r in rows if r["op"] == "attention_jvp" and r["impl"] == "imf_kernels" and "tflops" in r]
     if tf:
         summary["attention_jvp imf_kernels max TFLOP/s (6-matmul fwd count)"] = max(tf)
-    return {"kernels": _write(args, "kernels", rows, env, summary=summary, columns=columns, plots=plots,
-                              config={"smoke": args.smoke, "dtype": args.dtype, "device": device})}
+    return {
+        "kernels": _write(
+            args,
+            "kernels",
+            rows,
+            env,
+            summary=summary,
+            columns=columns,
+            plots=plots,
+            config={"smoke": args.smoke, "dtype": args.dtype, "device": device},
+        )
+    }
 
 
 def cmd_block(args, device, env) -> dict:
@@ -92,18 +132,49 @@ def cmd_block(args, device, env) -> dict:
 
     dtype = DTYPES[args.dtype]
     ops_rows = block_ops_bench.smoke() if args.smoke else block_ops_bench.run(dtype=dtype, device=device)
-    out = {"block_ops": _write(args, "block_ops", ops_rows, env, config={"smoke": args.smoke, "dtype": args.dtype},
-                               summary=_speedup_summary(ops_rows, ("op",), "imf_speedup", "imf_kernels"))}
+    out = {
+        "block_ops": _write(
+            args,
+            "block_ops",
+            ops_rows,
+            env,
+            config={"smoke": args.smoke, "dtype": args.dtype},
+            summary=_speedup_summary(ops_rows, ("op",), "imf_speedup", "imf_kernels"),
+        )
+    }
     if args.smoke:
         rows = block_bench.smoke()
     else:
-        rows = block_bench.run(tuple(args.preset or ("iMF-B/2", "iMF-XL/2")), batch=args.batch or 64, dtype=dtype,
-                               device=device)
-    columns = ["preset", "scope", "impl", "compiled", "engine_backend", "batch", "seq_len", "dtype", "ms", "ms_min",
-               "ms_max", "tflops", "peak_mem_mb", "engine_speedup", "error"]
+        rows = block_bench.run(
+            tuple(args.preset or ("iMF-B/2", "iMF-XL/2")), batch=args.batch or 64, dtype=dtype, device=device
+        )
+    columns = [
+        "preset",
+        "scope",
+        "impl",
+        "compiled",
+        "engine_backend",
+        "batch",
+        "seq_len",
+        "dtype",
+        "ms",
+        "ms_min",
+        "ms_max",
+        "tflops",
+        "peak_mem_mb",
+        "engine_speedup",
+        "error",
+    ]
     config = {"smoke": args.smoke, "dtype": args.dtype, "batch": rows[0]["batch"] if rows else None}
-    out["block"] = _write(args, "block", rows, env, columns=columns, config=config,
-                          summary=_speedup_summary(rows, ("preset", "scope"), "engine_speedup", "engine"))
+    out["block"] = _write(
+        args,
+        "block",
+        rows,
+        env,
+        columns=columns,
+        config=config,
+        summary=_speedup_summary(rows, ("preset", "scope"), "engine_speedup", "engine"),
+    )
     return out
 
 
@@ -113,26 +184,69 @@ def cmd_step(args, device, env) -> dict:
     if args.smoke:
         result = step_bench.smoke(tuple(args.preset or ("iMF-B/2", "MF-B/2")))
     else:
-        result = step_bench.run(tuple(args.preset or ("iMF-B/2", "MF-B/2")), batch=args.batch or 256,
-                                dtype=DTYPES[args.dtype], device=device)
+        result = step_bench.run(
+            tuple(args.preset or ("iMF-B/2", "MF-B/2")),
+            batch=args.batch or 256,
+            dtype=DTYPES[args.dtype],
+            device=device,
+        )
     rows = result["rows"]
     first = rows[0]["preset"]
     sweep_variants = result["config"]["sweep_variants"]
     main = [r for r in rows if r["sweep"] == "main" and r["preset"] == first and r["variant"] in sweep_variants]
     plots = [
-        {"file": "step_batch_sweep.png", "x": "batch", "ys": ["images_per_s", "peak_mem_gb", "mfu"],
-         "series": "variant", "logx": True, "title": f"{first}: batch sweep",
-         "rows": main + [r for r in rows if r["sweep"] == "batch"]},
-        {"file": "step_seq_sweep.png", "x": "seq_len", "ys": ["images_per_s", "tflops", "peak_mem_gb"],
-         "series": "variant", "logx": True, "title": f"{first}: sequence sweep (constant tokens per step)",
-         "rows": main + [r for r in rows if r["sweep"] == "seq"]},
+        {
+            "file": "step_batch_sweep.png",
+            "x": "batch",
+            "ys": ["images_per_s", "peak_mem_gb", "mfu"],
+            "series": "variant",
+            "logx": True,
+            "title": f"{first}: batch sweep",
+            "rows": main + [r for r in rows if r["sweep"] == "batch"],
+        },
+        {
+            "file": "step_seq_sweep.png",
+            "x": "seq_len",
+            "ys": ["images_per_s", "tflops", "peak_mem_gb"],
+            "series": "variant",
+            "logx": True,
+            "title": f"{first}: sequence sweep (constant tokens per step)",
+            "rows": main + [r for r in rows if r["sweep"] == "seq"],
+        },
     ]
-    columns = ["sweep", "preset", "method", "variant", "backend", "compiled", "batch", "seq_len", "dtype", "ms",
-               "ms_min", "ms_max", "ms_guidance", "ms_dual_forward", "ms_forward", "ms_backward", "ms_optimizer",
-               "images_per_s", "peak_mem_gb", "flops_per_step", "tflops", "mfu", "mfu_datasheet", "compile_s",
-               "skipped", "error"]
-    config = {**result["config"], "matmul_peak": {k: v for k, v in result["matmul_peak"].items() if k != "times_ms"},
-              "matmul_peak_times_ms": result["matmul_peak"]["times_ms"]}
+    columns = [
+        "sweep",
+        "preset",
+        "method",
+        "variant",
+        "backend",
+        "compiled",
+        "batch",
+        "seq_len",
+        "dtype",
+        "ms",
+        "ms_min",
+        "ms_max",
+        "ms_guidance",
+        "ms_dual_forward",
+        "ms_forward",
+        "ms_backward",
+        "ms_optimizer",
+        "images_per_s",
+        "peak_mem_gb",
+        "flops_per_step",
+        "tflops",
+        "mfu",
+        "mfu_datasheet",
+        "compile_s",
+        "skipped",
+        "error",
+    ]
+    config = {
+        **result["config"],
+        "matmul_peak": {k: v for k, v in result["matmul_peak"].items() if k != "times_ms"},
+        "matmul_peak_times_ms": result["matmul_peak"]["times_ms"],
+    }
     summary = {**result["summary"], "measured_matmul_peak_tflops": result["matmul_peak"]["tflops"]}
     return {"step": _write(args, "step", rows, env, summary=summary, columns=columns, plots=plots, config=config)}
 
@@ -150,8 +264,9 @@ def cmd_loader(args, device, env) -> dict:
     if args.smoke:
         rows = loader_bench.smoke()
     else:
-        rows = loader_bench.measure_loaders(batch_size=args.batch or 256, device=device,
-                                            demand_images_per_s=demand or 1000.0)
+        rows = loader_bench.measure_loaders(
+            batch_size=args.batch or 256, device=device, demand_images_per_s=demand or 1000.0
+        )
     source = "the step benchmark's engine images/s in this output dir" if demand else "1,000 img/s (target)"
     return {"loader": _write(args, "loader", rows, env, config={"smoke": args.smoke, "demand_source": source})}
 
@@ -207,8 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out = Path(args.out) if args.out is not None else default_out_dir(args.smoke)
     env = env_info(device)
     commands = COMMANDS if args.command == "all" else (args.command,)
-    handlers = {"kernels": cmd_kernels, "block": cmd_block, "step": cmd_step, "loader": cmd_loader,
-                "scaling": cmd_scaling}
+    handlers = {
+        "kernels": cmd_kernels,
+        "block": cmd_block,
+        "step": cmd_step,
+        "loader": cmd_loader,
+        "scaling": cmd_scaling,
+    }
     written = {}
     for command in commands:
         written.update(handlers[command](args, device, env))

@@ -116,9 +116,7 @@ def attention_jvp_impls(device) -> dict[str, Callable[[Inputs], torch.Tensor]]:
         "sdpa_dropin_func_jvp": lambda x: torch.func.jvp(
             imf_kernels.scaled_dot_product_attention, (x.q, x.k, x.v), (x.q_t, x.k_t, x.v_t)
         )[0],
-        "torch_func_jvp_math": lambda x: reference.attention_jvp_autodiff(
-            x.q, x.k, x.v, x.q_t, x.k_t, x.v_t
-        )[0],
+        "torch_func_jvp_math": lambda x: reference.attention_jvp_autodiff(x.q, x.k, x.v, x.q_t, x.k_t, x.v_t)[0],
     }
     if torch.device(device).type == "cuda" and importlib.util.find_spec("jvp_flash_attention") is not None:
         impls["jvp_flash_attention"] = _jvp_flash_attention

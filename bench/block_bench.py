@@ -75,13 +75,22 @@ def setup_block(cfg, batch: int, *, dtype, device, engine_backend: str) -> dict:
     def jvp(a, a_t):
         return torch.func.jvp(lambda v: ref(v, None, cos, sin)[0], (a,), (a_t,))[0]
 
-    fwd = {"engine": lambda f: blk(x, x_t, cos, sin)[0], "torch_func_jvp": lambda f: f(x, x_t),
-           "torch_func_jvp_compiled": lambda f: f(x, x_t)}
+    fwd = {
+        "engine": lambda f: blk(x, x_t, cos, sin)[0],
+        "torch_func_jvp": lambda f: f(x, x_t),
+        "torch_func_jvp_compiled": lambda f: f(x, x_t),
+    }
     leaves = {"engine": [x, *blk.parameters()], "torch_func_jvp": [x, *ref.parameters()]}
     leaves["torch_func_jvp_compiled"] = leaves["torch_func_jvp"]
     bf = flops.block_flops(cfg, batch)
-    return {"fwd": fwd, "jvp": jvp, "leaves": leaves, "cotangents": [dy],
-            "flops": 3 * bf["forward"] + bf["tangent"], "autocast": False}
+    return {
+        "fwd": fwd,
+        "jvp": jvp,
+        "leaves": leaves,
+        "cotangents": [dy],
+        "flops": 3 * bf["forward"] + bf["tangent"],
+        "autocast": False,
+    }
 
 
 def setup_model(name: str, cfg_overrides: dict, batch: int, *, dtype, device, engine_backend: str) -> dict:
@@ -94,13 +103,19 @@ def setup_model(name: str, cfg_overrides: dict, batch: int, *, dtype, device, en
         p.data = p.data.to(dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (batch, cfg.in_channels, cfg.input_size, cfg.input_size)
-    z, z_t = _randn(*shape, dtype=torch.float32, device=device, gen=gen), _randn(*shape, dtype=torch.float32,
-                                                                                  device=device, gen=gen)
+    z, z_t = (
+        _randn(*shape, dtype=torch.float32, device=device, gen=gen),
+        _randn(*shape, dtype=torch.float32, device=device, gen=gen),
+    )
     t = torch.rand(batch, generator=gen, device=device) * 0.9 + 0.1
     r = t * torch.rand(batch, generator=gen, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=gen, device=device)
-    cond = (y, 1 + 7 * torch.rand(batch, generator=gen, device=device), torch.full_like(t, 0.2),
-            torch.full_like(t, 0.8))
+    cond = (
+        y,
+        1 + 7 * torch.rand(batch, generator=gen, device=device),
+        torch.full_like(t, 0.2),
+        torch.full_like(t, 0.8),
+    )
     du, dv = (_randn(*shape, dtype=dtype, device=device, gen=gen) for _ in range(2))
     ones = torch.ones_like(t)
 
@@ -108,13 +123,22 @@ def setup_model(name: str, cfg_overrides: dict, batch: int, *, dtype, device, en
         u = torch.func.jvp(lambda a, b: ref(a, b, r, *cond), (zz, t), (zz_t, ones))[0]
         return u, ref.velocity(zz, t, r, *cond)
 
-    fwd = {"engine": lambda f: eng.forward_with_tangent(z, z_t, t, r, *cond, with_velocity=True)[::2],
-           "torch_func_jvp": lambda f: f(z, z_t), "torch_func_jvp_compiled": lambda f: f(z, z_t)}
+    fwd = {
+        "engine": lambda f: eng.forward_with_tangent(z, z_t, t, r, *cond, with_velocity=True)[::2],
+        "torch_func_jvp": lambda f: f(z, z_t),
+        "torch_func_jvp_compiled": lambda f: f(z, z_t),
+    }
     leaves = {"engine": list(eng.parameters()), "torch_func_jvp": list(ref.parameters())}
     leaves["torch_func_jvp_compiled"] = leaves["torch_func_jvp"]
     fwd_uv = flops.forward_flops(cfg, batch, "u+v")
-    return {"fwd": fwd, "jvp": jvp, "leaves": leaves, "cotangents": [du, dv],
-            "flops": 3 * fwd_uv + flops.tangent_flops(cfg, batch), "autocast": dtype != torch.float32}
+    return {
+        "fwd": fwd,
+        "jvp": jvp,
+        "leaves": leaves,
+        "cotangents": [du, dv],
+        "flops": 3 * fwd_uv + flops.tangent_flops(cfg, batch),
+        "autocast": dtype != torch.float32,
+    }
 
 
 def _peak_mb(step, device) -> float | None:
@@ -148,17 +172,33 @@ def measure(case: dict, impl: str, *, dtype, device, compile_backend: str, reps:
     return {**stats, "peak_mem_mb": _peak_mb(step, device)}
 
 
-def run(presets=("iMF-B/2", "iMF-XL/2"), *, batch: int = 64, dtype: torch.dtype = torch.bfloat16, device="cuda",
-        scopes=("block", "model"), impls=IMPLS, engine_backend: str = "triton", compile_backend: str = "inductor",
-        reps: int = 3, smoke: bool = False) -> list[dict]:
+def run(
+    presets=("iMF-B/2", "iMF-XL/2"),
+    *,
+    batch: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cuda",
+    scopes=("block", "model"),
+    impls=IMPLS,
+    engine_backend: str = "triton",
+    compile_backend: str = "inductor",
+    reps: int = 3,
+    smoke: bool = False,
+) -> list[dict]:
     """Rows for every preset x scope x implementation (``reps`` is used on a CPU only)."""
     rows = []
     for name in presets:
         ov = smoke_overrides(name) if smoke else {}
         cfg = preset(name, **ov)
         for scope in scopes:
-            base = {"preset": name, "scope": scope, "batch": batch, "seq_len": cfg.seq_len,
-                    "dtype": str(dtype).removeprefix("torch."), "engine_backend": engine_backend}
+            base = {
+                "preset": name,
+                "scope": scope,
+                "batch": batch,
+                "seq_len": cfg.seq_len,
+                "dtype": str(dtype).removeprefix("torch."),
+                "engine_backend": engine_backend,
+            }
             try:
                 if scope == "block":
                     case = setup_block(cfg, batch, dtype=dtype, device=device, engine_backend=engine_backend)
@@ -169,11 +209,16 @@ def run(presets=("iMF-B/2", "iMF-XL/2"), *, batch: int = 64, dtype: torch.dtype 
                 continue
             scope_rows = []
             for impl in impls:
-                row = {**base, "impl": impl, "compiled": compile_backend if impl.endswith("_compiled") else None,
-                       "flops": case["flops"]}
+                row = {
+                    **base,
+                    "impl": impl,
+                    "compiled": compile_backend if impl.endswith("_compiled") else None,
+                    "flops": case["flops"],
+                }
                 try:
-                    row.update(measure(case, impl, dtype=dtype, device=device, compile_backend=compile_backend,
-                                       reps=reps))
+                    row.update(
+                        measure(case, impl, dtype=dtype, device=device, compile_backend=compile_backend, reps=reps)
+                    )
                     row["tflops"] = case["flops"] / (row["ms"] * 1e-3) / 1e12
                 except Exception as err:  # a baseline that cannot run this shape (OOM, compile failure)
                     row["error"] = f"{type(err).__name__}: {err}"[:400]
@@ -192,5 +237,13 @@ def run(presets=("iMF-B/2", "iMF-XL/2"), *, batch: int = 64, dtype: torch.dtype 
 def smoke() -> list[dict]:
     """Tiny CPU run of both scopes and every implementation (harness check)."""
     with one_cpu_thread():
-        return run(("iMF-B/2",), batch=2, dtype=torch.float32, device="cpu", engine_backend="reference",
-                   compile_backend="eager", reps=2, smoke=True)
+        return run(
+            ("iMF-B/2",),
+            batch=2,
+            dtype=torch.float32,
+            device="cpu",
+            engine_backend="reference",
+            compile_backend="eager",
+            reps=2,
+            smoke=True,
+        )

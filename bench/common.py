@@ -71,8 +71,14 @@ def summarize(times_ms: Sequence[float]) -> dict:
         lo, hi = math.floor(pos), math.ceil(pos)
         return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
-    return {"ms": statistics.median(xs), "ms_min": xs[0], "ms_max": xs[-1], "ms_p20": pct(0.2),
-            "ms_p80": pct(0.8), "n": len(xs)}
+    return {
+        "ms": statistics.median(xs),
+        "ms_min": xs[0],
+        "ms_max": xs[-1],
+        "ms_p20": pct(0.2),
+        "ms_p80": pct(0.8),
+        "n": len(xs),
+    }
 
 
 def bench_callable(fn: Callable[[], object], device, *, reps: int = 3, rep_ms: int = 100, grad_to_none=None) -> dict:
@@ -123,8 +129,9 @@ class PhaseTimer:
         return out
 
 
-def time_steps(step: Callable[[int, PhaseTimer], None], device, *, warmup: int, iters: int,
-               order: Sequence[str]) -> dict:
+def time_steps(
+    step: Callable[[int, PhaseTimer], None], device, *, warmup: int, iters: int, order: Sequence[str]
+) -> dict:
     """Run ``step(i, timer)`` ``warmup`` times untimed, then ``iters`` times with phase marks.
 
     ``step`` must call ``timer.mark(order[0])`` first and ``timer.mark(order[-1])`` last. Returns
@@ -158,8 +165,13 @@ def matmul_peak(device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> d
     Four operand pairs are rotated so no call reads the previous call's inputs from L2. Returns
     ``{"n", "dtype", "ms", "tflops", "times_ms"}``; this is the MFU denominator of the same run."""
     gen = torch.Generator(device=device).manual_seed(0)
-    pairs = [(torch.randn(n, n, device=device, dtype=dtype, generator=gen),
-              torch.randn(n, n, device=device, dtype=dtype, generator=gen)) for _ in range(4)]
+    pairs = [
+        (
+            torch.randn(n, n, device=device, dtype=dtype, generator=gen),
+            torch.randn(n, n, device=device, dtype=dtype, generator=gen),
+        )
+        for _ in range(4)
+    ]
     counter = iter(range(1 << 62))
 
     def gemm():
@@ -167,9 +179,15 @@ def matmul_peak(device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> d
         return a @ b
 
     stats = bench_callable(gemm, device)
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "ms": stats["ms"], "ms_min": stats["ms_min"],
-            "tflops": 2.0 * n**3 / (stats["ms"] * 1e-3) / 1e12,
-            "tflops_best": 2.0 * n**3 / (stats["ms_min"] * 1e-3) / 1e12, "times_ms": stats["times_ms"]}
+    return {
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "ms": stats["ms"],
+        "ms_min": stats["ms_min"],
+        "tflops": 2.0 * n**3 / (stats["ms"] * 1e-3) / 1e12,
+        "tflops_best": 2.0 * n**3 / (stats["ms_min"] * 1e-3) / 1e12,
+        "times_ms": stats["times_ms"],
+    }
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -216,8 +234,9 @@ def default_out_dir(smoke: bool) -> Path:
     return REPO / "bench" / "results" / slug
 
 
-def plot_lines(path: Path, rows: Sequence[dict], *, x: str, ys: Sequence[str], series: str, title: str,
-               logx: bool = False) -> Path | None:
+def plot_lines(
+    path: Path, rows: Sequence[dict], *, x: str, ys: Sequence[str], series: str, title: str, logx: bool = False
+) -> Path | None:
     """One PNG with a panel per metric in ``ys``: ``x`` against the metric, a line per ``series``
     value. Rows without a number for the metric are skipped. None when nothing can be drawn."""
     import matplotlib
@@ -251,9 +270,18 @@ def plot_lines(path: Path, rows: Sequence[dict], *, x: str, ys: Sequence[str], s
     return path if drawn else None
 
 
-def write_results(out_dir: str | os.PathLike, name: str, rows: list[dict], *, config: dict, env: dict,
-                  summary: dict | None = None, columns: Sequence[str] | None = None,
-                  plots: Sequence[dict] = (), notes: str = "") -> dict[str, Path]:
+def write_results(
+    out_dir: str | os.PathLike,
+    name: str,
+    rows: list[dict],
+    *,
+    config: dict,
+    env: dict,
+    summary: dict | None = None,
+    columns: Sequence[str] | None = None,
+    plots: Sequence[dict] = (),
+    notes: str = "",
+) -> dict[str, Path]:
     """Write ``<name>.json``, ``<name>.md`` and the PNGs described by ``plots`` (keyword dicts for
     :func:`plot_lines` plus ``file``). Returns ``{"json", "md", <plot file>...}`` paths."""
     out = Path(out_dir)
@@ -264,9 +292,12 @@ def write_results(out_dir: str | os.PathLike, name: str, rows: list[dict], *, co
     md = [f"# {name}", ""]
     if env.get("device_type") != "cuda":
         md += ["**Smoke run on a CPU: checks the harness; the timings are not performance numbers.**", ""]
-    md += [f"{env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
-           f"driver {env.get('driver')}; commit {env.get('git_commit')}{' (dirty)' if env.get('git_dirty') else ''}; "
-           f"{env.get('date_utc')}", ""]
+    md += [
+        f"{env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
+        f"driver {env.get('driver')}; commit {env.get('git_commit')}{' (dirty)' if env.get('git_dirty') else ''}; "
+        f"{env.get('date_utc')}",
+        "",
+    ]
     if notes:
         md += [notes.strip(), ""]
     if summary:

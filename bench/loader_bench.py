@@ -103,9 +103,7 @@ def measure_loaders(
                 if backend == "synthetic":
                     loader = build_loader("synthetic", batch_size=batch_size, shape=shape, device=dev)
                 else:
-                    loader = build_loader(
-                        data, batch_size=batch_size, device=dev, backend=backend, num_workers=workers
-                    )
+                    loader = build_loader(data, batch_size=batch_size, device=dev, backend=backend, num_workers=workers)
             except MissingDependencyError as e:  # DALI not installed
                 rows.append({**row, "latents_per_s": None, "skipped": f"{backend}: {e}"})
                 continue

@@ -86,8 +86,15 @@ def comm_bytes(preset_name: str, mf_guidance: bool = False) -> dict[str, float]:
     return {"allgather": 2.0 * gathered, "reduce_scatter": 4.0 * n["total"], "params": float(n["total"])}
 
 
-def project(preset_name: str, *, step_ms: float | None = None, batch: int | None = None, links: Links = Links(),
-            counts=GPU_COUNTS, mf_guidance: bool = False) -> list[dict]:
+def project(
+    preset_name: str,
+    *,
+    step_ms: float | None = None,
+    batch: int | None = None,
+    links: Links = Links(),
+    counts=GPU_COUNTS,
+    mf_guidance: bool = False,
+) -> list[dict]:
     """One row per ``(nodes, GPUs per node)``: communication per GPU and, with ``step_ms`` and ``batch``,
     the step-time bounds, efficiency and images/s."""
     if (step_ms is None) != (batch is None):
@@ -100,31 +107,57 @@ def project(preset_name: str, *, step_ms: float | None = None, batch: int | None
         wire = ring * (vol["allgather"] + vol["reduce_scatter"])
         bw = links.busbw(nodes)
         t_comm = 1e3 * wire / (bw * 1e9)
-        row = {"preset": preset_name, "nodes": nodes, "gpus_per_node": per_node, "gpus": g, "busbw_GBps": bw,
-               "comm_GB_per_gpu": wire / 1e9, "t_comm_ms": t_comm}
+        row = {
+            "preset": preset_name,
+            "nodes": nodes,
+            "gpus_per_node": per_node,
+            "gpus": g,
+            "busbw_GBps": bw,
+            "comm_GB_per_gpu": wire / 1e9,
+            "t_comm_ms": t_comm,
+        }
         if step_ms is not None:
             best, worst = max(step_ms, t_comm), step_ms + t_comm
-            row.update(t_compute_ms=step_ms, step_ms_overlap=best, step_ms_serial=worst,
-                       efficiency_overlap=step_ms / best, efficiency_serial=step_ms / worst,
-                       images_per_s_per_gpu=f"{batch / worst * 1e3:.0f} - {batch / best * 1e3:.0f}",
-                       images_per_s_total=f"{g * batch / worst * 1e3:.0f} - {g * batch / best * 1e3:.0f}")
+            row.update(
+                t_compute_ms=step_ms,
+                step_ms_overlap=best,
+                step_ms_serial=worst,
+                efficiency_overlap=step_ms / best,
+                efficiency_serial=step_ms / worst,
+                images_per_s_per_gpu=f"{batch / worst * 1e3:.0f} - {batch / best * 1e3:.0f}",
+                images_per_s_total=f"{g * batch / worst * 1e3:.0f} - {g * batch / best * 1e3:.0f}",
+            )
         rows.append(row)
     return rows
 
 
-def report(preset_name: str, *, step_ms: float | None = None, batch: int | None = None,
-           source: str = "", links: Links = Links()) -> tuple[list[dict], str]:
+def report(
+    preset_name: str,
+    *,
+    step_ms: float | None = None,
+    batch: int | None = None,
+    source: str = "",
+    links: Links = Links(),
+) -> tuple[list[dict], str]:
     """Rows of :func:`project` and markdown notes stating the model's inputs and assumptions."""
     rows = project(preset_name, step_ms=step_ms, batch=batch, links=links)
     vol = comm_bytes(preset_name)
-    lines = [f"## FSDP2 scaling projection: {preset_name} (a model, not a measurement)", "",
-             f"Parameters: {vol['params'] / 1e6:.1f} M; per step, full-tensor bytes all-gathered (bf16): "
-             f"{vol['allgather'] / 1e9:.3f} GB, reduce-scattered (fp32): {vol['reduce_scatter'] / 1e9:.3f} GB.",
-             f"Assumed bus bandwidths: {asdict(links)} (GB/s; see bench/scaling.py).", ""]
+    lines = [
+        f"## FSDP2 scaling projection: {preset_name} (a model, not a measurement)",
+        "",
+        f"Parameters: {vol['params'] / 1e6:.1f} M; per step, full-tensor bytes all-gathered (bf16): "
+        f"{vol['allgather'] / 1e9:.3f} GB, reduce-scattered (fp32): {vol['reduce_scatter'] / 1e9:.3f} GB.",
+        f"Assumed bus bandwidths: {asdict(links)} (GB/s; see bench/scaling.py).",
+        "",
+    ]
     if step_ms is None:
-        lines.append("No measured step time was given: only the communication side is shown; the step hides it "
-                     "fully when its compute time per GPU exceeds t_comm_ms.")
+        lines.append(
+            "No measured step time was given: only the communication side is shown; the step hides it "
+            "fully when its compute time per GPU exceeds t_comm_ms."
+        )
     else:
-        lines.append(f"Measured single-GPU compute: {step_ms:.2f} ms per step at batch {batch} per GPU ({source}); "
-                     "per-GPU batch held fixed.")
+        lines.append(
+            f"Measured single-GPU compute: {step_ms:.2f} ms per step at batch {batch} per GPU ({source}); "
+            "per-GPU batch held fixed."
+        )
     return rows, "\n".join(lines)

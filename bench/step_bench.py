@@ -74,11 +74,22 @@ PHASES = ("start", "guidance", "forward", "backward", "optimizer")
 
 # Tiny shapes for CPU smoke runs, applied on top of any preset.
 SMOKE_OVERRIDES = {
-    "imf": {"input_size": 4, "in_channels": 4, "dim": 32, "heads": 2, "depth": 2, "head_depth": 1,
-            "num_classes": 10, "freq_dim": 16, "class_tokens": 1, "omega_tokens": 1, "t_min_tokens": 1,
-            "t_max_tokens": 1, "time_tokens": 1},
-    "mf": {"input_size": 4, "in_channels": 4, "dim": 32, "heads": 2, "depth": 2, "num_classes": 10,
-           "freq_dim": 16},
+    "imf": {
+        "input_size": 4,
+        "in_channels": 4,
+        "dim": 32,
+        "heads": 2,
+        "depth": 2,
+        "head_depth": 1,
+        "num_classes": 10,
+        "freq_dim": 16,
+        "class_tokens": 1,
+        "omega_tokens": 1,
+        "t_min_tokens": 1,
+        "t_max_tokens": 1,
+        "time_tokens": 1,
+    },
+    "mf": {"input_size": 4, "in_channels": 4, "dim": 32, "heads": 2, "depth": 2, "num_classes": 10, "freq_dim": 16},
 }
 
 
@@ -156,8 +167,9 @@ def _single_rank_group(device):
         return
     if is_cuda(device):
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if is_cuda(device) else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "nccl" if is_cuda(device) else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
     try:
         yield
     finally:
@@ -186,13 +198,19 @@ def _row_from_timing(row: dict, timing: dict, compiled: bool, fm: bool) -> None:
         row.update(ms_guidance=None, ms_dual_forward=None)
     else:  # no guidance mark: the step ran no guidance forward (MF with omega = 1, kappa = 0)
         row.update(ms_guidance=ph.get("guidance", 0.0), ms_dual_forward=ph.get("forward"))
-    row.update(ms_forward=ph.get("forward", 0.0) + ph.get("guidance", 0.0), ms_backward=ph.get("backward"),
-               ms_optimizer=ph.get("optimizer"), peak_mem_gb=timing["peak_mem_gb"],
-               compile_s=timing["warmup_s"][0] if timing["warmup_s"] else None, times_ms=timing["total"])
+    row.update(
+        ms_forward=ph.get("forward", 0.0) + ph.get("guidance", 0.0),
+        ms_backward=ph.get("backward"),
+        ms_optimizer=ph.get("optimizer"),
+        peak_mem_gb=timing["peak_mem_gb"],
+        compile_s=timing["warmup_s"][0] if timing["warmup_s"] else None,
+        times_ms=timing["total"],
+    )
 
 
-def _time_train_steps(model, loss_fn, lc: LossConfig, inputs: list[tuple], *, dtype, device, warmup: int,
-                      iters: int, mark_guidance: bool) -> dict:
+def _time_train_steps(
+    model, loss_fn, lc: LossConfig, inputs: list[tuple], *, dtype, device, warmup: int, iters: int, mark_guidance: bool
+) -> dict:
     """:func:`bench.common.time_steps` of ``loss_fn`` + backward + fused AdamW, rotating ``inputs``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     timer_ref = [None]
@@ -215,9 +233,21 @@ def _time_train_steps(model, loss_fn, lc: LossConfig, inputs: list[tuple], *, dt
     return time_steps(step, device, warmup=warmup, iters=iters, order=PHASES)
 
 
-def run_variant(variant: str, preset_name: str, batch: int, *, dtype: torch.dtype, device, warmup: int, iters: int,
-                rotations: int = 4, overrides: dict | None = None, engine_backend: str = "triton",
-                compile_backend: str = "inductor", peak_measured: float | None = None) -> dict:
+def run_variant(
+    variant: str,
+    preset_name: str,
+    batch: int,
+    *,
+    dtype: torch.dtype,
+    device,
+    warmup: int,
+    iters: int,
+    rotations: int = 4,
+    overrides: dict | None = None,
+    engine_backend: str = "triton",
+    compile_backend: str = "inductor",
+    peak_measured: float | None = None,
+) -> dict:
     """One row: ``variant`` (one of :data:`VARIANTS`) of ``preset_name`` at ``batch``."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -226,21 +256,34 @@ def run_variant(variant: str, preset_name: str, batch: int, *, dtype: torch.dtyp
     lc = LossConfig.for_method(model_cfg.arch)
     fm = variant == "fm_compiled"
     compiled = variant.endswith("_compiled")
-    backend = {"engine": engine_backend, "engine_fsdp2": engine_backend, "fm_compiled": "sdpa"}.get(variant,
-                                                                                                    "reference")
-    row = {"preset": preset_name, "method": "fm" if fm else lc.method, "variant": variant, "backend": backend,
-           "compiled": compile_backend if compiled else None, "batch": batch, "input_size": model_cfg.input_size,
-           "seq_len": model_cfg.seq_len, "dtype": str(dtype).removeprefix("torch."),
-           "flops_per_step": flops.fm_step_flops(model_cfg, batch) if fm
-           else flops.train_step_flops(model_cfg, lc, batch)}
+    backend = {"engine": engine_backend, "engine_fsdp2": engine_backend, "fm_compiled": "sdpa"}.get(
+        variant, "reference"
+    )
+    row = {
+        "preset": preset_name,
+        "method": "fm" if fm else lc.method,
+        "variant": variant,
+        "backend": backend,
+        "compiled": compile_backend if compiled else None,
+        "batch": batch,
+        "input_size": model_cfg.input_size,
+        "seq_len": model_cfg.seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+        "flops_per_step": flops.fm_step_flops(model_cfg, batch) if fm else flops.train_step_flops(model_cfg, lc, batch),
+    }
     parallelize = None
     if variant == "engine_fsdp2":
         try:
             from imf.train.parallel import parallelize
         except ImportError as err:
             return {**row, "skipped": f"imf.train.parallel.parallelize not importable ({err}); no FSDP2 row"}
-    loss_fn = {"engine": _engine_loss, "engine_fsdp2": _engine_loss, "baseline_eager": _baseline_loss,
-               "baseline_compiled": _baseline_loss, "fm_compiled": _fm_loss}[variant]
+    loss_fn = {
+        "engine": _engine_loss,
+        "engine_fsdp2": _engine_loss,
+        "baseline_eager": _baseline_loss,
+        "baseline_compiled": _baseline_loss,
+        "fm_compiled": _fm_loss,
+    }[variant]
     if compiled:
         torch._dynamo.reset()  # fresh caches: no recompile limit carried over from earlier variants
         loss_fn = torch.compile(loss_fn, backend=compile_backend)
@@ -251,11 +294,20 @@ def run_variant(variant: str, preset_name: str, batch: int, *, dtype: torch.dtyp
                 from torch.distributed.device_mesh import init_device_mesh
 
                 mesh = init_device_mesh(torch.device(device).type, (1,))
-                model = parallelize(model, mesh=mesh, param_dtype=None if dtype == torch.float32 else dtype,
-                                    reduce_dtype=torch.float32)
-            timing = _time_train_steps(model, loss_fn, lc, make_inputs(model_cfg, lc, batch, device, rotations),
-                                       dtype=dtype, device=device, warmup=warmup, iters=iters,
-                                       mark_guidance=not (compiled or fm))
+                model = parallelize(
+                    model, mesh=mesh, param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32
+                )
+            timing = _time_train_steps(
+                model,
+                loss_fn,
+                lc,
+                make_inputs(model_cfg, lc, batch, device, rotations),
+                dtype=dtype,
+                device=device,
+                warmup=warmup,
+                iters=iters,
+                mark_guidance=not (compiled or fm),
+            )
         _row_from_timing(row, timing, compiled, fm)
     except Exception as err:  # a variant that cannot run here is a row, not a crash
         row["error"] = f"{type(err).__name__}: {err}"[:400]
@@ -282,8 +334,13 @@ def _summary(rows: list[dict], batch: int) -> dict:
     if name is None:
         return {**out, "engine": "no engine timing (see the rows' errors)"}
     eng = at(name, batch)
-    out.update(engine_variant=name, engine_images_per_s=eng["images_per_s"], engine_mfu=eng["mfu"],
-               engine_mfu_datasheet=eng["mfu_datasheet"], engine_peak_mem_gb=eng["peak_mem_gb"])
+    out.update(
+        engine_variant=name,
+        engine_images_per_s=eng["images_per_s"],
+        engine_mfu=eng["mfu"],
+        engine_mfu_datasheet=eng["mfu_datasheet"],
+        engine_peak_mem_gb=eng["peak_mem_gb"],
+    )
     for other in ("baseline_eager", "baseline_compiled"):
         both = sorted(r["batch"] for r in timed if r["variant"] == other and at(name, r["batch"]))
         if both:
@@ -294,24 +351,47 @@ def _summary(rows: list[dict], batch: int) -> dict:
     if fm is not None:
         time_ratio = eng["ms"] / fm["ms"]
         flop_ratio = eng["flops_per_step"] / fm["flops_per_step"]
-        out.update(step_time_over_fm=time_ratio, step_flops_over_fm=flop_ratio,
-                   efficiency_ratio=time_ratio / flop_ratio)
+        out.update(
+            step_time_over_fm=time_ratio, step_flops_over_fm=flop_ratio, efficiency_ratio=time_ratio / flop_ratio
+        )
     return out
 
 
-def run(presets=("iMF-B/2", "MF-B/2"), *, batch: int = 256, dtype: torch.dtype = torch.bfloat16, device="cuda",
-        warmup: int = 5, iters: int = 20, rotations: int = 4, variants=VARIANTS,
-        batch_sweep=(32, 64, 128, 512), input_sizes=(16, 24, 48, 64), sweep_variants=("engine", "baseline_eager"),
-        engine_backend: str = "triton", compile_backend: str = "inductor", smoke: bool = False) -> dict:
+def run(
+    presets=("iMF-B/2", "MF-B/2"),
+    *,
+    batch: int = 256,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cuda",
+    warmup: int = 5,
+    iters: int = 20,
+    rotations: int = 4,
+    variants=VARIANTS,
+    batch_sweep=(32, 64, 128, 512),
+    input_sizes=(16, 24, 48, 64),
+    sweep_variants=("engine", "baseline_eager"),
+    engine_backend: str = "triton",
+    compile_backend: str = "inductor",
+    smoke: bool = False,
+) -> dict:
     """Every variant for every preset at ``batch``, then the sweeps for the first preset.
 
     Returns ``{"rows", "summary", "matmul_peak", "config"}``; each row carries ``sweep`` ("main",
     "batch" or "seq"). Sweep points equal to the main point are not re-run (the plots reuse it).
     ``smoke``: apply :data:`SMOKE_OVERRIDES` to every preset."""
-    peak = matmul_peak(device, dtype=torch.bfloat16 if is_cuda(device) else torch.float32,
-                       n=8192 if is_cuda(device) else 256)
-    kw = {"dtype": dtype, "device": device, "warmup": warmup, "iters": iters, "rotations": rotations,
-          "engine_backend": engine_backend, "compile_backend": compile_backend, "peak_measured": peak["tflops"] * 1e12}
+    peak = matmul_peak(
+        device, dtype=torch.bfloat16 if is_cuda(device) else torch.float32, n=8192 if is_cuda(device) else 256
+    )
+    kw = {
+        "dtype": dtype,
+        "device": device,
+        "warmup": warmup,
+        "iters": iters,
+        "rotations": rotations,
+        "engine_backend": engine_backend,
+        "compile_backend": compile_backend,
+        "peak_measured": peak["tflops"] * 1e12,
+    }
     rows = []
     for name in presets:
         ov = smoke_overrides(name) if smoke else {}
@@ -328,15 +408,29 @@ def run(presets=("iMF-B/2", "MF-B/2"), *, batch: int = 256, dtype: torch.dtype =
         if size != main_size:
             seq = preset(first, **{**ov, "input_size": size}).seq_len
             b = max(1, round(batch * main_seq / seq))
-            rows += [{"sweep": "seq", **run_variant(v, first, b, overrides={**ov, "input_size": size}, **kw)}
-                     for v in sweep_variants]
+            rows += [
+                {"sweep": "seq", **run_variant(v, first, b, overrides={**ov, "input_size": size}, **kw)}
+                for v in sweep_variants
+            ]
     summary = _summary([r for r in rows if r["preset"] == first], batch)
-    config = {"presets": list(presets), "batch": batch, "dtype": str(dtype), "device": str(device), "warmup": warmup,
-              "iters": iters, "rotations": rotations, "variants": list(variants), "batch_sweep": list(batch_sweep),
-              "input_sizes": list(input_sizes), "sweep_variants": list(sweep_variants),
-              "engine_backend": engine_backend, "compile_backend": compile_backend, "smoke": smoke,
-              "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0, fused=True)",
-              "loss_configs": {m: dataclasses.asdict(LossConfig.for_method(m)) for m in ("imf", "mf")}}
+    config = {
+        "presets": list(presets),
+        "batch": batch,
+        "dtype": str(dtype),
+        "device": str(device),
+        "warmup": warmup,
+        "iters": iters,
+        "rotations": rotations,
+        "variants": list(variants),
+        "batch_sweep": list(batch_sweep),
+        "input_sizes": list(input_sizes),
+        "sweep_variants": list(sweep_variants),
+        "engine_backend": engine_backend,
+        "compile_backend": compile_backend,
+        "smoke": smoke,
+        "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0, fused=True)",
+        "loss_configs": {m: dataclasses.asdict(LossConfig.for_method(m)) for m in ("imf", "mf")},
+    }
     return {"rows": rows, "summary": summary, "matmul_peak": peak, "config": config}
 
 
@@ -344,8 +438,19 @@ def smoke(presets=("iMF-B/2", "MF-B/2")) -> dict:
     """Tiny CPU run of every variant and both sweeps (harness check, see the module docstring)."""
     t0 = time.perf_counter()
     with one_cpu_thread():
-        out = run(tuple(presets), batch=4, dtype=torch.float32, device="cpu", warmup=1, iters=2, rotations=2,
-                  batch_sweep=(2,), input_sizes=(8,), engine_backend="reference", compile_backend="eager",
-                  smoke=True)
+        out = run(
+            tuple(presets),
+            batch=4,
+            dtype=torch.float32,
+            device="cpu",
+            warmup=1,
+            iters=2,
+            rotations=2,
+            batch_sweep=(2,),
+            input_sizes=(8,),
+            engine_backend="reference",
+            compile_backend="eager",
+            smoke=True,
+        )
     out["config"]["wall_s"] = time.perf_counter() - t0
     return out

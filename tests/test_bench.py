@@ -49,8 +49,9 @@ def test_kernels_smoke(benchmark, tmp_path):
     assert _run_cli(benchmark, "kernels", "--smoke", "--out", str(tmp_path)) == 0
     data = _load(tmp_path, "kernels")
     rows = data["rows"]
-    assert {(r["op"], r["mode"]) for r in rows} == {(o, m) for o in ("attention", "attention_jvp")
-                                                    for m in ("fwd", "fwd+bwd")}
+    assert {(r["op"], r["mode"]) for r in rows} == {
+        (o, m) for o in ("attention", "attention_jvp") for m in ("fwd", "fwd+bwd")
+    }
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["tflops"] > 0 and r["imf_speedup"] > 0
@@ -64,8 +65,9 @@ def test_block_smoke(benchmark, tmp_path):
     ops = _load(tmp_path, "block_ops")["rows"]
     assert {r["op"] for r in ops} == {"rms_norm", "qk_norm_rope", "swiglu", "linear"}
     rows = _load(tmp_path, "block")["rows"]
-    assert {(r["scope"], r["impl"]) for r in rows} == {(s, i) for s in ("block", "model")
-                                                      for i in ("engine", "torch_func_jvp", "torch_func_jvp_compiled")}
+    assert {(r["scope"], r["impl"]) for r in rows} == {
+        (s, i) for s in ("block", "model") for i in ("engine", "torch_func_jvp", "torch_func_jvp_compiled")
+    }
     for r in rows:
         assert _timed(r), r
         assert r["flops"] > 0 and r["engine_speedup"] > 0
@@ -75,8 +77,23 @@ def test_block_smoke(benchmark, tmp_path):
     assert block["flops"] == 3 * bf["forward"] + bf["tangent"]
 
 
-STEP_FIELDS = ("variant", "backend", "batch", "seq_len", "ms", "ms_min", "ms_max", "ms_forward", "ms_backward",
-               "ms_optimizer", "images_per_s", "flops_per_step", "tflops", "mfu", "times_ms")
+STEP_FIELDS = (
+    "variant",
+    "backend",
+    "batch",
+    "seq_len",
+    "ms",
+    "ms_min",
+    "ms_max",
+    "ms_forward",
+    "ms_backward",
+    "ms_optimizer",
+    "images_per_s",
+    "flops_per_step",
+    "tflops",
+    "mfu",
+    "times_ms",
+)
 
 
 def test_step_smoke(benchmark, tmp_path):
@@ -101,8 +118,14 @@ def test_step_smoke(benchmark, tmp_path):
     assert main_rows[("iMF-B/2", "fm_compiled")]["flops_per_step"] == flops.fm_step_flops(imf_cfg, 4)
     assert main_rows[("MF-B/2", "engine")]["ms_guidance"] == 0.0  # MF with omega = 1 runs no guidance forward
     s = data["summary"]
-    for key in ("engine_images_per_s", "engine_mfu", "speedup_vs_baseline_eager", "speedup_vs_baseline_compiled",
-                "efficiency_ratio", "measured_matmul_peak_tflops"):
+    for key in (
+        "engine_images_per_s",
+        "engine_mfu",
+        "speedup_vs_baseline_eager",
+        "speedup_vs_baseline_compiled",
+        "efficiency_ratio",
+        "measured_matmul_peak_tflops",
+    ):
         assert s[key] > 0, key
     assert s["efficiency_ratio"] == pytest.approx(s["step_time_over_fm"] / s["step_flops_over_fm"])
     assert {r["sweep"] for r in rows} == {"main", "batch", "seq"}
@@ -123,12 +146,18 @@ def test_loader_and_scaling_smoke(benchmark, tmp_path):
 
 def test_cli_subprocess_step(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "bench", "step", "--smoke", "--preset", "iMF-B/2", "--out",
-                          str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "step", "--smoke", "--preset", "iMF-B/2", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     data = _load(tmp_path, "step")
     assert {r["preset"] for r in data["rows"]} == {"iMF-B/2"}
-    assert json.loads(out.stdout[out.stdout.index("{"):])["written"]["step"]["json"] == str(tmp_path / "step.json")
+    assert json.loads(out.stdout[out.stdout.index("{") :])["written"]["step"]["json"] == str(tmp_path / "step.json")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
