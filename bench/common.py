@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @contextlib.contextmanager
 def one_cpu_thread():
-    """Run CPU smoke benchmarks on one intra-op thread: their ops are tiny, and on a shared CPU the
-    OpenMP threads of several processes spin against each other (100x slower steps seen here)."""
+    """Run on one intra-op thread (CPU smoke benchmarks, the tests' tiny models): their ops are tiny, and on a
+    shared CPU the OpenMP threads of several processes spin against each other (100x slower steps seen here)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -5,7 +5,14 @@
   under ``TRITON_INTERPRET=1``. Everything else is skipped with the reason.
 - The fixtures of :mod:`numerics` (``poisoned``: NaN-filled allocations, ``seeded``: a printed
   fresh seed), for every test module.
+- Helpers the test modules share (imported as ``from conftest import ...``): :func:`randomize_`,
+  :func:`tiny_vae`, :func:`run_torchrun`.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +39,42 @@ def randomize_(model: torch.nn.Module, std: float = 0.1, generator: torch.Genera
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
     return model
+
+
+def tiny_vae(path: Path, **config) -> None:
+    """Save a tiny random AutoencoderKL (downsampling 2, 4 latent channels, seed 0) to ``path``.
+
+    ``config`` overrides or adds AutoencoderKL arguments (e.g. ``scaling_factor``)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    args = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    diffusers.AutoencoderKL(**{**args, **config}).save_pretrained(path)
+
+
+def run_torchrun(module: str, *argv: str) -> subprocess.CompletedProcess:
+    """``python -m module *argv`` under torchrun with 2 local processes (one thread each, free port, 300 s)."""
+    from imf.dist import free_port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        module,
+        *argv,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))

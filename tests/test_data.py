@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_vae
 
 from imf.data import (
     DataError,
@@ -416,23 +417,6 @@ def test_synthetic_source():
 
 
 # ---------------------------------------------------------------------------------------------- prepare
-
-
-def tiny_vae(path: Path) -> None:
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    vae.save_pretrained(path)
 
 
 def _images(root: Path) -> None:

@@ -369,8 +369,8 @@ def test_setting_fault(tmp_path, monkeypatch, call, exc, pattern):
 def assets(tmp_path_factory):
     """A tiny random AutoencoderKL (downsampling 2), broken copies of it, and image folders."""
     pytest.importorskip("diffusers")
+    from conftest import tiny_vae
     from PIL import Image
-    from test_data import tiny_vae
 
     root = tmp_path_factory.mktemp("assets")
     for name in ("vae", "vae_trunc", "vae_badcfg"):

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import randomize_
+from conftest import randomize_, run_torchrun, tiny_vae
 from PIL import Image
 
+from bench.common import one_cpu_thread
 from imf import build_model
 from imf.data.digits import DigitsJudge, frechet_distance
-from imf.dist import free_port
 from imf.evaluate import (
     EvalError,
     check_num,
@@ -50,10 +47,8 @@ TINY = {"dim": 32, "heads": 2}
 def one_thread():
     """Tiny models: one intra-op thread is fastest and steady on a shared CPU (module scope: before the fixtures
     that train)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_cpu_thread():
+        yield
 
 
 def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -196,26 +191,10 @@ class TinyScorer:
 @pytest.fixture(scope="module")
 def latent_run(tmp_path_factory):
     """A tiny VAE, a 12-image dataset encoded by imf.prepare, a 2-step imf.train run and its EMA export."""
-    AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL
-
     from imf.prepare import encode_folder
 
     root = tmp_path_factory.mktemp("latent")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-        scaling_factor=0.5,
-        shift_factor=0.1,
-    )
-    vae.save_pretrained(root / "vae")
+    tiny_vae(root / "vae", norm_num_groups=4, sample_size=8, scaling_factor=0.5, shift_factor=0.1)
     rng = np.random.default_rng(0)
     for i in range(12):
         folder = root / "images" / f"class{i % 3}"
@@ -423,21 +402,7 @@ def test_digits_two_ranks(demo_run, tmp_path):
         "--no-progress",
     ]
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "imf.evaluate",
-        *argv,
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run_torchrun("imf.evaluate", *argv, "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert two["world_size"] == 2

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from test_train import TINY_CLI, tiny_config
 
 import imf.train.checkpoint as ckpt
+from bench.common import one_cpu_thread
 from imf.demo import main as demo_main
 from imf.train import main, run
 
@@ -37,10 +37,8 @@ STEPS = 6
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_cpu_thread():
+        yield
 
 
 def _steps(out: Path) -> list[int]:

@@ -13,11 +13,15 @@ from imf.config import LossConfig, preset
 from imf.loss import imf_loss, mf_loss, sample_training_inputs
 
 
+def sizes(cfg):
+    """``(L, d, H, P, c, cond)``: tokens, width, MLP hidden, patches, patch values, one condition MLP's FLOPs."""
+    L, d, H, P = cfg.seq_len, cfg.dim, cfg.hidden, cfg.num_patches
+    return L, d, H, P, cfg.patch_size**2 * cfg.in_channels, 2 * (cfg.freq_dim * d + d * d)
+
+
 def closed_form(cfg, head):
     """Per-sample forward FLOPs written out independently of imf/flops.py (2 per MAC)."""
-    L, d, H, P = cfg.seq_len, cfg.dim, cfg.hidden, cfg.num_patches
-    c = cfg.patch_size**2 * cfg.in_channels
-    cond = 2 * (cfg.freq_dim * d + d * d)
+    L, d, H, P, c, cond = sizes(cfg)
     if cfg.arch == "mf":
         block = 2 * (4 * L * d * d + 2 * L * d * H + 2 * L * L * d + 6 * d * d)
         return 2 * P * c * d + 2 * cond + cfg.depth * block + 2 * (2 * d * d + P * d * c)
@@ -28,9 +32,7 @@ def closed_form(cfg, head):
 
 def tangent_closed_form(cfg):
     """Extra FLOPs of one sample's tangent through the u path: linears again, attention +4 L^2 d MACs."""
-    L, d, H, P = cfg.seq_len, cfg.dim, cfg.hidden, cfg.num_patches
-    c = cfg.patch_size**2 * cfg.in_channels
-    cond = 2 * (cfg.freq_dim * d + d * d)
+    L, d, H, P, c, cond = sizes(cfg)
     if cfg.arch == "mf":
         block = 2 * (4 * L * d * d + 2 * L * d * H + 4 * L * L * d + 6 * d * d)
         return 2 * P * c * d + 2 * cond + cfg.depth * block + 2 * (2 * d * d + P * d * c)

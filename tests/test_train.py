@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_vae
 from safetensors import safe_open
-from test_data import tiny_vae
 
 import imf.train.checkpoint as ckpt_mod
+from bench.common import one_cpu_thread
 from imf import build_model
 from imf.config import ModelConfig
 from imf.data import build_loader
@@ -58,10 +59,8 @@ TINY_CLI = [
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models: one intra-op thread is fastest, and steady on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_cpu_thread():
+        yield
 
 
 def _deep(base: dict, over: dict) -> dict:

@@ -9,15 +9,13 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import randomize_
+from conftest import randomize_, run_torchrun
 from test_train import TINY, tiny_config
 
 from imf import build_model
@@ -105,19 +103,7 @@ def _one_process_replay(tmp_path: Path) -> tuple[list[float], Trainer]:
 
 
 def _torchrun(out: Path, *extra: str) -> tuple[list[dict], str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "imf.train",
-        *_cli(out, "--debug.nan_rank", "1", *extra),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run_torchrun("imf.train", *_cli(out, "--debug.nan_rank", "1", *extra))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc.stderr
 
