@@ -24,7 +24,6 @@ bench/results/h100``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -33,12 +32,15 @@ from pathlib import Path
 
 import torch
 
+from imf.cli import ArgumentParser, UserError, run_cli
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMMANDS = ("kernels", "block", "step", "loader", "scaling")
+PROG = "python -m bench"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=(*COMMANDS, "all"))
     p.add_argument(
         "--preset",
@@ -92,23 +94,9 @@ def cmd_kernels(args, device, env) -> dict:
                         "rows": [r for r in sel if r["head_dim"] == hd],
                     }
                 )
-    columns = [
-        "op",
-        "mode",
-        "impl",
-        "dtype",
-        "batch",
-        "heads",
-        "seq",
-        "head_dim",
-        "ms",
-        "ms_p20",
-        "ms_p80",
-        "tflops",
-        "peak_mem_mb",
-        "imf_speedup",
-        "error",
-    ]
+    columns = (
+        "op mode impl dtype batch heads seq head_dim ms ms_p20 ms_p80 tflops peak_mem_mb imf_speedup error"
+    ).split()
     summary = _speedup_summary(rows, ("op", "mode"), "imf_speedup", "imf_kernels")
     tf = [r["tflops"] for r in rows if r["op"] == "attention_jvp" and r["impl"] == "imf_kernels" and "tflops" in r]
     if tf:
@@ -148,23 +136,10 @@ def cmd_block(args, device, env) -> dict:
         rows = block_bench.run(
             tuple(args.preset or ("iMF-B/2", "iMF-XL/2")), batch=args.batch or 64, dtype=dtype, device=device
         )
-    columns = [
-        "preset",
-        "scope",
-        "impl",
-        "compiled",
-        "engine_backend",
-        "batch",
-        "seq_len",
-        "dtype",
-        "ms",
-        "ms_min",
-        "ms_max",
-        "tflops",
-        "peak_mem_mb",
-        "engine_speedup",
-        "error",
-    ]
+    columns = (
+        "preset scope impl compiled engine_backend batch seq_len dtype ms ms_min ms_max tflops peak_mem_mb "
+        "engine_speedup error"
+    ).split()
     config = {"smoke": args.smoke, "dtype": args.dtype, "batch": rows[0]["batch"] if rows else None}
     out["block"] = _write(
         args,
@@ -194,54 +169,27 @@ def cmd_step(args, device, env) -> dict:
     first = rows[0]["preset"]
     sweep_variants = result["config"]["sweep_variants"]
     main = [r for r in rows if r["sweep"] == "main" and r["preset"] == first and r["variant"] in sweep_variants]
+    sweeps = [  # (sweep, x axis, y axes, title)
+        ("batch", "batch", ["images_per_s", "peak_mem_gb", "mfu"], "batch sweep"),
+        ("seq", "seq_len", ["images_per_s", "tflops", "peak_mem_gb"], "sequence sweep (constant tokens per step)"),
+    ]
     plots = [
         {
-            "file": "step_batch_sweep.png",
-            "x": "batch",
-            "ys": ["images_per_s", "peak_mem_gb", "mfu"],
+            "file": f"step_{sweep}_sweep.png",
+            "x": x,
+            "ys": ys,
             "series": "variant",
             "logx": True,
-            "title": f"{first}: batch sweep",
-            "rows": main + [r for r in rows if r["sweep"] == "batch"],
-        },
-        {
-            "file": "step_seq_sweep.png",
-            "x": "seq_len",
-            "ys": ["images_per_s", "tflops", "peak_mem_gb"],
-            "series": "variant",
-            "logx": True,
-            "title": f"{first}: sequence sweep (constant tokens per step)",
-            "rows": main + [r for r in rows if r["sweep"] == "seq"],
-        },
+            "title": f"{first}: {title}",
+            "rows": main + [r for r in rows if r["sweep"] == sweep],
+        }
+        for sweep, x, ys, title in sweeps
     ]
-    columns = [
-        "sweep",
-        "preset",
-        "method",
-        "variant",
-        "backend",
-        "compiled",
-        "batch",
-        "seq_len",
-        "dtype",
-        "ms",
-        "ms_min",
-        "ms_max",
-        "ms_guidance",
-        "ms_dual_forward",
-        "ms_forward",
-        "ms_backward",
-        "ms_optimizer",
-        "images_per_s",
-        "peak_mem_gb",
-        "flops_per_step",
-        "tflops",
-        "mfu",
-        "mfu_datasheet",
-        "compile_s",
-        "skipped",
-        "error",
-    ]
+    columns = (
+        "sweep preset method variant backend compiled batch seq_len dtype ms ms_min ms_max ms_guidance "
+        "ms_dual_forward ms_forward ms_backward ms_optimizer images_per_s peak_mem_gb flops_per_step tflops mfu "
+        "mfu_datasheet compile_s skipped error"
+    ).split()
     config = {
         **result["config"],
         "matmul_peak": {k: v for k, v in result["matmul_peak"].items() if k != "times_ms"},
@@ -308,12 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         from bench.compile.cli import main as compile_report
 
         return compile_report(argv[1:])
+    return run_cli(PROG, _run, argv)
+
+
+def _run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.smoke is None:
         args.smoke = not cuda
     if not args.smoke and not cuda:
-        raise SystemExit("full benchmarks need a CUDA device; run with --smoke on a CPU")
+        raise UserError("full benchmarks need a CUDA device; run with --smoke on a CPU")
     if args.smoke and "imf_kernels" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors through the kernels; read when they load
     from bench.common import default_out_dir, env_info

@@ -21,7 +21,6 @@ under the Triton interpreter): a harness check, never a measurement.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -36,13 +35,13 @@ from bench.gpu_check_runner import (
     run_stages,
 )
 from bench.gpu_check_stages import plan
-from imf.cli import UserError, run_cli
+from imf.cli import ArgumentParser, UserError, run_cli
 
 PROG = "python -m bench gpu-check"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog=PROG, description="One bounded run that validates a GPU node and records every headline number."
     )
     p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget of the whole run (default 420)")

@@ -6,13 +6,16 @@ as :class:`UserError` (or a subclass: ``ConfigError``, ``DataError``, ``Checkpoi
 with a message that names the argument or file, what was wrong and what is expected. Every CLI's
 ``main`` goes through :func:`run_cli`, which prints such an error as **one line** on stderr and
 returns its exit code; no Python traceback, unless ``--debug`` is on the command line or
-``IMF_DEBUG=1`` is set (then the exception propagates with its full traceback).
+``IMF_DEBUG=1`` is set (then the exception propagates with its full traceback). Their parsers are
+:class:`ArgumentParser`, which raises argparse's own errors (unknown option, missing or bad value) as a
+:class:`UserError`, so those are one line too.
 
 Anything that is not a user error (a bug, a CUDA fault) is not caught: it keeps its traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -49,6 +52,19 @@ def require(module: str, *, extra: str | None = None, package: str | None = None
         raise MissingDependencyError(message) from e
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose errors raise ``error_type`` (a :class:`UserError` subclass, by
+    default :class:`UserError` itself) with argparse's message and a pointer to ``--help``, instead of
+    printing the usage and exiting."""
+
+    def __init__(self, *args, error_type: type[UserError] = UserError, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_type = error_type
+
+    def error(self, message: str):
+        raise self.error_type(f"{message} (see {self.prog} --help)")
+
+
 def debug_requested(argv: Sequence[str]) -> bool:
     """True when ``--debug`` is in ``argv`` or ``IMF_DEBUG`` is set to a non-empty, non-"0" value."""
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -79,4 +95,12 @@ def run_cli(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[s
     return 0 if code is None else int(code)
 
 
-__all__ = ["DEBUG_ENV", "MissingDependencyError", "UserError", "debug_requested", "require", "run_cli"]
+__all__ = [
+    "DEBUG_ENV",
+    "ArgumentParser",
+    "MissingDependencyError",
+    "UserError",
+    "debug_requested",
+    "require",
+    "run_cli",
+]

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from imf.cli import UserError, run_cli
+from imf.cli import ArgumentParser, UserError, run_cli
 from imf.data.digits import NUM_CLASSES, DigitsJudge
 from imf.sample import generate, save_grid
-from imf.train.args import Parser, add_config_options, build_config, normalise, overrides_of
+from imf.train.args import add_config_options, build_config, normalise, overrides_of
 from imf.train.config import ConfigError, TrainConfig
 from imf.train.export import export_ema, load_exported
 from imf.train.loop import run
@@ -48,8 +48,9 @@ TRAIN_OPTIONS = [
 MIN_EVAL_SAMPLES = 100  # the sample grids show 10 per class
 
 
-def parser() -> Parser:
-    p = Parser(
+def parser() -> ArgumentParser:
+    p = ArgumentParser(
+        error_type=ConfigError,
         prog="python -m imf.demo",
         usage="python -m imf.demo [--OPTION VALUE ...]",
         description=__doc__,
@@ -67,7 +68,7 @@ def _omegas(text: str) -> list[float]:
     try:
         omegas = [float(w) for w in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--omegas must be comma-separated numbers >= 1 (e.g. 1,1.5,2), got {text!r}") from None
+        omegas = []
     if not omegas or any(not w >= 1.0 for w in omegas):
         raise ConfigError(f"--omegas must be comma-separated numbers >= 1 (e.g. 1,1.5,2), got {text!r}")
     return omegas

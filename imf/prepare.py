@@ -27,7 +27,6 @@ a file or holds other data, a resolution the VAE cannot encode) are one line on 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imf.cli import run_cli
+from imf.cli import ArgumentParser, run_cli
 from imf.data import MANIFEST, DataError, ShardWriter
 from imf.vae import LatentEncoder, load_vae
 
@@ -224,7 +223,7 @@ def encode_folder(
 
 
 def _prepare(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m imf.prepare", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m imf.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", required=True, help="image folder (class subfolders)")
     ap.add_argument("--vae", required=True, help="local AutoencoderKL directory (from_pretrained)")
     ap.add_argument("--out", required=True, help="output dataset directory")
@@ -236,22 +235,12 @@ def _prepare(argv: list[str]) -> int:
     ap.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--vae-dtype", default="fp32", choices=sorted(_DTYPES))
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    a = ap.parse_args(argv)
-    man = encode_folder(
-        a.images,
-        a.vae,
-        a.out,
-        resolution=a.resolution,
-        flip=a.flip,
-        batch_size=a.batch_size,
-        shard_size=a.shard_size,
-        device=a.device,
-        num_workers=a.num_workers,
-        vae_dtype=a.vae_dtype,
-    )
+    options = vars(ap.parse_args(argv))
+    del options["debug"]  # run_cli's; every other option is the encode_folder argument of the same name
+    man = encode_folder(**options)
     print(
         f"imf.prepare: wrote {man['count']} samples ({len(man['shards'])} shards, "
-        f"latent {man['latent_shape']}, {man['num_classes']} classes) to {a.out}"
+        f"latent {man['latent_shape']}, {man['num_classes']} classes) to {options['out']}"
     )
     return 0
 

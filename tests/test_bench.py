@@ -161,9 +161,16 @@ def test_cli_subprocess_step(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_cli_refuses_full_run_without_gpu():
-    with pytest.raises(SystemExit, match="need a CUDA device"):
-        main(["step", "--no-smoke"])
+def test_cli_refuses_full_run_without_gpu(capsys):
+    assert main(["step", "--no-smoke"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "need a CUDA device" in err and "\n" not in err
+
+
+def test_cli_argument_error_is_one_line(capsys):
+    assert main(["step", "--batch", "many"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m bench: error: argument --batch: invalid int value") and "\n" not in err
 
 
 def test_summarize_and_table(benchmark):

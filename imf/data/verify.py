@@ -6,17 +6,16 @@ code 2 (no traceback unless ``--debug``; :func:`imf.cli.run_cli`).
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from imf.cli import run_cli
+from imf.cli import ArgumentParser, run_cli
 from imf.data.format import check_dataset
 
 PROG = "python -m imf.data"
 
 
 def _verify(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog=PROG, description="latent dataset tools")
+    ap = ArgumentParser(prog=PROG, description="latent dataset tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("verify", help="check a latent dataset directory against its manifest")
     v.add_argument("dir")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imf.cli import run_cli
+from imf.cli import ArgumentParser, run_cli
 from imf.evaluate.options import EvalError
 from imf.evaluate.report import report_markdown
 from imf.evaluate.run import run
@@ -19,15 +19,10 @@ PROG = "python -m imf.evaluate"
 DESCRIPTION = "Evaluation at scale: 1-/2-NFE sampling with guidance sweeps, VAE decode, FID / IS (or digits metrics)."
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's own errors (a missing option, a value of the wrong type) as one-line user errors."""
-
-    def error(self, message):
-        raise EvalError(f"{message} (see {self.prog} --help)")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        error_type=EvalError, prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--ckpt",
         required=True,

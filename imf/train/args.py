@@ -23,14 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from imf.cli import ArgumentParser
 from imf.train.config import PRESET_DEFAULTS, ConfigError, TrainConfig
-
-
-class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are :class:`ConfigError` (one line through :func:`imf.cli.run_cli`)."""
-
-    def error(self, message: str):
-        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def _unwrap_optional(tp):
@@ -241,9 +235,10 @@ def overrides_of(namespace: argparse.Namespace, paths: list[str] | None = None) 
     return nested
 
 
-def train_parser(prog: str = "python -m imf.train", description: str | None = None) -> Parser:
-    """The trainer's parser: ``--config FILE`` and every schema field."""
-    p = Parser(
+def train_parser(prog: str = "python -m imf.train", description: str | None = None) -> ArgumentParser:
+    """The trainer's parser (argparse errors are :class:`ConfigError`): ``--config FILE`` and every schema field."""
+    p = ArgumentParser(
+        error_type=ConfigError,
         prog=prog,
         description=description,
         allow_abbrev=False,
@@ -255,7 +250,7 @@ def train_parser(prog: str = "python -m imf.train", description: str | None = No
     return p
 
 
-def load_config(argv: list[str], world_size: int = 1, *, parser: Parser | None = None) -> TrainConfig:
+def load_config(argv: list[str], world_size: int = 1, *, parser: ArgumentParser | None = None) -> TrainConfig:
     """The run's configuration from ``--config FILE`` and ``--key value`` options, validated."""
     ns = (parser or train_parser()).parse_args(normalise(list(argv)))
     config_file = getattr(ns, "config", None)
@@ -269,7 +264,6 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 __all__ = [
-    "Parser",
     "add_config_options",
     "build_config",
     "coerce",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from imf.cli import require
+from imf.cli import ArgumentParser, require
 from imf.config import ModelConfig
 from imf.model import build_model
 from imf.train.checkpoint import CheckpointError, read_meta, read_sharded, resolve_checkpoint
@@ -101,10 +101,14 @@ def load_exported(path: str | os.PathLike, backend: str = "reference", device: s
 
 def main(argv: list[str]) -> int:
     """``python -m imf.train export``: one EMA of a checkpoint to a safetensors file."""
-    from imf.train.args import Parser
+    from imf.train.config import ConfigError
 
     require("safetensors", package="safetensors", purpose="imf.train export")
-    p = Parser(prog="python -m imf.train export", description="write one EMA of a checkpoint to a safetensors file")
+    p = ArgumentParser(
+        error_type=ConfigError,
+        prog="python -m imf.train export",
+        description="write one EMA of a checkpoint to a safetensors file",
+    )
     p.add_argument("--ckpt", required=True, help="a step directory, a checkpoint root or its 'latest' file")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--decay", type=float, default=None, help="EMA decay (default: the first of the run)")
