@@ -218,43 +218,13 @@ def verdict(state: dict) -> list[dict]:
     return out
 
 
-KERNEL_COLUMNS = [
-    "op",
-    "mode",
-    "impl",
-    "dtype",
-    "batch",
-    "heads",
-    "seq",
-    "head_dim",
-    "ms",
-    "tflops",
-    "pct_matmul_peak",
-    "imf_speedup",
-    "peak_mem_mb",
-    "error",
-]
-STEP_COLUMNS = [
-    "preset",
-    "variant",
-    "backend",
-    "compiled",
-    "batch",
-    "ms",
-    "ms_guidance",
-    "ms_dual_forward",
-    "ms_forward",
-    "ms_backward",
-    "ms_optimizer",
-    "images_per_s",
-    "tflops",
-    "mfu",
-    "mfu_datasheet",
-    "peak_mem_gb",
-    "compile_s",
-    "error",
-    "skipped",
-]
+KERNEL_COLUMNS = (
+    "op mode impl dtype batch heads seq head_dim ms tflops pct_matmul_peak imf_speedup peak_mem_mb error"
+).split()
+STEP_COLUMNS = (
+    "preset variant backend compiled batch ms ms_guidance ms_dual_forward ms_forward ms_backward ms_optimizer "
+    "images_per_s tflops mfu mfu_datasheet peak_mem_gb compile_s error skipped"
+).split()
 
 
 def report(state: dict) -> tuple[dict, str]:

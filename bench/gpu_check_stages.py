@@ -73,8 +73,10 @@ def plan(smoke: bool = False) -> list[Stage]:
         else {"dtype": "bf16", "warmup": 2, "iters": 5, "engine_backend": "triton", "compile_backend": "inductor"}
     )
 
-    def runs(spec):
-        return [[p, v, SMOKE_BATCH if smoke else b] for p, v, b in spec]
+    def step_stage(name: str, title: str, spec, seconds: float) -> Stage:
+        runs = [[p, v, SMOKE_BATCH if smoke else b] for p, v, b in spec]
+        what = "; ".join(f"{p} {v} b{b}" for p, v, b in runs)
+        return Stage(name, title, what, seconds, f"{me}:training_step", {"runs": runs, **step})
 
     return [
         Stage(
@@ -104,22 +106,8 @@ def plan(smoke: bool = False) -> list[Stage]:
                 "dtype": "fp32" if smoke else "bf16",
             },
         ),
-        Stage(
-            "step",
-            "iMF-B/2 training step",
-            "; ".join(f"{p} {v} b{b}" for p, v, b in runs(STEP_RUNS)),
-            130,
-            f"{me}:training_step",
-            {"runs": runs(STEP_RUNS), **step},
-        ),
-        Stage(
-            "step_more",
-            "more training steps while time remains",
-            "; ".join(f"{p} {v} b{b}" for p, v, b in runs(STEP_MORE_RUNS)),
-            35,
-            f"{me}:training_step",
-            {"runs": runs(STEP_MORE_RUNS), **step},
-        ),
+        step_stage("step", "iMF-B/2 training step", STEP_RUNS, 130),
+        step_stage("step_more", "more training steps while time remains", STEP_MORE_RUNS, 35),
     ]
 
 

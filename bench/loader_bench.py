@@ -4,7 +4,7 @@ Library only (the CLI lives in ``bench/__main__.py``). ``measure_loaders`` write
 dataset, builds each loader with ``imf.data.build_loader`` and times ``steps`` batches after ``warmup``
 batches (the clock stops after the batch is on the device, CUDA synchronised). Each row holds
 ``latents_per_s`` and how many times the given step demand (images/s one training step consumes, e.g.
-1,000 img/s for iMF-B/2 on one H100) the loader delivers; the target (ARCHITECTURE.md section 7) is
+1,000 img/s for iMF-B/2 on one H100) the loader delivers; the target (docs/design.md section 7) is
 >= 20x the demand for DALI and >= 2x the torch loader. ``smoke()`` runs tiny sizes on the CPU to check the
 harness, not speed.
 """

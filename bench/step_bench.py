@@ -37,7 +37,7 @@ the same run (:func:`bench.common.matmul_peak`), ``mfu_datasheet`` against
 **Summary** (first preset, main batch; the ``engine`` row, or ``engine_fsdp2`` if the former
 failed): the engine's images/s, MFU, its speedup over both baselines (at the largest common batch
 of the batch sweep if a baseline failed at the main batch, e.g. out of memory), and the efficiency
-ratio ``(engine step time / FM step time) / (step FLOPs / FM FLOPs)`` (ARCHITECTURE.md section 7:
+ratio ``(engine step time / FM step time) / (step FLOPs / FM FLOPs)`` (docs/design.md section 7:
 <= 1.1).
 
 **Sweeps** (first preset, ``sweep_variants``): batch size, and sequence length through the latent

@@ -1,7 +1,7 @@
 """The plain-PyTorch way to train MeanFlow models: ``torch.func.jvp`` through the model + autograd.
 
 This is what people run today (and what the benchmarks compare against): the losses written out
-line by line from ARCHITECTURE.md section 1, with the JVP taken by forward-mode AD over the plain
+line by line from docs/design.md section 1, with the JVP taken by forward-mode AD over the plain
 forward, every sample getting a tangent, and autograd keeping both the primal and the tangent
 graphs. Both backends run it: ``"reference"`` through math attention, ``"triton"`` through the
 fused kernels' forward-mode rules (``torch.func.jvp`` sees them; eager only, see

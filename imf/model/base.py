@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from imf.config import ModelConfig
 from imf.model.checks import condition_checks, raise_if_invalid
@@ -50,12 +51,18 @@ def _describe(v) -> str:
 
 
 class MeanFlowNet(DualModule):
-    """Shared input validation, backend switching and the public call signatures.
+    """Shared input validation, backend switching, the public call signatures and the first layer.
 
     Subclasses implement ``_run(z, z_t, cond, head)`` and ``init_weights()``.
     """
 
     cfg: ModelConfig
+
+    def __init__(self, cfg: ModelConfig):
+        """Hold ``cfg`` and build the layer both models start with: ``patch_embed`` (patch values -> width)."""
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(cfg.patch_size**2 * cfg.in_channels, cfg.dim)
 
     def set_backend(self, backend: str) -> MeanFlowNet:
         ops = make_ops(backend)

@@ -80,10 +80,8 @@ class MFDiT(MeanFlowNet):
     """MeanFlow's DiT baseline (adaLN-zero); see the module docstring."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)  # cfg, patch_embed
         d, p = cfg.dim, cfg.patch_size
-        self.patch_embed = nn.Linear(p * p * cfg.in_channels, d)
         self.register_buffer("pos_embed", torch.empty(cfg.num_patches, d), persistent=False)
         self.t_embed = ConditionEmbedder(cfg.freq_dim, d, cfg.time_scale)
         self.h_embed = ConditionEmbedder(cfg.freq_dim, d, cfg.time_scale)

@@ -22,10 +22,8 @@ class IMFTransformer(MeanFlowNet):
     """iMF in-context transformer with a u-head and an optional auxiliary v-head."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)  # cfg, patch_embed
         d, p = cfg.dim, cfg.patch_size
-        self.patch_embed = nn.Linear(p * p * cfg.in_channels, d)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, d)
         self.omega_embed = ConditionEmbedder(cfg.freq_dim, d, cfg.time_scale)
         self.t_min_embed = ConditionEmbedder(cfg.freq_dim, d, cfg.time_scale)

@@ -165,17 +165,7 @@ def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | 
                 last = r.step == trainer.total
                 if r.step % cfg.log.every_steps == 0 or last or r.stop or trainer.in_a_row:
                     img_s = window.images_per_s()
-                    log.write(
-                        window.record(
-                            step=r.step,
-                            epoch=trainer.epoch,
-                            metrics=r.metrics,
-                            grad_norm=r.grad_norm,
-                            lr=r.lr,
-                            skipped=trainer.skipped,
-                            in_a_row=trainer.in_a_row,
-                        )
-                    )
+                    log.write(window.record(r, epoch=trainer.epoch, skipped=trainer.skipped, in_a_row=trainer.in_a_row))
                     bar.set_postfix(metrics.progress_postfix(r.metrics, img_s, trainer.skipped))
                 if trainer.in_a_row >= cfg.max_nonfinite:
                     ckpt_path = save()

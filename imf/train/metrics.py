@@ -18,8 +18,12 @@ import json
 import math
 import resource
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from imf.train.trainer import StepResult
 
 METRICS = "metrics.jsonl"
 SUPERSEDED = "metrics.superseded.jsonl"
@@ -109,16 +113,16 @@ class Window:
     def images_per_s(self) -> float:
         return self.images * self.steps / self.time * self.world
 
-    def record(
-        self, *, step: int, epoch: int, metrics: dict, grad_norm: float, lr: float, skipped: int, in_a_row: int
-    ) -> dict:
+    def record(self, result: StepResult, *, epoch: int, skipped: int, in_a_row: int) -> dict:
+        """The ``metrics.jsonl`` record of step ``result`` (its loss terms, grad norm and LR), the epoch, the
+        non-finite counters and this window's throughput; then the window starts again."""
         per_device = self.images * self.steps / self.time
         rec = {
-            "step": step,
+            "step": result.step,
             "epoch": epoch,
-            **metrics,
-            "grad_norm": grad_norm,
-            "lr": lr,
+            **result.metrics,
+            "grad_norm": result.grad_norm,
+            "lr": result.lr,
             "img_per_s_per_device": per_device,
             "img_per_s": per_device * self.world,
             "step_time_s": self.time / self.steps,
