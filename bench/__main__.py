@@ -20,6 +20,9 @@ it sets ``TRITON_INTERPRET=1`` when no GPU is present, and writes to a fresh tem
 ``--out`` is given: smoke numbers are never performance results. On a GPU the default output is
 ``bench/results/<gpu name>``; the committed H100 results come from ``python -m bench all --out
 bench/results/h100``.
+
+A bad option, or a full run asked for without a CUDA device, is one line on stderr and exit code 2
+(:func:`imf.cli.run_cli`; ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
