@@ -174,3 +174,19 @@ def test_problems_name_what_failed():
     assert problems({**ok, "loads": {"scalar16bit": 24}, "unaligned": ["B: +5460B"]}) == []  # layout, not kernel
     assert problems({**ok, "arch": 80, "dot": "mma.sync"}) == []
     assert problems({"status": "error", "error": "CompilationError: boom"}) == ["compile error: CompilationError: boom"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--arch", "70"], "--arch: got '70', expected a comma-separated subset of 90,80"),
+        (["--jobs", "0"], "--jobs: got 0, expected >= 1"),
+        (["--shapes", "attn:bf16:s40"], "--shapes: 'attn:bf16:s40' is not preset:"),
+    ],
+)
+def test_cli_errors_name_the_argument(argv, message):
+    from bench.compile.cli import _run
+    from imf.cli import UserError
+
+    with pytest.raises(UserError, match=message):
+        _run(argv)

@@ -11,18 +11,20 @@ environment the command re-runs itself in a subprocess with the variable removed
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from imf.cli import ArgumentParser, UserError, run_cli
+
 DEFAULT_OUT = Path("bench/results/compile")
+PROG = "python -m bench compile"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench compile", description=__doc__.split("\n\n")[0])
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="90,80", help="comma-separated compute capabilities (90, 80)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (created)")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this (e.g. _attn_jvp_fwd)")
@@ -48,29 +50,40 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "bench", "compile", *argv], env=env).returncode
-    args = parser().parse_args(argv)
-    from . import shapes as shape_classes
+    return run_cli(PROG, _run, argv)
+
+
+def _archs(text: str) -> tuple[int, ...]:
     from .capture import DEVICES
 
     try:
-        archs = tuple(int(a) for a in args.arch.split(","))
-        if not set(archs) <= set(DEVICES):
-            raise ValueError
-        shapes = args.shapes or shape_classes.default_shapes()
-        for s in shapes:
+        archs = tuple(int(a) for a in text.split(","))
+    except ValueError:
+        archs = ()
+    if not archs or not set(archs) <= set(DEVICES):
+        raise UserError(f"--arch: got {text!r}, expected a comma-separated subset of {','.join(map(str, DEVICES))}")
+    return archs
+
+
+def _run(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    from . import shapes as shape_classes
+
+    archs = _archs(args.arch)
+    if args.jobs < 1:
+        raise UserError(f"--jobs: got {args.jobs}, expected >= 1")
+    shapes = args.shapes or shape_classes.default_shapes()
+    for s in shapes:
+        try:
             shape_classes.parse(s)
-    except ValueError as err:
-        print(
-            f"python -m bench compile: {err if str(err) else f'--arch: got {args.arch!r}, expected from 90,80'}",
-            file=sys.stderr,
-        )
-        return 2
+        except ValueError as err:
+            raise UserError(str(err)) from err
     from . import jvp_loop, report, run
 
     t0 = time.perf_counter()
     rows = run.run(shapes, archs, args.kernel, args.jobs)
     loop = jvp_loop.compare() if args.jvp_loop and 90 in archs else None
-    paths = report.write(args.out, rows, shapes, loop, " ".join(["python -m bench compile", *argv]))
+    paths = report.write(args.out, rows, shapes, loop, " ".join([PROG, *argv]))
     bad = sum(1 for r in rows if r["problems"])
     print(
         f"[compile] {len(rows)} rows, {bad} with problems, {time.perf_counter() - t0:.0f} s; "
