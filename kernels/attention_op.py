@@ -99,6 +99,7 @@ import triton.language as tl
 
 from . import _tuning
 from ._checks import check_float, check_like, interpreting
+from ._layout import aligned, load_rows, stride_align, tile_ptrs
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -118,141 +119,79 @@ def program_ids(SEQ: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def aligned(stride, ALIGN: tl.constexpr):
-    """``stride`` rebuilt as a visible multiple of ``ALIGN`` (the launcher checked it is one): Triton
-    does not specialise a stride like 72 and ignores ``tl.multiple_of`` on scalars, so without this a
-    head_dim-72 tile falls back to scalar 2-byte loads and no ``cp.async`` pipelining."""
-    return (stride // ALIGN) * ALIGN
-
-
-@triton.jit
-def tile_ptrs(X, off_b, off_h, rows, offs_d, stride_b, stride_h, stride_l, stride_d, ALIGN: tl.constexpr):
-    """Pointers to ``X[off_b, off_h, rows, offs_d]`` of a strided ``(batch, heads, seq, head_dim)`` tensor."""
-    stride_b = aligned(stride_b, ALIGN)
-    stride_h = aligned(stride_h, ALIGN)
-    stride_l = aligned(stride_l, ALIGN)
-    return X + off_b * stride_b + off_h * stride_h + rows[:, None] * stride_l + offs_d[None, :] * stride_d
-
-
-@triton.jit
-def load_rows(ptrs, rows, n_rows, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
-    """Load a ``(rows, BLOCK_D)`` tile, zero-filling rows ``>= n_rows`` (if ``MASK_ROWS``) and padded
-    head-dim columns (unless ``EVEN_D``); without masks the load is unpredicated."""
-    if MASK_ROWS:
-        x = tl.load(ptrs, mask=(rows < n_rows)[:, None] & d_ok[None, :], other=0.0)
-    elif EVEN_D:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
-    return x
-
-
-@triton.jit
 def _fwd_inner(
-    acc,
-    acc2,
-    acc_t,
-    acc_t2,
-    l_i,
-    r_i,
-    m_i,
-    c_i,
-    q,
-    q2,
-    q_t,
-    q_t2,
-    k_ptrs,
-    v_ptrs,
-    kt_ptrs,
-    vt_ptrs,
-    k2_ptrs,
-    v2_ptrs,
-    kt2_ptrs,
-    vt2_ptrs,
-    stride_kl,
-    stride_vl,
-    stride_ktl,
-    stride_vtl,
-    offs_n,
-    d_ok,
-    d2_ok,
-    qk_scale,
-    scale,
-    start: tl.constexpr,
-    end: tl.constexpr,
-    seq_len: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK_N: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_D2: tl.constexpr,
-    SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    WITH_TANGENT: tl.constexpr,
-):
-    """Online-softmax update over key blocks ``[start, end)`` (``MASK_N`` only for the ragged tail),
+    acc, acc2, acc_t, acc_t2, l_i, r_i, m_i, c_i, q, q2, q_t, q_t2,
+    k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, k2_ptrs, v2_ptrs, kt2_ptrs, vt2_ptrs,
+    stride_kl, stride_vl, stride_ktl, stride_vtl, offs_n, d_ok, d2_ok, qk_scale, scale,
+    seq_len: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, WITH_TANGENT: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update over all key blocks (the full ones unmasked, then the ragged tail masked),
     with lazy rescaling and, if ``WITH_TANGENT``, the tangent terms (module docstring). With ``SPLIT``
     the head dim is two column tiles (``acc2``, ``q2``, ``k2``, ... hold the second)."""
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if SPLIT:
-            k2 = load_rows(k2_ptrs + start_n * stride_kl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-            qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PRECISION)
-        if MASK_N:
-            qk = tl.where((cols < seq_len)[None, :], qk, float("-inf"))
-        if WITH_TANGENT:
-            k_t = load_rows(kt_ptrs + start_n * stride_ktl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-            s_t = tl.dot(q_t, tl.trans(k), input_precision=PRECISION)
-            s_t = tl.dot(q, tl.trans(k_t), s_t, input_precision=PRECISION)
+    n_full: tl.constexpr = (seq_len // BLOCK_N) * BLOCK_N
+    for MASK_N in tl.static_range(2):  # 0: the full blocks, unmasked; 1: the ragged tail
+        for start_n in range(n_full if MASK_N else 0, seq_len if MASK_N else n_full, BLOCK_N):
+            cols = start_n + offs_n
+            k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if SPLIT:
-                k_t2 = load_rows(kt2_ptrs + start_n * stride_ktl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-                s_t = tl.dot(q_t2, tl.trans(k2), s_t, input_precision=PRECISION)
-                s_t = tl.dot(q2, tl.trans(k_t2), s_t, input_precision=PRECISION)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with the scale
-        rescale = tl.max(m_new - m_i, 0) > RESCALE_LOG2
-        if rescale:
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            if SPLIT:
-                acc2 = acc2 * alpha[:, None]
+                k2 = load_rows(k2_ptrs + start_n * stride_kl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
+                qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PRECISION)
+            if MASK_N:
+                qk = tl.where((cols < seq_len)[None, :], qk, float("-inf"))
             if WITH_TANGENT:
-                r_i = r_i * alpha
-                acc_t = acc_t * alpha[:, None]
+                k_t = load_rows(kt_ptrs + start_n * stride_ktl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+                s_t = tl.dot(q_t, tl.trans(k), input_precision=PRECISION)
+                s_t = tl.dot(q, tl.trans(k_t), s_t, input_precision=PRECISION)
                 if SPLIT:
-                    acc_t2 = acc_t2 * alpha[:, None]
-            m_i = m_new
-        p = tl.math.exp2(qk * qk_scale - m_i[:, None])  # one FFMA per score
-        l_i += tl.sum(p, 1)
-        v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        p_lo = p.to(v.dtype)
-        if SPLIT:
-            v2 = load_rows(v2_ptrs + start_n * stride_vl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-        if WITH_TANGENT:
-            p_t = p * (s_t * scale - c_i[:, None])
-            r_blk = tl.sum(p_t, 1)
-            if rescale:  # re-centre on the running mean: c += delta keeps the invariant exact
-                delta = (r_i + r_blk) / l_i
-                c_i += delta
-                p_t -= delta[:, None] * p
-                acc_t -= delta[:, None] * acc
+                    k_t2 = load_rows(kt2_ptrs + start_n * stride_ktl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
+                    s_t = tl.dot(q_t2, tl.trans(k2), s_t, input_precision=PRECISION)
+                    s_t = tl.dot(q2, tl.trans(k_t2), s_t, input_precision=PRECISION)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with the scale
+            rescale = tl.max(m_new - m_i, 0) > RESCALE_LOG2
+            if rescale:
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
                 if SPLIT:
-                    acc_t2 -= delta[:, None] * acc2
-                r_i = r_i + r_blk - delta * l_i
-            else:
-                r_i += r_blk
-            p_t_lo = p_t.to(v.dtype)
-            v_t = load_rows(vt_ptrs + start_n * stride_vtl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-            acc_t = tl.dot(p_t_lo, v, acc_t, input_precision=PRECISION)
-            acc_t = tl.dot(p_lo, v_t, acc_t, input_precision=PRECISION)
+                    acc2 = acc2 * alpha[:, None]
+                if WITH_TANGENT:
+                    r_i = r_i * alpha
+                    acc_t = acc_t * alpha[:, None]
+                    if SPLIT:
+                        acc_t2 = acc_t2 * alpha[:, None]
+                m_i = m_new
+            p = tl.math.exp2(qk * qk_scale - m_i[:, None])  # one FFMA per score
+            l_i += tl.sum(p, 1)
+            v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+            p_lo = p.to(v.dtype)
             if SPLIT:
-                v_t2 = load_rows(vt2_ptrs + start_n * stride_vtl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-                acc_t2 = tl.dot(p_t_lo, v2, acc_t2, input_precision=PRECISION)
-                acc_t2 = tl.dot(p_lo, v_t2, acc_t2, input_precision=PRECISION)
-        acc = tl.dot(p_lo, v, acc, input_precision=PRECISION)
-        if SPLIT:
-            acc2 = tl.dot(p_lo, v2, acc2, input_precision=PRECISION)
+                v2 = load_rows(v2_ptrs + start_n * stride_vl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
+            if WITH_TANGENT:
+                p_t = p * (s_t * scale - c_i[:, None])
+                r_blk = tl.sum(p_t, 1)
+                if rescale:  # re-centre on the running mean: c += delta keeps the invariant exact
+                    delta = (r_i + r_blk) / l_i
+                    c_i += delta
+                    p_t -= delta[:, None] * p
+                    acc_t -= delta[:, None] * acc
+                    if SPLIT:
+                        acc_t2 -= delta[:, None] * acc2
+                    r_i = r_i + r_blk - delta * l_i
+                else:
+                    r_i += r_blk
+                p_t_lo = p_t.to(v.dtype)
+                v_t = load_rows(vt_ptrs + start_n * stride_vtl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+                acc_t = tl.dot(p_t_lo, v, acc_t, input_precision=PRECISION)
+                acc_t = tl.dot(p_lo, v_t, acc_t, input_precision=PRECISION)
+                if SPLIT:
+                    v_t2 = load_rows(vt2_ptrs + start_n * stride_vtl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
+                    acc_t2 = tl.dot(p_t_lo, v2, acc_t2, input_precision=PRECISION)
+                    acc_t2 = tl.dot(p_lo, v_t2, acc_t2, input_precision=PRECISION)
+            acc = tl.dot(p_lo, v, acc, input_precision=PRECISION)
+            if SPLIT:
+                acc2 = tl.dot(p_lo, v2, acc2, input_precision=PRECISION)
     return acc, acc2, acc_t, acc_t2, l_i, r_i, m_i, c_i
 
 
@@ -416,89 +355,12 @@ def _attn_fwd(
     v2_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d2, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
     kt2_ptrs = tile_ptrs(KT, off_b, off_h, offs_n, offs_d2, stride_ktb, stride_kth, stride_ktl, stride_ktd, ALIGN)
     vt2_ptrs = tile_ptrs(VT, off_b, off_h, offs_n, offs_d2, stride_vtb, stride_vth, stride_vtl, stride_vtd, ALIGN)
-    n_full: tl.constexpr = (SEQ // BLOCK_N) * BLOCK_N
     acc, acc2, acc_t, acc_t2, l_i, r_i, m_i, c_i = _fwd_inner(
-        acc,
-        acc2,
-        acc_t,
-        acc_t2,
-        l_i,
-        r_i,
-        m_i,
-        c_i,
-        q,
-        q2,
-        q_t,
-        q_t2,
-        k_ptrs,
-        v_ptrs,
-        kt_ptrs,
-        vt_ptrs,
-        k2_ptrs,
-        v2_ptrs,
-        kt2_ptrs,
-        vt2_ptrs,
-        stride_kl,
-        stride_vl,
-        stride_ktl,
-        stride_vtl,
-        offs_n,
-        d_ok,
-        d2_ok,
-        qk_scale,
-        scale,
-        0,
-        n_full,
-        SEQ,
-        BLOCK_N,
-        False,
-        EVEN_D,
-        EVEN_D2,
-        SPLIT,
-        PRECISION,
-        WITH_TANGENT,
-    )
-    acc, acc2, acc_t, acc_t2, l_i, r_i, m_i, c_i = _fwd_inner(
-        acc,
-        acc2,
-        acc_t,
-        acc_t2,
-        l_i,
-        r_i,
-        m_i,
-        c_i,
-        q,
-        q2,
-        q_t,
-        q_t2,
-        k_ptrs,
-        v_ptrs,
-        kt_ptrs,
-        vt_ptrs,
-        k2_ptrs,
-        v2_ptrs,
-        kt2_ptrs,
-        vt2_ptrs,
-        stride_kl,
-        stride_vl,
-        stride_ktl,
-        stride_vtl,
-        offs_n,
-        d_ok,
-        d2_ok,
-        qk_scale,
-        scale,
-        n_full,
-        SEQ,
-        SEQ,
-        BLOCK_N,
-        True,
-        EVEN_D,
-        EVEN_D2,
-        SPLIT,
-        PRECISION,
-        WITH_TANGENT,
-    )
+        acc, acc2, acc_t, acc_t2, l_i, r_i, m_i, c_i, q, q2, q_t, q_t2,
+        k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, k2_ptrs, v2_ptrs, kt2_ptrs, vt2_ptrs,
+        stride_kl, stride_vl, stride_ktl, stride_vtl, offs_n, d_ok, d2_ok, qk_scale, scale,
+        SEQ, BLOCK_N, EVEN_D, EVEN_D2, SPLIT, PRECISION, WITH_TANGENT,
+    )  # fmt: skip
 
     row_ok = offs_m < SEQ
     mask = row_ok[:, None] & d_ok[None, :]
@@ -573,67 +435,105 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _bwd_dkdv_inner(
-    dk,
-    dk2,
-    dv,
-    dv2,
-    k,
-    k2,
-    v,
-    v2,
-    q_ptrs,
-    q2_ptrs,
-    do_ptrs,
-    do2_ptrs,
-    lse_ptrs,
-    delta_ptrs,
-    stride_ql,
-    stride_dol,
-    offs_m,
-    d_ok,
-    d2_ok,
-    qk_scale,
-    start: tl.constexpr,
-    end: tl.constexpr,
-    seq_len: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    MASK_M: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_D2: tl.constexpr,
-    SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Accumulate ``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` over query blocks ``[start, end)``
-    (``dk2, dv2, k2, ...``: the second column tile when ``SPLIT``).
+def bwd_program(
+    X, Y, Z, W, stride_xb, stride_xh, stride_xl, stride_xd, stride_yb, stride_yh, stride_yl, stride_yd,
+    stride_zb, stride_zh, stride_zl, stride_zd, stride_wb, stride_wh, stride_wl, stride_wd, n_heads,
+    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, OTHER: tl.constexpr,
+):  # fmt: skip
+    """Set-up shared by the two backward kernels: the program owns ``BLOCK`` rows of ``X, Y`` (loaded
+    here, zero past ``SEQ``) and streams ``OTHER``-row blocks of ``Z, W``. Returns ``off_bh``, the int64
+    ``off_b, off_h``, the row offsets ``rows`` (own) and ``others``, the column tiles ``offs_d, d_ok,
+    offs_d2, d2_ok``, the tiles ``x, x2, y, y2`` (the second = the first unless ``SPLIT``), pointers
+    to the first ``Z, W`` block ``z_ptrs, z2_ptrs, w_ptrs, w2_ptrs`` and their row strides rebuilt
+    with :func:`aligned`."""
+    start, off_bh = program_ids(SEQ, BLOCK)
+    stride_zl = aligned(stride_zl, ALIGN)
+    stride_wl = aligned(stride_wl, ALIGN)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # a split's first tile is all real columns
+    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
 
-    Query rows past the end get ``lse = +inf``, so their ``P`` is exactly zero."""
-    for start_m in range(start, end, BLOCK_M):
-        rows = start_m + offs_m
-        q = load_rows(q_ptrs + start_m * stride_ql, rows, seq_len, d_ok, MASK_M, EVEN_D)
-        do = load_rows(do_ptrs + start_m * stride_dol, rows, seq_len, d_ok, MASK_M, EVEN_D)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        if SPLIT:
-            q2 = load_rows(q2_ptrs + start_m * stride_ql, rows, seq_len, d2_ok, MASK_M, EVEN_D2)
-            do2 = load_rows(do2_ptrs + start_m * stride_dol, rows, seq_len, d2_ok, MASK_M, EVEN_D2)
-            s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=PRECISION)
-        if MASK_M:
-            lse = tl.load(lse_ptrs + start_m, mask=rows < seq_len, other=float("inf"))
-            delta = tl.load(delta_ptrs + start_m, mask=rows < seq_len, other=0.0)
-        else:
-            lse = tl.load(lse_ptrs + start_m)
-            delta = tl.load(delta_ptrs + start_m)
-        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
-        p_lo = p_t.to(do.dtype)
-        dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if SPLIT:
-            dv2 = tl.dot(p_lo, do2, dv2, input_precision=PRECISION)
-            dp_t = tl.dot(v2, tl.trans(do2), dp_t, input_precision=PRECISION)
-        ds_lo = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_lo, q, dk, input_precision=PRECISION)
-        if SPLIT:
-            dk2 = tl.dot(ds_lo, q2, dk2, input_precision=PRECISION)
+    rows = start * BLOCK + tl.arange(0, BLOCK)
+    others = tl.arange(0, OTHER)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    d2_ok = offs_d2 < HEAD_DIM
+
+    x_ptrs = tile_ptrs(X, off_b, off_h, rows, offs_d, stride_xb, stride_xh, stride_xl, stride_xd, ALIGN)
+    y_ptrs = tile_ptrs(Y, off_b, off_h, rows, offs_d, stride_yb, stride_yh, stride_yl, stride_yd, ALIGN)
+    x = load_rows(x_ptrs, rows, SEQ, d_ok, True, EVEN_D)
+    y = load_rows(y_ptrs, rows, SEQ, d_ok, True, EVEN_D)
+    x2_ptrs = tile_ptrs(X, off_b, off_h, rows, offs_d2, stride_xb, stride_xh, stride_xl, stride_xd, ALIGN)
+    y2_ptrs = tile_ptrs(Y, off_b, off_h, rows, offs_d2, stride_yb, stride_yh, stride_yl, stride_yd, ALIGN)
+    x2 = load_rows(x2_ptrs, rows, SEQ, d2_ok, True, EVEN_D2) if SPLIT else x
+    y2 = load_rows(y2_ptrs, rows, SEQ, d2_ok, True, EVEN_D2) if SPLIT else y
+    z_ptrs = tile_ptrs(Z, off_b, off_h, others, offs_d, stride_zb, stride_zh, stride_zl, stride_zd, ALIGN)
+    w_ptrs = tile_ptrs(W, off_b, off_h, others, offs_d, stride_wb, stride_wh, stride_wl, stride_wd, ALIGN)
+    z2_ptrs = tile_ptrs(Z, off_b, off_h, others, offs_d2, stride_zb, stride_zh, stride_zl, stride_zd, ALIGN)
+    w2_ptrs = tile_ptrs(W, off_b, off_h, others, offs_d2, stride_wb, stride_wh, stride_wl, stride_wd, ALIGN)
+    return (
+        off_bh, off_b, off_h, rows, others, offs_d, d_ok, offs_d2, d2_ok,
+        x, x2, y, y2, z_ptrs, z2_ptrs, w_ptrs, w2_ptrs, stride_zl, stride_wl,
+    )  # fmt: skip
+
+
+@triton.jit
+def store_tiles(
+    X, x, x2, off_b, off_h, rows, offs_d, offs_d2, d_ok, d2_ok,
+    stride_b, stride_h, stride_l, stride_d, n_rows, SPLIT: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    """Store ``x`` (and ``x2`` if ``SPLIT``) to the rows ``< n_rows`` of ``X[off_b, off_h]``'s first
+    (second) column tile."""
+    row_ok = (rows < n_rows)[:, None]
+    x_ptrs = tile_ptrs(X, off_b, off_h, rows, offs_d, stride_b, stride_h, stride_l, stride_d, ALIGN)
+    tl.store(x_ptrs, x.to(X.dtype.element_ty), mask=row_ok & d_ok[None, :])
+    if SPLIT:
+        x2_ptrs = tile_ptrs(X, off_b, off_h, rows, offs_d2, stride_b, stride_h, stride_l, stride_d, ALIGN)
+        tl.store(x2_ptrs, x2.to(X.dtype.element_ty), mask=row_ok & d2_ok[None, :])
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dk2, dv, dv2, k, k2, v, v2,
+    q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
+    offs_m, d_ok, d2_ok, qk_scale,
+    seq_len: tl.constexpr, BLOCK_M: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate ``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` over all query blocks: the full
+    ones unmasked, then the ragged tail masked (``dk2, dv2, k2, ...``: the second column tile when
+    ``SPLIT``). Query rows past the end get ``lse = +inf``, so their ``P`` is exactly zero."""
+    m_full: tl.constexpr = (seq_len // BLOCK_M) * BLOCK_M
+    for MASK_M in tl.static_range(2):  # 0: the full blocks, unmasked; 1: the ragged tail
+        for start_m in range(m_full if MASK_M else 0, seq_len if MASK_M else m_full, BLOCK_M):
+            rows = start_m + offs_m
+            q = load_rows(q_ptrs + start_m * stride_ql, rows, seq_len, d_ok, MASK_M, EVEN_D)
+            do = load_rows(do_ptrs + start_m * stride_dol, rows, seq_len, d_ok, MASK_M, EVEN_D)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            if SPLIT:
+                q2 = load_rows(q2_ptrs + start_m * stride_ql, rows, seq_len, d2_ok, MASK_M, EVEN_D2)
+                do2 = load_rows(do2_ptrs + start_m * stride_dol, rows, seq_len, d2_ok, MASK_M, EVEN_D2)
+                s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=PRECISION)
+            if MASK_M:
+                lse = tl.load(lse_ptrs + start_m, mask=rows < seq_len, other=float("inf"))
+                delta = tl.load(delta_ptrs + start_m, mask=rows < seq_len, other=0.0)
+            else:
+                lse = tl.load(lse_ptrs + start_m)
+                delta = tl.load(delta_ptrs + start_m)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+            p_lo = p_t.to(do.dtype)
+            dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if SPLIT:
+                dv2 = tl.dot(p_lo, do2, dv2, input_precision=PRECISION)
+                dp_t = tl.dot(v2, tl.trans(do2), dp_t, input_precision=PRECISION)
+            ds_lo = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk = tl.dot(ds_lo, q, dk, input_precision=PRECISION)
+            if SPLIT:
+                dk2 = tl.dot(ds_lo, q2, dk2, input_precision=PRECISION)
     return dk, dk2, dv, dv2
 
 
@@ -659,79 +559,23 @@ DKDV_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (32, 64, 4), (64, 64, 8
 )
 @triton.jit
 def _attn_bwd_dkdv(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    stride_qb,
-    stride_qh,
-    stride_ql,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kl,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vl,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_dol,
-    stride_dod,
-    stride_dkb,
-    stride_dkh,
-    stride_dkl,
-    stride_dkd,
-    stride_dvb,
-    stride_dvh,
-    stride_dvl,
-    stride_dvd,
-    n_heads,
-    qk_scale,
-    scale,
-    SEQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr,
-    BLOCK_D2: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd, stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dkb, stride_dkh, stride_dkl, stride_dkd, stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    n_heads, qk_scale, scale,
+    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """One program: ``dk, dv`` for ``BLOCK_N`` key rows of one (batch, head), looping over all queries."""
-    start_n, off_bh = program_ids(SEQ, BLOCK_N)
-    stride_ql = aligned(stride_ql, ALIGN)
-    stride_dol = aligned(stride_dol, ALIGN)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
-    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # a split's first tile is all real columns
+    off_bh, off_b, off_h, offs_n, offs_m, offs_d, d_ok, offs_d2, d2_ok, k, k2, v, v2, \
+        q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, stride_ql, stride_dol = bwd_program(
+            K, V, Q, DO, stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
+            stride_qb, stride_qh, stride_ql, stride_qd, stride_dob, stride_doh, stride_dol, stride_dod, n_heads,
+            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_N, BLOCK_M,
+        )  # fmt: skip
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
     EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
-
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-    d2_ok = offs_d2 < HEAD_DIM
-
-    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
-    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
-    k = load_rows(k_ptrs, offs_n, SEQ, d_ok, True, EVEN_D)
-    v = load_rows(v_ptrs, offs_n, SEQ, d_ok, True, EVEN_D)
-    k2_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d2, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
-    v2_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d2, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
-    k2 = load_rows(k2_ptrs, offs_n, SEQ, d2_ok, True, EVEN_D2) if SPLIT else k
-    v2 = load_rows(v2_ptrs, offs_n, SEQ, d2_ok, True, EVEN_D2) if SPLIT else v
-    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
-    do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
-    q2_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d2, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
-    do2_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d2, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
     lse_ptrs = LSE + off_bh.to(tl.int64) * SEQ + offs_m
     delta_ptrs = DELTA + off_bh.to(tl.int64) * SEQ + offs_m
 
@@ -739,134 +583,53 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
-    m_full: tl.constexpr = (SEQ // BLOCK_M) * BLOCK_M
     dk, dk2, dv, dv2 = _bwd_dkdv_inner(
-        dk,
-        dk2,
-        dv,
-        dv2,
-        k,
-        k2,
-        v,
-        v2,
-        q_ptrs,
-        q2_ptrs,
-        do_ptrs,
-        do2_ptrs,
-        lse_ptrs,
-        delta_ptrs,
-        stride_ql,
-        stride_dol,
-        offs_m,
-        d_ok,
-        d2_ok,
-        qk_scale,
-        0,
-        m_full,
-        SEQ,
-        BLOCK_M,
-        False,
-        EVEN_D,
-        EVEN_D2,
-        SPLIT,
-        PRECISION,
-    )
-    dk, dk2, dv, dv2 = _bwd_dkdv_inner(
-        dk,
-        dk2,
-        dv,
-        dv2,
-        k,
-        k2,
-        v,
-        v2,
-        q_ptrs,
-        q2_ptrs,
-        do_ptrs,
-        do2_ptrs,
-        lse_ptrs,
-        delta_ptrs,
-        stride_ql,
-        stride_dol,
-        offs_m,
-        d_ok,
-        d2_ok,
-        qk_scale,
-        m_full,
-        SEQ,
-        SEQ,
-        BLOCK_M,
-        True,
-        EVEN_D,
-        EVEN_D2,
-        SPLIT,
-        PRECISION,
-    )
+        dk, dk2, dv, dv2, k, k2, v, v2,
+        q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
+        offs_m, d_ok, d2_ok, qk_scale, SEQ, BLOCK_M, EVEN_D, EVEN_D2, SPLIT, PRECISION,
+    )  # fmt: skip
 
-    mask = (offs_n < SEQ)[:, None] & d_ok[None, :]
-    dk_ptrs = tile_ptrs(DK, off_b, off_h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkl, stride_dkd, ALIGN)
-    dv_ptrs = tile_ptrs(DV, off_b, off_h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvl, stride_dvd, ALIGN)
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
-    if SPLIT:
-        mask2 = (offs_n < SEQ)[:, None] & d2_ok[None, :]
-        dk2_ptrs = tile_ptrs(DK, off_b, off_h, offs_n, offs_d2, stride_dkb, stride_dkh, stride_dkl, stride_dkd, ALIGN)
-        dv2_ptrs = tile_ptrs(DV, off_b, off_h, offs_n, offs_d2, stride_dvb, stride_dvh, stride_dvl, stride_dvd, ALIGN)
-        tl.store(dk2_ptrs, (dk2 * scale).to(DK.dtype.element_ty), mask=mask2)
-        tl.store(dv2_ptrs, dv2.to(DV.dtype.element_ty), mask=mask2)
+    store_tiles(
+        DK, dk * scale, dk2 * scale, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
+        stride_dkb, stride_dkh, stride_dkl, stride_dkd, SEQ, SPLIT, ALIGN,
+    )  # fmt: skip
+    store_tiles(
+        DV, dv, dv2, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
+        stride_dvb, stride_dvh, stride_dvl, stride_dvd, SEQ, SPLIT, ALIGN,
+    )  # fmt: skip
 
 
 @triton.jit
 def _bwd_dq_inner(
-    dq,
-    dq2,
-    q,
-    q2,
-    do,
-    do2,
-    lse,
-    delta,
-    k_ptrs,
-    k2_ptrs,
-    v_ptrs,
-    v2_ptrs,
-    stride_kl,
-    stride_vl,
-    offs_n,
-    d_ok,
-    d2_ok,
-    qk_scale,
-    start: tl.constexpr,
-    end: tl.constexpr,
-    seq_len: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK_N: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_D2: tl.constexpr,
-    SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Accumulate ``dq`` (unscaled ``dS k``) over key blocks ``[start, end)`` (``dq2``: the second
-    column tile when ``SPLIT``)."""
-    for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
-        k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if SPLIT:
-            k2 = load_rows(k2_ptrs + start_n * stride_kl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-            v2 = load_rows(v2_ptrs + start_n * stride_vl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-            s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
-        if MASK_N:
-            p = tl.where((cols < seq_len)[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if SPLIT:
-            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
-        ds_lo = (p * (dp - delta[:, None])).to(k.dtype)
-        dq = tl.dot(ds_lo, k, dq, input_precision=PRECISION)
-        if SPLIT:
-            dq2 = tl.dot(ds_lo, k2, dq2, input_precision=PRECISION)
+    dq, dq2, q, q2, do, do2, lse, delta,
+    k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl,
+    offs_n, d_ok, d2_ok, qk_scale,
+    seq_len: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate ``dq`` (unscaled ``dS k``) over all key blocks: the full ones unmasked, then the
+    ragged tail masked (``dq2``: the second column tile when ``SPLIT``)."""
+    n_full: tl.constexpr = (seq_len // BLOCK_N) * BLOCK_N
+    for MASK_N in tl.static_range(2):  # 0: the full blocks, unmasked; 1: the ragged tail
+        for start_n in range(n_full if MASK_N else 0, seq_len if MASK_N else n_full, BLOCK_N):
+            cols = start_n + offs_n
+            k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+            v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            if SPLIT:
+                k2 = load_rows(k2_ptrs + start_n * stride_kl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
+                v2 = load_rows(v2_ptrs + start_n * stride_vl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
+                s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
+            p = tl.math.exp2(s * qk_scale - lse[:, None])
+            if MASK_N:
+                p = tl.where((cols < seq_len)[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if SPLIT:
+                dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
+            ds_lo = (p * (dp - delta[:, None])).to(k.dtype)
+            dq = tl.dot(ds_lo, k, dq, input_precision=PRECISION)
+            if SPLIT:
+                dq2 = tl.dot(ds_lo, k2, dq2, input_precision=PRECISION)
     return dq, dq2
 
 
@@ -890,145 +653,39 @@ DQ_CONFIGS = tile_configs(((128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 32, 4),
 )
 @triton.jit
 def _attn_bwd_dq(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_ql,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kl,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vl,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_dol,
-    stride_dod,
-    stride_dqb,
-    stride_dqh,
-    stride_dql,
-    stride_dqd,
-    n_heads,
-    qk_scale,
-    scale,
-    SEQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ALIGN: tl.constexpr,
-    BLOCK_D2: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd, stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dqb, stride_dqh, stride_dql, stride_dqd,
+    n_heads, qk_scale, scale,
+    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """One program: ``dq`` for ``BLOCK_M`` query rows of one (batch, head), looping over all keys."""
-    start_m, off_bh = program_ids(SEQ, BLOCK_M)
-    stride_kl = aligned(stride_kl, ALIGN)
-    stride_vl = aligned(stride_vl, ALIGN)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
-    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # a split's first tile is all real columns
+    off_bh, off_b, off_h, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok, q, q2, do, do2, \
+        k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl = bwd_program(
+            Q, DO, K, V, stride_qb, stride_qh, stride_ql, stride_qd, stride_dob, stride_doh, stride_dol, stride_dod,
+            stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd, n_heads,
+            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
     EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-    d2_ok = offs_d2 < HEAD_DIM
     row_ok = offs_m < SEQ
-
-    q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
-    do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
-    q = load_rows(q_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
-    do = load_rows(do_ptrs, offs_m, SEQ, d_ok, True, EVEN_D)
-    q2_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d2, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
-    do2_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d2, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
-    q2 = load_rows(q2_ptrs, offs_m, SEQ, d2_ok, True, EVEN_D2) if SPLIT else q
-    do2 = load_rows(do2_ptrs, offs_m, SEQ, d2_ok, True, EVEN_D2) if SPLIT else do
     lse = tl.load(LSE + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
-    v_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
-    k2_ptrs = tile_ptrs(K, off_b, off_h, offs_n, offs_d2, stride_kb, stride_kh, stride_kl, stride_kd, ALIGN)
-    v2_ptrs = tile_ptrs(V, off_b, off_h, offs_n, offs_d2, stride_vb, stride_vh, stride_vl, stride_vd, ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
-    n_full: tl.constexpr = (SEQ // BLOCK_N) * BLOCK_N
     dq, dq2 = _bwd_dq_inner(
-        dq,
-        dq2,
-        q,
-        q2,
-        do,
-        do2,
-        lse,
-        delta,
-        k_ptrs,
-        k2_ptrs,
-        v_ptrs,
-        v2_ptrs,
-        stride_kl,
-        stride_vl,
-        offs_n,
-        d_ok,
-        d2_ok,
-        qk_scale,
-        0,
-        n_full,
-        SEQ,
-        BLOCK_N,
-        False,
-        EVEN_D,
-        EVEN_D2,
-        SPLIT,
-        PRECISION,
-    )
-    dq, dq2 = _bwd_dq_inner(
-        dq,
-        dq2,
-        q,
-        q2,
-        do,
-        do2,
-        lse,
-        delta,
-        k_ptrs,
-        k2_ptrs,
-        v_ptrs,
-        v2_ptrs,
-        stride_kl,
-        stride_vl,
-        offs_n,
-        d_ok,
-        d2_ok,
-        qk_scale,
-        n_full,
-        SEQ,
-        SEQ,
-        BLOCK_N,
-        True,
-        EVEN_D,
-        EVEN_D2,
-        SPLIT,
-        PRECISION,
-    )
+        dq, dq2, q, q2, do, do2, lse, delta,
+        k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl,
+        offs_n, d_ok, d2_ok, qk_scale, SEQ, BLOCK_N, EVEN_D, EVEN_D2, SPLIT, PRECISION,
+    )  # fmt: skip
 
-    dq_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if SPLIT:
-        dq2_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d2, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
-        tl.store(dq2_ptrs, (dq2 * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d2_ok[None, :])
+    store_tiles(
+        DQ, dq * scale, dq2 * scale, off_b, off_h, offs_m, offs_d, offs_d2, d_ok, d2_ok,
+        stride_dqb, stride_dqh, stride_dql, stride_dqd, SEQ, SPLIT, ALIGN,
+    )  # fmt: skip
 
 
 def validate(q, k, v, scale) -> float:
@@ -1056,17 +713,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32 or (not interpreting() and torch.get_float32_matmul_precision() != "highest"):
         return "tf32"
     return "ieee"
-
-
-def stride_align(*tensors: torch.Tensor) -> int:
-    """Elements per 16 bytes if every tensor starts 16-byte aligned, has unit last-dim stride and all
-    other strides multiples of 16 bytes (the kernels then rebuild their strides with :func:`aligned`
-    and get vectorised, pipelined loads, e.g. at head_dim 72); else 1."""
-    per_16b = 16 // tensors[0].element_size()
-    ok = all(
-        t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % per_16b == 0 for s in t.stride()[:-1]) for t in tensors
-    )
-    return per_16b if ok else 1
 
 
 def kernel_meta(*tensors: torch.Tensor) -> dict:

@@ -55,8 +55,8 @@ from ._checks import (
     rows_layout,
     saved,
 )
+from ._layout import aligned, stride_align
 from ._tuning import autotune
-from .attention_op import aligned, stride_align
 
 # Elements of x one backward program walks (16 rows at D = 768 or 1024, BLOCK_D = 1024). Its fp32 dw
 # partial row adds 4 * D bytes to the 6 * D * 16 bytes of bf16 traffic of those rows (x, dy read, dx

@@ -40,7 +40,7 @@ stop at 65,535, and the backward no longer walks a whole sequence per ``(batch, 
 **Vectorised loads at any head_dim** (issue 13: at head_dim 72 every load was scalar and configs
 spilled up to 21 KB). ``D = head_dim`` is a constexpr, so the ``d < D`` mask and the rotation
 ``rot(d)`` are known in groups of 8 (``D % 16 == 0``) or 4 (72); strides that are multiples of 16
-bytes (checked by the launcher, :func:`imf_kernels.attention_op.stride_align`) are rebuilt as
+bytes (checked by the launcher, :func:`imf_kernels._layout.stride_align`) are rebuilt as
 visible multiples (``ALIGN``), since Triton does not specialise a stride like 72 and ignores
 ``tl.multiple_of`` on scalars. Everything is read 16 bytes at a time except the rotated partner at
 head_dim 72, whose halves of 36 start 72 bytes apart (8-byte loads, cache hits of the main load).
@@ -56,8 +56,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_eps, check_float, check_prefix, describe, kernel_rule, per_thread, preferred, saved
+from ._layout import aligned, stride_align
 from ._tuning import autotune
-from .attention_op import aligned, stride_align
 
 # Candidate configs: BLOCK_L tokens x BLOCK_D = next_power_of_2(head_dim) columns, num_warps.
 # Rule, from the sm_90 compile report (bf16, batch 32 x 276 tokens x 16 heads, head_dim 64 and 72;

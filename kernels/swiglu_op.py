@@ -52,8 +52,8 @@ from ._checks import (
     rows_layout,
     saved,
 )
+from ._layout import aligned, stride_align
 from ._tuning import autotune
-from .attention_op import aligned, stride_align
 
 # Candidate configs: BLOCK_M rows x BLOCK_N columns, num_warps. Rule, from the sm_90 compile report
 # (bf16, 8832 rows x hidden 2752 / 2048, fused-projection halves; ``python -m bench compile``):

@@ -1,0 +1,49 @@
+"""Memory-layout helpers shared by every kernel module: 16-byte stride alignment (launcher check and
+in-kernel stride rebuild) and strided ``(batch, heads, seq, head_dim)`` tile pointers and loads."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def stride_align(*tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes if every tensor starts 16-byte aligned, has unit last-dim stride and all
+    other strides multiples of 16 bytes (the kernels then rebuild their strides with :func:`aligned`
+    and get vectorised, pipelined loads, e.g. at head_dim 72); else 1."""
+    per_16b = 16 // tensors[0].element_size()
+    ok = all(
+        t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % per_16b == 0 for s in t.stride()[:-1]) for t in tensors
+    )
+    return per_16b if ok else 1
+
+
+@triton.jit
+def aligned(stride, ALIGN: tl.constexpr):
+    """``stride`` rebuilt as a visible multiple of ``ALIGN`` (the launcher checked it is one): Triton
+    does not specialise a stride like 72 and ignores ``tl.multiple_of`` on scalars, so without this a
+    head_dim-72 tile falls back to scalar 2-byte loads and no ``cp.async`` pipelining."""
+    return (stride // ALIGN) * ALIGN
+
+
+@triton.jit
+def tile_ptrs(X, off_b, off_h, rows, offs_d, stride_b, stride_h, stride_l, stride_d, ALIGN: tl.constexpr):
+    """Pointers to ``X[off_b, off_h, rows, offs_d]`` of a strided ``(batch, heads, seq, head_dim)`` tensor."""
+    stride_b = aligned(stride_b, ALIGN)
+    stride_h = aligned(stride_h, ALIGN)
+    stride_l = aligned(stride_l, ALIGN)
+    return X + off_b * stride_b + off_h * stride_h + rows[:, None] * stride_l + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def load_rows(ptrs, rows, n_rows, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a ``(rows, BLOCK_D)`` tile, zero-filling rows ``>= n_rows`` (if ``MASK_ROWS``) and padded
+    head-dim columns (unless ``EVEN_D``); without masks the load is unpredicated."""
+    if MASK_ROWS:
+        x = tl.load(ptrs, mask=(rows < n_rows)[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
