@@ -79,34 +79,6 @@ def check_prefix(name: str, t, ref_name: str, ref: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {describe(t)}")
 
 
-def as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a ``(rows, t.shape[-1])`` view (no copy) with unit stride in the last dim.
-
-    Contiguous tensors qualify, and so do last-dim slices of them (e.g. the halves of a packed
-    ``Linear`` output): the launchers pass the row stride to the kernel.
-    """
-    try:
-        rows = t.view(-1, t.shape[-1])
-    except RuntimeError as err:
-        raise ValueError(
-            f"{name} must flatten to (rows, {t.shape[-1]}) without a copy (contiguous, or a last-dim slice "
-            f"of a contiguous tensor), got {describe(t)}, strides {t.stride()}"
-        ) from err
-    if rows.shape[1] > 1 and rows.stride(1) != 1:
-        raise ValueError(f"{name} must have unit stride in the last dim, got {describe(t)}, {t.stride()}")
-    return rows
-
-
-def rows_layout(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself if :func:`as_rows` can view it, else a contiguous copy. For forward-mode tangents,
-    which ``torch.func.jvp`` / ``forward_ad`` may hand over in any layout (expanded, transposed)."""
-    try:
-        as_rows("tangent", t)
-    except ValueError:
-        return t.contiguous()
-    return t
-
-
 def plain(t):
     """``t`` without ``torch.func``'s per-level wrappers (anything but a tensor is returned as is)."""
     if not isinstance(t, torch.Tensor):

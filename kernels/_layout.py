@@ -1,11 +1,42 @@
-"""Memory-layout helpers shared by every kernel module: 16-byte stride alignment (launcher check and
-in-kernel stride rebuild) and strided ``(batch, heads, seq, head_dim)`` tile pointers and loads."""
+"""Memory-layout helpers shared by every kernel module: row views of the elementwise ops' operands,
+16-byte stride alignment (launcher check and in-kernel stride rebuild) and strided
+``(batch, heads, seq, head_dim)`` tile pointers and loads."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ._checks import describe
+
+
+def as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a ``(rows, t.shape[-1])`` view (no copy) with unit stride in the last dim.
+
+    Contiguous tensors qualify, and so do last-dim slices of them (e.g. the halves of a packed
+    ``Linear`` output): the launchers pass the row stride to the kernel.
+    """
+    try:
+        rows = t.view(-1, t.shape[-1])
+    except RuntimeError as err:
+        raise ValueError(
+            f"{name} must flatten to (rows, {t.shape[-1]}) without a copy (contiguous, or a last-dim slice "
+            f"of a contiguous tensor), got {describe(t)}, strides {t.stride()}"
+        ) from err
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride in the last dim, got {describe(t)}, {t.stride()}")
+    return rows
+
+
+def rows_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if :func:`as_rows` can view it, else a contiguous copy. For forward-mode tangents,
+    which ``torch.func.jvp`` / ``forward_ad`` may hand over in any layout (expanded, transposed)."""
+    try:
+        as_rows("tangent", t)
+    except ValueError:
+        return t.contiguous()
+    return t
 
 
 def stride_align(*tensors: torch.Tensor) -> int:

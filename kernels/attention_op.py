@@ -119,6 +119,27 @@ def program_ids(SEQ: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def program_offsets(
+    SEQ: tl.constexpr, BLOCK: tl.constexpr, OTHER: tl.constexpr, n_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+):  # fmt: skip
+    """Offsets of a program that owns ``BLOCK`` rows of one (batch, head) and streams ``OTHER``-row
+    blocks: ``off_bh`` (:func:`program_ids`), the int64 ``off_b, off_h``, the own ``rows``, the
+    ``others`` of a streamed block and both head-dim column tiles ``offs_d, d_ok, offs_d2, d2_ok``
+    (the second is used only when the head dim is split)."""
+    start, off_bh = program_ids(SEQ, BLOCK)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    rows = start * BLOCK + tl.arange(0, BLOCK)
+    others = tl.arange(0, OTHER)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    d2_ok = offs_d2 < HEAD_DIM
+    return off_bh, off_b, off_h, rows, others, offs_d, d_ok, offs_d2, d2_ok
+
+
+@triton.jit
 def _fwd_inner(
     acc, acc2, acc_t, acc_t2, l_i, r_i, m_i, c_i, q, q2, q_t, q_t2,
     k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, k2_ptrs, v2_ptrs, kt2_ptrs, vt2_ptrs,
@@ -312,22 +333,15 @@ def _attn_fwd(
     """One program: ``o`` (and ``o_t`` if ``WITH_TANGENT``; else ``QT, KT, VT, OT`` are unused) and
     ``lse`` (log2 domain, ``LSE`` contiguous ``(batch, heads, SEQ)``) for ``BLOCK_M`` query rows of
     one (batch, head)."""
-    start_m, off_bh = program_ids(SEQ, BLOCK_M)
     stride_kl = aligned(stride_kl, ALIGN)
     stride_vl = aligned(stride_vl, ALIGN)
     stride_ktl = aligned(stride_ktl, ALIGN)
     stride_vtl = aligned(stride_vtl, ALIGN)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
+    off_bh, off_b, off_h, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok = program_offsets(
+        SEQ, BLOCK_M, BLOCK_N, n_heads, HEAD_DIM, BLOCK_D, BLOCK_D2
+    )
     EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # a split's first tile is all real columns
     EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-    d2_ok = offs_d2 < HEAD_DIM
 
     q_ptrs = tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_ql, stride_qd, ALIGN)
     qt_ptrs = tile_ptrs(QT, off_b, off_h, offs_m, offs_d, stride_qtb, stride_qth, stride_qtl, stride_qtd, ALIGN)
@@ -442,25 +456,17 @@ def bwd_program(
     SPLIT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, OTHER: tl.constexpr,
 ):  # fmt: skip
     """Set-up shared by the two backward kernels: the program owns ``BLOCK`` rows of ``X, Y`` (loaded
-    here, zero past ``SEQ``) and streams ``OTHER``-row blocks of ``Z, W``. Returns ``off_bh``, the int64
-    ``off_b, off_h``, the row offsets ``rows`` (own) and ``others``, the column tiles ``offs_d, d_ok,
-    offs_d2, d2_ok``, the tiles ``x, x2, y, y2`` (the second = the first unless ``SPLIT``), pointers
-    to the first ``Z, W`` block ``z_ptrs, z2_ptrs, w_ptrs, w2_ptrs`` and their row strides rebuilt
-    with :func:`aligned`."""
-    start, off_bh = program_ids(SEQ, BLOCK)
-    stride_zl = aligned(stride_zl, ALIGN)
-    stride_wl = aligned(stride_wl, ALIGN)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
+    here, zero past ``SEQ``) and streams ``OTHER``-row blocks of ``Z, W``. Returns the
+    :func:`program_offsets`, the tiles ``x, x2, y, y2`` (the second = the first unless ``SPLIT``),
+    pointers to the first ``Z, W`` block ``z_ptrs, z2_ptrs, w_ptrs, w2_ptrs`` and their row strides
+    rebuilt with :func:`aligned`."""
     EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # a split's first tile is all real columns
     EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
-
-    rows = start * BLOCK + tl.arange(0, BLOCK)
-    others = tl.arange(0, OTHER)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-    d2_ok = offs_d2 < HEAD_DIM
+    stride_zl = aligned(stride_zl, ALIGN)
+    stride_wl = aligned(stride_wl, ALIGN)
+    off_bh, off_b, off_h, rows, others, offs_d, d_ok, offs_d2, d2_ok = program_offsets(
+        SEQ, BLOCK, OTHER, n_heads, HEAD_DIM, BLOCK_D, BLOCK_D2
+    )
 
     x_ptrs = tile_ptrs(X, off_b, off_h, rows, offs_d, stride_xb, stride_xh, stride_xl, stride_xd, ALIGN)
     y_ptrs = tile_ptrs(Y, off_b, off_h, rows, offs_d, stride_yb, stride_yh, stride_yl, stride_yd, ALIGN)
@@ -481,6 +487,27 @@ def bwd_program(
 
 
 @triton.jit
+def stream_block(
+    r, r2, x_ptrs, x2_ptrs, y_ptrs, y2_ptrs, start, stride_xl, stride_yl, offs, d_ok, d2_ok,
+    seq_len: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One streamed block of a backward loop: rows ``start + offs`` of ``x, y`` (both column tiles;
+    the second = the first unless ``SPLIT``) and the scores ``r x^T`` against the resident ``r, r2``."""
+    rows = start + offs
+    x = load_rows(x_ptrs + start * stride_xl, rows, seq_len, d_ok, MASK, EVEN_D)
+    y = load_rows(y_ptrs + start * stride_yl, rows, seq_len, d_ok, MASK, EVEN_D)
+    s = tl.dot(r, tl.trans(x), input_precision=PRECISION)
+    x2 = x
+    y2 = y
+    if SPLIT:
+        x2 = load_rows(x2_ptrs + start * stride_xl, rows, seq_len, d2_ok, MASK, EVEN_D2)
+        y2 = load_rows(y2_ptrs + start * stride_yl, rows, seq_len, d2_ok, MASK, EVEN_D2)
+        s = tl.dot(r2, tl.trans(x2), s, input_precision=PRECISION)
+    return rows, x, x2, y, y2, s
+
+
+@triton.jit
 def store_tiles(
     X, x, x2, off_b, off_h, rows, offs_d, offs_d2, d_ok, d2_ok,
     stride_b, stride_h, stride_l, stride_d, n_rows, SPLIT: tl.constexpr, ALIGN: tl.constexpr,
@@ -497,26 +524,24 @@ def store_tiles(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dk2, dv, dv2, k, k2, v, v2,
+    k, k2, v, v2,
     q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
-    offs_m, d_ok, d2_ok, qk_scale,
-    seq_len: tl.constexpr, BLOCK_M: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    offs_m, d_ok, d2_ok, qk_scale, seq_len: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate ``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` over all query blocks: the full
-    ones unmasked, then the ragged tail masked (``dk2, dv2, k2, ...``: the second column tile when
-    ``SPLIT``). Query rows past the end get ``lse = +inf``, so their ``P`` is exactly zero."""
+    """``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` of the resident keys, accumulated over all
+    query blocks: the full ones unmasked, then the ragged tail masked (``dk2, dv2, k2, ...``: the
+    second column tile when ``SPLIT``). Query rows past the end get ``lse = +inf``, so their ``P`` is
+    exactly zero."""
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
+    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
     m_full: tl.constexpr = (seq_len // BLOCK_M) * BLOCK_M
+    dk, dk2 = tl.zeros(k.shape, tl.float32), tl.zeros(k2.shape, tl.float32)
+    dv, dv2 = tl.zeros(v.shape, tl.float32), tl.zeros(v2.shape, tl.float32)
     for MASK_M in tl.static_range(2):  # 0: the full blocks, unmasked; 1: the ragged tail
         for start_m in range(m_full if MASK_M else 0, seq_len if MASK_M else m_full, BLOCK_M):
-            rows = start_m + offs_m
-            q = load_rows(q_ptrs + start_m * stride_ql, rows, seq_len, d_ok, MASK_M, EVEN_D)
-            do = load_rows(do_ptrs + start_m * stride_dol, rows, seq_len, d_ok, MASK_M, EVEN_D)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-            if SPLIT:
-                q2 = load_rows(q2_ptrs + start_m * stride_ql, rows, seq_len, d2_ok, MASK_M, EVEN_D2)
-                do2 = load_rows(do2_ptrs + start_m * stride_dol, rows, seq_len, d2_ok, MASK_M, EVEN_D2)
-                s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=PRECISION)
+            rows, q, q2, do, do2, s_t = stream_block(k, k2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, start_m, stride_ql,
+                stride_dol, offs_m, d_ok, d2_ok, seq_len, MASK_M, EVEN_D, EVEN_D2, SPLIT, PRECISION)  # fmt: skip
             if MASK_M:
                 lse = tl.load(lse_ptrs + start_m, mask=rows < seq_len, other=float("inf"))
                 delta = tl.load(delta_ptrs + start_m, mask=rows < seq_len, other=0.0)
@@ -537,6 +562,18 @@ def _bwd_dkdv_inner(
     return dk, dk2, dv, dv2
 
 
+def bwd_autotune(candidates: list, smem_bytes, interpret_config: triton.Config):
+    """:func:`imf_kernels._tuning.autotune` for a backward tile kernel: keyed on ``SEQ, HEAD_DIM``,
+    configs pruned by their shared memory (``smem_bytes``, for ``Q``'s dtype)."""
+    return _tuning.autotune(
+        candidates=candidates,
+        key=["SEQ", "HEAD_DIM"],
+        smem_bytes=smem_bytes,
+        tensor_arg="Q",
+        interpret_config=interpret_config,
+    )
+
+
 def _dkdv_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_bwd_dkdv`: resident ``k, v`` plus buffered ``q, do`` tiles."""
     tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * meta["Q"].element_size()
@@ -550,13 +587,7 @@ def _dkdv_smem(meta: dict, num_stages: int) -> int:
 DKDV_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (32, 64, 4), (64, 64, 8)), num_stages=(3, 2))
 
 
-@_tuning.autotune(
-    candidates=DKDV_CONFIGS,
-    key=["SEQ", "HEAD_DIM"],
-    smem_bytes=_dkdv_smem,
-    tensor_arg="Q",
-    interpret_config=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-)
+@bwd_autotune(DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}))
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -572,54 +603,35 @@ def _attn_bwd_dkdv(
         q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, stride_ql, stride_dol = bwd_program(
             K, V, Q, DO, stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
             stride_qb, stride_qh, stride_ql, stride_qd, stride_dob, stride_doh, stride_dol, stride_dod, n_heads,
-            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_N, BLOCK_M,
-        )  # fmt: skip
-    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
-    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
+            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_N, BLOCK_M)  # fmt: skip
     lse_ptrs = LSE + off_bh.to(tl.int64) * SEQ + offs_m
     delta_ptrs = DELTA + off_bh.to(tl.int64) * SEQ + offs_m
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
-    dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     dk, dk2, dv, dv2 = _bwd_dkdv_inner(
-        dk, dk2, dv, dv2, k, k2, v, v2,
-        q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
-        offs_m, d_ok, d2_ok, qk_scale, SEQ, BLOCK_M, EVEN_D, EVEN_D2, SPLIT, PRECISION,
-    )  # fmt: skip
-
-    store_tiles(
-        DK, dk * scale, dk2 * scale, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
-        stride_dkb, stride_dkh, stride_dkl, stride_dkd, SEQ, SPLIT, ALIGN,
-    )  # fmt: skip
-    store_tiles(
-        DV, dv, dv2, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
-        stride_dvb, stride_dvh, stride_dvl, stride_dvd, SEQ, SPLIT, ALIGN,
-    )  # fmt: skip
+        k, k2, v, v2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol, offs_m,
+        d_ok, d2_ok, qk_scale, SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_M, SPLIT, PRECISION)  # fmt: skip
+    store_tiles(DK, dk * scale, dk2 * scale, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
+                stride_dkb, stride_dkh, stride_dkl, stride_dkd, SEQ, SPLIT, ALIGN)  # fmt: skip
+    store_tiles(DV, dv, dv2, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
+                stride_dvb, stride_dvh, stride_dvl, stride_dvd, SEQ, SPLIT, ALIGN)  # fmt: skip
 
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, dq2, q, q2, do, do2, lse, delta,
+    q, q2, do, do2, lse, delta,
     k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl,
-    offs_n, d_ok, d2_ok, qk_scale,
-    seq_len: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    offs_n, d_ok, d2_ok, qk_scale, seq_len: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate ``dq`` (unscaled ``dS k``) over all key blocks: the full ones unmasked, then the
-    ragged tail masked (``dq2``: the second column tile when ``SPLIT``)."""
+    """``dq`` (unscaled ``dS k``) of the resident queries, accumulated over all key blocks: the full
+    ones unmasked, then the ragged tail masked (``dq2``: the second column tile when ``SPLIT``)."""
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
+    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
     n_full: tl.constexpr = (seq_len // BLOCK_N) * BLOCK_N
+    dq, dq2 = tl.zeros(q.shape, tl.float32), tl.zeros(q2.shape, tl.float32)
     for MASK_N in tl.static_range(2):  # 0: the full blocks, unmasked; 1: the ragged tail
         for start_n in range(n_full if MASK_N else 0, seq_len if MASK_N else n_full, BLOCK_N):
-            cols = start_n + offs_n
-            k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-            v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            if SPLIT:
-                k2 = load_rows(k2_ptrs + start_n * stride_kl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-                v2 = load_rows(v2_ptrs + start_n * stride_vl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-                s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
+            cols, k, k2, v, v2, s = stream_block(q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, start_n, stride_kl,
+                stride_vl, offs_n, d_ok, d2_ok, seq_len, MASK_N, EVEN_D, EVEN_D2, SPLIT, PRECISION)  # fmt: skip
             p = tl.math.exp2(s * qk_scale - lse[:, None])
             if MASK_N:
                 p = tl.where((cols < seq_len)[None, :], p, 0.0)
@@ -644,13 +656,7 @@ def _dq_smem(meta: dict, num_stages: int) -> int:
 DQ_CONFIGS = tile_configs(((128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 32, 4), (64, 64, 8)), num_stages=(3, 2))
 
 
-@_tuning.autotune(
-    candidates=DQ_CONFIGS,
-    key=["SEQ", "HEAD_DIM"],
-    smem_bytes=_dq_smem,
-    tensor_arg="Q",
-    interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
-)
+@bwd_autotune(DQ_CONFIGS, _dq_smem, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}))
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -661,31 +667,21 @@ def _attn_bwd_dq(
     SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program: ``dq`` for ``BLOCK_M`` query rows of one (batch, head), looping over all keys."""
+    """One program: ``dq`` for ``BLOCK_M`` query rows of one (batch, head), looping over all keys (the
+    mirror of :func:`_attn_bwd_dkdv`: ``q, do`` resident, ``k, v`` streamed)."""
     off_bh, off_b, off_h, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok, q, q2, do, do2, \
         k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl = bwd_program(
             Q, DO, K, V, stride_qb, stride_qh, stride_ql, stride_qd, stride_dob, stride_doh, stride_dol, stride_dod,
             stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd, n_heads,
-            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
-    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
-    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
+            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_M, BLOCK_N)  # fmt: skip
     row_ok = offs_m < SEQ
     lse = tl.load(LSE + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     dq, dq2 = _bwd_dq_inner(
-        dq, dq2, q, q2, do, do2, lse, delta,
-        k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl,
-        offs_n, d_ok, d2_ok, qk_scale, SEQ, BLOCK_N, EVEN_D, EVEN_D2, SPLIT, PRECISION,
-    )  # fmt: skip
-
-    store_tiles(
-        DQ, dq * scale, dq2 * scale, off_b, off_h, offs_m, offs_d, offs_d2, d_ok, d2_ok,
-        stride_dqb, stride_dqh, stride_dql, stride_dqd, SEQ, SPLIT, ALIGN,
-    )  # fmt: skip
+        q, q2, do, do2, lse, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl, offs_n,
+        d_ok, d2_ok, qk_scale, SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, SPLIT, PRECISION)  # fmt: skip
+    store_tiles(DQ, dq * scale, dq2 * scale, off_b, off_h, offs_m, offs_d, offs_d2, d_ok, d2_ok,
+                stride_dqb, stride_dqh, stride_dql, stride_dqd, SEQ, SPLIT, ALIGN)  # fmt: skip
 
 
 def validate(q, k, v, scale) -> float:
@@ -813,41 +809,12 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
         BLOCK_D=meta["BLOCK_D"],
         ALIGN=meta["ALIGN"],
     )
+    inputs = (q, k, v, do, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _attn_bwd_dkdv[row_grid("BLOCK_N", seq, batch * heads)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        *strides,
-        *dk.stride(),
-        *dv.stride(),
-        heads,
-        scale * LOG2E,
-        scale,
-        SEQ=seq,
-        **split,
-    )
-    _attn_bwd_dq[row_grid("BLOCK_M", seq, batch * heads)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dq,
-        *strides,
-        *dq.stride(),
-        heads,
-        scale * LOG2E,
-        scale,
-        SEQ=seq,
-        **split,
-    )
+    scalars = (heads, scale * LOG2E, scale)
+    grid_n, grid_m = row_grid("BLOCK_N", seq, batch * heads), row_grid("BLOCK_M", seq, batch * heads)
+    _attn_bwd_dkdv[grid_n](*inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), *scalars, SEQ=seq, **split)
+    _attn_bwd_dq[grid_m](*inputs, dq, *strides, *dq.stride(), *scalars, SEQ=seq, **split)
     return dq, dk, dv
 
 

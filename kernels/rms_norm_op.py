@@ -43,19 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (
-    as_rows,
-    check_eps,
-    check_float,
-    check_prefix,
-    describe,
-    kernel_rule,
-    per_thread,
-    preferred,
-    rows_layout,
-    saved,
-)
-from ._layout import aligned, stride_align
+from ._checks import check_eps, check_float, check_prefix, describe, kernel_rule, per_thread, preferred, saved
+from ._layout import aligned, as_rows, rows_layout, stride_align
 from ._tuning import autotune
 
 # Elements of x one backward program walks (16 rows at D = 768 or 1024, BLOCK_D = 1024). Its fp32 dw

@@ -41,18 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (
-    as_rows,
-    check_float,
-    check_like,
-    check_prefix,
-    kernel_rule,
-    per_thread,
-    preferred,
-    rows_layout,
-    saved,
-)
-from ._layout import aligned, stride_align
+from ._checks import check_float, check_like, check_prefix, kernel_rule, per_thread, preferred, saved
+from ._layout import aligned, as_rows, rows_layout, stride_align
 from ._tuning import autotune
 
 # Candidate configs: BLOCK_M rows x BLOCK_N columns, num_warps. Rule, from the sm_90 compile report

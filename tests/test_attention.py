@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from imf_kernels import _tuning, attention, attention_jvp, attention_op, reference
+from imf_kernels import _layout, _tuning, attention, attention_jvp, attention_op, reference
 from numerics import DEVICE, INTERPRETING, assert_bound, rel_err
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("poisoned", "seeded")]
@@ -188,9 +188,9 @@ def test_attention_jvp_primal_equals_attention():
 def test_stride_alignment_rule():
     """16-byte aligned starts and strides give the aligned fast path; anything else falls back to 1."""
     x = torch.randn(2, 17, 3, 72, dtype=F16, device=DEVICE).transpose(1, 2)
-    assert attention_op.stride_align(x) == 8 and attention_op.stride_align(x.float()) == 4
-    assert attention_op.stride_align(torch.randn(2, 3, 17, 80, dtype=F16, device=DEVICE)[..., 1:73]) == 1
-    assert attention_op.stride_align(x, torch.randn(2, 3, 17, 36, dtype=F16, device=DEVICE)) == 1
+    assert _layout.stride_align(x) == 8 and _layout.stride_align(x.float()) == 4
+    assert _layout.stride_align(torch.randn(2, 3, 17, 80, dtype=F16, device=DEVICE)[..., 1:73]) == 1
+    assert _layout.stride_align(x, torch.randn(2, 3, 17, 36, dtype=F16, device=DEVICE)) == 1
 
 
 def test_unaligned_inputs_match_reference():
