@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from imf_kernels import _layout, _tuning, attention, attention_jvp, attention_op, reference
+from imf_kernels import (
+    _layout,
+    _tuning,
+    attention,
+    attention_bwd_op,
+    attention_common,
+    attention_jvp,
+    attention_op,
+    reference,
+)
 from numerics import DEVICE, INTERPRETING, assert_bound, rel_err
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("poisoned", "seeded")]
@@ -215,13 +224,13 @@ def test_unaligned_inputs_match_reference():
 )
 def test_kernels_split_the_head_dim_when_it_saves_work(head_dim, blocks):
     """72 runs as 64 + 16 columns (1.11x the work) instead of one padded 128 tile (1.78x)."""
-    meta = attention_op.split_meta(torch.empty(1, 1, 1, head_dim, device=DEVICE))
+    meta = attention_common.split_meta(torch.empty(1, 1, 1, head_dim, device=DEVICE))
     assert (meta["BLOCK_D"], meta["BLOCK_D2"], meta["SPLIT"]) == blocks
 
 
 def test_grid_is_one_axis():
     """Batch x heads beyond 65,535 fits: the grid is one axis of blocks x (batch * heads) programs."""
-    grid = attention_op.row_grid("BLOCK_M", 276, 70_000)({"BLOCK_M": 64})
+    grid = attention_common.row_grid("BLOCK_M", 276, 70_000)({"BLOCK_M": 64})
     assert grid == (5 * 70_000,)
 
 
@@ -316,8 +325,8 @@ H100_SMEM = 227 * 1024  # opt-in shared memory per block
     [
         (attention_op.FWD_PRIMAL_CONFIGS, attention_op._fwd_smem, False),
         (attention_op.FWD_TANGENT_CONFIGS, attention_op._fwd_smem, True),
-        (attention_op.DKDV_CONFIGS, attention_op._dkdv_smem, None),
-        (attention_op.DQ_CONFIGS, attention_op._dq_smem, None),
+        (attention_bwd_op.DKDV_CONFIGS, attention_bwd_op._dkdv_smem, None),
+        (attention_bwd_op.DQ_CONFIGS, attention_bwd_op._dq_smem, None),
     ],
 )
 def test_autotune_prune_keeps_exactly_the_fitting_configs(candidates, smem, with_tangent, dtype):
@@ -336,10 +345,10 @@ def test_forward_configs_follow_their_rule():
     d128 = {"BLOCK_D": 128, "BLOCK_D2": 16, "SPLIT": False, "WITH_TANGENT": True}
     wide = attention_op._fwd_prune(attention_op.FWD_CONFIGS, d128)
     assert wide == [c for c in tangent if c.kwargs["BLOCK_N"] == 32]  # the clean ones at d128
-    for configs in (primal, tangent, attention_op.DKDV_CONFIGS, attention_op.DQ_CONFIGS):
+    for configs in (primal, tangent, attention_bwd_op.DKDV_CONFIGS, attention_bwd_op.DQ_CONFIGS):
         assert 6 <= len(configs) <= 12 and all(c.num_stages in (2, 3) for c in configs)
-    assert all(c.num_warps == 8 for c in primal + tangent + attention_op.DQ_CONFIGS if c.kwargs["BLOCK_M"] == 128)
-    assert all(c.num_warps == 8 for c in attention_op.DKDV_CONFIGS + primal if c.kwargs["BLOCK_N"] == 128)
+    assert all(c.num_warps == 8 for c in primal + tangent + attention_bwd_op.DQ_CONFIGS if c.kwargs["BLOCK_M"] == 128)
+    assert all(c.num_warps == 8 for c in attention_bwd_op.DKDV_CONFIGS + primal if c.kwargs["BLOCK_N"] == 128)
     assert all(c.kwargs["BLOCK_N"] <= 64 for c in tangent)
 
 

@@ -1,0 +1,354 @@
+"""Flash attention backward: the Triton kernels and their launcher :func:`flash_backward`.
+
+The math (per (batch, head), ``S = s q k^T``, ``P = softmax_rows(S)``, ``o = P v``; see
+:mod:`imf_kernels.attention_op`), given ``do = dLoss/do`` and the forward's log-sum-exp ``lse``
+(log2 domain, so ``P = 2^(S log2(e) - lse)``)::
+
+    delta = rowsum(o * do)                 (= rowsum(P * dP), preprocess kernel)
+    dP = do v^T        dS = P * (dP - delta)
+    dv = P^T do        dk = s dS^T q       dq = s dS k
+
+computed by two kernels without atomics (so the gradients are deterministic): one program per
+key block accumulates ``dk, dv`` over all query blocks, one program per query block
+accumulates ``dq`` over all key blocks; both recompute ``P`` from ``lse``. The two share their
+set-up (:func:`bwd_program`), the streamed-block loads and scores (:func:`stream_block`) and the
+stores (:func:`store_tiles`); Triton inlines these helpers, so the kernels compile as if written
+out (checked on sm_90: same registers, spills and SASS). ``P`` and ``dS`` are rounded to the input
+dtype only as operands of the matmuls; accumulators are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _tuning
+from ._layout import aligned, load_rows, tile_ptrs
+from .attention_common import (
+    LOG2E,
+    SMEM_SLACK,
+    alloc,
+    kernel_meta,
+    program_ids,
+    program_offsets,
+    row_grid,
+    split_meta,
+    tile_configs,
+)
+
+
+def _rows_smem(meta: dict, num_stages: int) -> int:
+    """Shared memory of the backward preprocess: ``o`` and ``do`` tiles (no pipelined loop)."""
+    return 2 * meta["BLOCK_M"] * meta["BLOCK_D"] * meta["O"].element_size()
+
+
+PREPROCESS_CONFIGS = _tuning.configs(BLOCK_M=(64, 128), num_warps=(4, 8), num_stages=(1,))
+
+
+@_tuning.autotune(
+    candidates=PREPROCESS_CONFIGS,
+    key=["SEQ", "HEAD_DIM"],
+    smem_bytes=_rows_smem,
+    tensor_arg="O",
+    interpret_config=triton.Config({"BLOCK_M": 32}),
+)
+@triton.jit
+def _attn_bwd_preprocess(
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dol,
+    stride_dod,
+    n_heads,
+    SEQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``delta = rowsum(o * do)`` in fp32 for ``BLOCK_M`` rows."""
+    start_m, off_bh = program_ids(SEQ, BLOCK_M)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    o_ptrs = tile_ptrs(O, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od, ALIGN)
+    do_ptrs = tile_ptrs(DO, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_dol, stride_dod, ALIGN)
+    o = load_rows(o_ptrs, offs_m, SEQ, d_ok, True, EVEN_D).to(tl.float32)
+    do = load_rows(do_ptrs, offs_m, SEQ, d_ok, True, EVEN_D).to(tl.float32)
+    tl.store(DELTA + off_bh.to(tl.int64) * SEQ + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ)
+
+
+@triton.jit
+def bwd_program(
+    X, Y, Z, W, stride_xb, stride_xh, stride_xl, stride_xd, stride_yb, stride_yh, stride_yl, stride_yd,
+    stride_zb, stride_zh, stride_zl, stride_zd, stride_wb, stride_wh, stride_wl, stride_wd, n_heads,
+    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    SPLIT: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, OTHER: tl.constexpr,
+):  # fmt: skip
+    """Set-up shared by the two backward kernels: the program owns ``BLOCK`` rows of ``X, Y`` (loaded
+    here, zero past ``SEQ``) and streams ``OTHER``-row blocks of ``Z, W``. Returns the
+    :func:`program_offsets`, the tiles ``x, x2, y, y2`` (the second = the first unless ``SPLIT``),
+    pointers to the first ``Z, W`` block ``z_ptrs, z2_ptrs, w_ptrs, w2_ptrs`` and their row strides
+    rebuilt with :func:`aligned`."""
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # a split's first tile is all real columns
+    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
+    stride_zl = aligned(stride_zl, ALIGN)
+    stride_wl = aligned(stride_wl, ALIGN)
+    off_bh, off_b, off_h, rows, others, offs_d, d_ok, offs_d2, d2_ok = program_offsets(
+        SEQ, BLOCK, OTHER, n_heads, HEAD_DIM, BLOCK_D, BLOCK_D2
+    )
+
+    x_ptrs = tile_ptrs(X, off_b, off_h, rows, offs_d, stride_xb, stride_xh, stride_xl, stride_xd, ALIGN)
+    y_ptrs = tile_ptrs(Y, off_b, off_h, rows, offs_d, stride_yb, stride_yh, stride_yl, stride_yd, ALIGN)
+    x = load_rows(x_ptrs, rows, SEQ, d_ok, True, EVEN_D)
+    y = load_rows(y_ptrs, rows, SEQ, d_ok, True, EVEN_D)
+    x2_ptrs = tile_ptrs(X, off_b, off_h, rows, offs_d2, stride_xb, stride_xh, stride_xl, stride_xd, ALIGN)
+    y2_ptrs = tile_ptrs(Y, off_b, off_h, rows, offs_d2, stride_yb, stride_yh, stride_yl, stride_yd, ALIGN)
+    x2 = load_rows(x2_ptrs, rows, SEQ, d2_ok, True, EVEN_D2) if SPLIT else x
+    y2 = load_rows(y2_ptrs, rows, SEQ, d2_ok, True, EVEN_D2) if SPLIT else y
+    z_ptrs = tile_ptrs(Z, off_b, off_h, others, offs_d, stride_zb, stride_zh, stride_zl, stride_zd, ALIGN)
+    w_ptrs = tile_ptrs(W, off_b, off_h, others, offs_d, stride_wb, stride_wh, stride_wl, stride_wd, ALIGN)
+    z2_ptrs = tile_ptrs(Z, off_b, off_h, others, offs_d2, stride_zb, stride_zh, stride_zl, stride_zd, ALIGN)
+    w2_ptrs = tile_ptrs(W, off_b, off_h, others, offs_d2, stride_wb, stride_wh, stride_wl, stride_wd, ALIGN)
+    return (
+        off_bh, off_b, off_h, rows, others, offs_d, d_ok, offs_d2, d2_ok,
+        x, x2, y, y2, z_ptrs, z2_ptrs, w_ptrs, w2_ptrs, stride_zl, stride_wl,
+    )  # fmt: skip
+
+
+@triton.jit
+def stream_block(
+    r, r2, x_ptrs, x2_ptrs, y_ptrs, y2_ptrs, start, stride_xl, stride_yl, offs, d_ok, d2_ok,
+    seq_len: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One streamed block of a backward loop: rows ``start + offs`` of ``x, y`` (both column tiles;
+    the second = the first unless ``SPLIT``) and the scores ``r x^T`` against the resident ``r, r2``."""
+    rows = start + offs
+    x = load_rows(x_ptrs + start * stride_xl, rows, seq_len, d_ok, MASK, EVEN_D)
+    y = load_rows(y_ptrs + start * stride_yl, rows, seq_len, d_ok, MASK, EVEN_D)
+    s = tl.dot(r, tl.trans(x), input_precision=PRECISION)
+    x2 = x
+    y2 = y
+    if SPLIT:
+        x2 = load_rows(x2_ptrs + start * stride_xl, rows, seq_len, d2_ok, MASK, EVEN_D2)
+        y2 = load_rows(y2_ptrs + start * stride_yl, rows, seq_len, d2_ok, MASK, EVEN_D2)
+        s = tl.dot(r2, tl.trans(x2), s, input_precision=PRECISION)
+    return rows, x, x2, y, y2, s
+
+
+@triton.jit
+def store_tiles(
+    X, x, x2, off_b, off_h, rows, offs_d, offs_d2, d_ok, d2_ok,
+    stride_b, stride_h, stride_l, stride_d, n_rows, SPLIT: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    """Store ``x`` (and ``x2`` if ``SPLIT``) to the rows ``< n_rows`` of ``X[off_b, off_h]``'s first
+    (second) column tile."""
+    row_ok = (rows < n_rows)[:, None]
+    x_ptrs = tile_ptrs(X, off_b, off_h, rows, offs_d, stride_b, stride_h, stride_l, stride_d, ALIGN)
+    tl.store(x_ptrs, x.to(X.dtype.element_ty), mask=row_ok & d_ok[None, :])
+    if SPLIT:
+        x2_ptrs = tile_ptrs(X, off_b, off_h, rows, offs_d2, stride_b, stride_h, stride_l, stride_d, ALIGN)
+        tl.store(x2_ptrs, x2.to(X.dtype.element_ty), mask=row_ok & d2_ok[None, :])
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    k, k2, v, v2,
+    q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
+    offs_m, d_ok, d2_ok, qk_scale, seq_len: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` of the resident keys, accumulated over all
+    query blocks: the full ones unmasked, then the ragged tail masked (``dk2, dv2, k2, ...``: the
+    second column tile when ``SPLIT``). Query rows past the end get ``lse = +inf``, so their ``P`` is
+    exactly zero."""
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
+    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
+    m_full: tl.constexpr = (seq_len // BLOCK_M) * BLOCK_M
+    dk, dk2 = tl.zeros(k.shape, tl.float32), tl.zeros(k2.shape, tl.float32)
+    dv, dv2 = tl.zeros(v.shape, tl.float32), tl.zeros(v2.shape, tl.float32)
+    for MASK_M in tl.static_range(2):  # 0: the full blocks, unmasked; 1: the ragged tail
+        for start_m in range(m_full if MASK_M else 0, seq_len if MASK_M else m_full, BLOCK_M):
+            rows, q, q2, do, do2, s_t = stream_block(k, k2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, start_m, stride_ql,
+                stride_dol, offs_m, d_ok, d2_ok, seq_len, MASK_M, EVEN_D, EVEN_D2, SPLIT, PRECISION)  # fmt: skip
+            if MASK_M:
+                lse = tl.load(lse_ptrs + start_m, mask=rows < seq_len, other=float("inf"))
+                delta = tl.load(delta_ptrs + start_m, mask=rows < seq_len, other=0.0)
+            else:
+                lse = tl.load(lse_ptrs + start_m)
+                delta = tl.load(delta_ptrs + start_m)
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+            p_lo = p_t.to(do.dtype)
+            dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if SPLIT:
+                dv2 = tl.dot(p_lo, do2, dv2, input_precision=PRECISION)
+                dp_t = tl.dot(v2, tl.trans(do2), dp_t, input_precision=PRECISION)
+            ds_lo = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk = tl.dot(ds_lo, q, dk, input_precision=PRECISION)
+            if SPLIT:
+                dk2 = tl.dot(ds_lo, q2, dk2, input_precision=PRECISION)
+    return dk, dk2, dv, dv2
+
+
+def bwd_autotune(candidates: list, smem_bytes, interpret_config: triton.Config):
+    """:func:`imf_kernels._tuning.autotune` for a backward tile kernel: keyed on ``SEQ, HEAD_DIM``,
+    configs pruned by their shared memory (``smem_bytes``, for ``Q``'s dtype)."""
+    return _tuning.autotune(
+        candidates=candidates,
+        key=["SEQ", "HEAD_DIM"],
+        smem_bytes=smem_bytes,
+        tensor_arg="Q",
+        interpret_config=interpret_config,
+    )
+
+
+def _dkdv_smem(meta: dict, num_stages: int) -> int:
+    """Shared memory of :func:`_attn_bwd_dkdv`: resident ``k, v`` plus buffered ``q, do`` tiles."""
+    tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * meta["Q"].element_size()
+    return tile * (2 * meta["BLOCK_N"] + num_stages * 2 * meta["BLOCK_M"]) + SMEM_SLACK
+
+
+# Rule (sm_90 compiles, as for the forward): BLOCK_N (resident k, v, dk, dv rows) 128 -> 8 warps
+# (on 4 warps: 246-255 registers, 0.7-1.1 KB spilled); 64 -> 8 warps, or 4 warps with BLOCK_M 32
+# (64x64 on 4 warps spills 128-136 B at d128); BLOCK_M 32 or 64; 2 or 3 stages (a 4th only adds
+# shared memory).
+DKDV_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (32, 64, 4), (64, 64, 8)), num_stages=(3, 2))
+
+
+@bwd_autotune(DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}))
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd, stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dkb, stride_dkh, stride_dkl, stride_dkd, stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    n_heads, qk_scale, scale,
+    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: ``dk, dv`` for ``BLOCK_N`` key rows of one (batch, head), looping over all queries."""
+    off_bh, off_b, off_h, offs_n, offs_m, offs_d, d_ok, offs_d2, d2_ok, k, k2, v, v2, \
+        q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, stride_ql, stride_dol = bwd_program(
+            K, V, Q, DO, stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
+            stride_qb, stride_qh, stride_ql, stride_qd, stride_dob, stride_doh, stride_dol, stride_dod, n_heads,
+            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_N, BLOCK_M)  # fmt: skip
+    lse_ptrs = LSE + off_bh.to(tl.int64) * SEQ + offs_m
+    delta_ptrs = DELTA + off_bh.to(tl.int64) * SEQ + offs_m
+    dk, dk2, dv, dv2 = _bwd_dkdv_inner(
+        k, k2, v, v2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol, offs_m,
+        d_ok, d2_ok, qk_scale, SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_M, SPLIT, PRECISION)  # fmt: skip
+    store_tiles(DK, dk * scale, dk2 * scale, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
+                stride_dkb, stride_dkh, stride_dkl, stride_dkd, SEQ, SPLIT, ALIGN)  # fmt: skip
+    store_tiles(DV, dv, dv2, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
+                stride_dvb, stride_dvh, stride_dvl, stride_dvd, SEQ, SPLIT, ALIGN)  # fmt: skip
+
+
+@triton.jit
+def _bwd_dq_inner(
+    q, q2, do, do2, lse, delta,
+    k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl,
+    offs_n, d_ok, d2_ok, qk_scale, seq_len: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``dq`` (unscaled ``dS k``) of the resident queries, accumulated over all key blocks: the full
+    ones unmasked, then the ragged tail masked (``dq2``: the second column tile when ``SPLIT``)."""
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
+    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
+    n_full: tl.constexpr = (seq_len // BLOCK_N) * BLOCK_N
+    dq, dq2 = tl.zeros(q.shape, tl.float32), tl.zeros(q2.shape, tl.float32)
+    for MASK_N in tl.static_range(2):  # 0: the full blocks, unmasked; 1: the ragged tail
+        for start_n in range(n_full if MASK_N else 0, seq_len if MASK_N else n_full, BLOCK_N):
+            cols, k, k2, v, v2, s = stream_block(q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, start_n, stride_kl,
+                stride_vl, offs_n, d_ok, d2_ok, seq_len, MASK_N, EVEN_D, EVEN_D2, SPLIT, PRECISION)  # fmt: skip
+            p = tl.math.exp2(s * qk_scale - lse[:, None])
+            if MASK_N:
+                p = tl.where((cols < seq_len)[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if SPLIT:
+                dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
+            ds_lo = (p * (dp - delta[:, None])).to(k.dtype)
+            dq = tl.dot(ds_lo, k, dq, input_precision=PRECISION)
+            if SPLIT:
+                dq2 = tl.dot(ds_lo, k2, dq2, input_precision=PRECISION)
+    return dq, dq2
+
+
+def _dq_smem(meta: dict, num_stages: int) -> int:
+    """Shared memory of :func:`_attn_bwd_dq`: resident ``q, do`` plus buffered ``k, v`` tiles."""
+    tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * meta["Q"].element_size()
+    return tile * (2 * meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"]) + SMEM_SLACK
+
+
+# Rule: the mirror of dk/dv: BLOCK_M (resident q, do, dq rows) 128 -> 8 warps (on 4 warps it spills
+# ~1.4 KB), 64 -> 4 or 8 warps; BLOCK_N 32 or 64; 2 or 3 stages.
+DQ_CONFIGS = tile_configs(((128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 32, 4), (64, 64, 8)), num_stages=(3, 2))
+
+
+@bwd_autotune(DQ_CONFIGS, _dq_smem, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}))
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd, stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dqb, stride_dqh, stride_dql, stride_dqd,
+    n_heads, qk_scale, scale,
+    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: ``dq`` for ``BLOCK_M`` query rows of one (batch, head), looping over all keys (the
+    mirror of :func:`_attn_bwd_dkdv`: ``q, do`` resident, ``k, v`` streamed)."""
+    off_bh, off_b, off_h, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok, q, q2, do, do2, \
+        k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl = bwd_program(
+            Q, DO, K, V, stride_qb, stride_qh, stride_ql, stride_qd, stride_dob, stride_doh, stride_dol, stride_dod,
+            stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd, n_heads,
+            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_M, BLOCK_N)  # fmt: skip
+    row_ok = offs_m < SEQ
+    lse = tl.load(LSE + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * SEQ + offs_m, mask=row_ok, other=0.0)
+    dq, dq2 = _bwd_dq_inner(
+        q, q2, do, do2, lse, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, stride_kl, stride_vl, offs_n,
+        d_ok, d2_ok, qk_scale, SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M, BLOCK_N, SPLIT, PRECISION)  # fmt: skip
+    store_tiles(DQ, dq * scale, dq2 * scale, off_b, off_h, offs_m, offs_d, offs_d2, d_ok, d2_ok,
+                stride_dqb, stride_dqh, stride_dql, stride_dqd, SEQ, SPLIT, ALIGN)  # fmt: skip
+
+
+def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from the saved forward (shared with :mod:`imf_kernels.attention_jvp_op`)."""
+    batch, heads, seq, _ = q.shape
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    if q.numel() == 0:
+        return dq, dk, dv
+    meta = kernel_meta(q, k, v, do, o, dq, dk, dv)  # the preprocess reads whole (padded) rows
+    split = split_meta(q, k, v, do, o, dq, dk, dv)
+    delta = alloc(lse)
+    _attn_bwd_preprocess[row_grid("BLOCK_M", seq, batch * heads)](
+        o,
+        do,
+        delta,
+        *o.stride(),
+        *do.stride(),
+        heads,
+        SEQ=seq,
+        HEAD_DIM=meta["HEAD_DIM"],
+        BLOCK_D=meta["BLOCK_D"],
+        ALIGN=meta["ALIGN"],
+    )
+    inputs = (q, k, v, do, lse, delta)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    scalars = (heads, scale * LOG2E, scale)
+    grid_n, grid_m = row_grid("BLOCK_N", seq, batch * heads), row_grid("BLOCK_M", seq, batch * heads)
+    _attn_bwd_dkdv[grid_n](*inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), *scalars, SEQ=seq, **split)
+    _attn_bwd_dq[grid_m](*inputs, dq, *strides, *dq.stride(), *scalars, SEQ=seq, **split)
+    return dq, dk, dv
