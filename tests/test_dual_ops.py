@@ -260,7 +260,11 @@ def test_swiglu_padding_is_exact_and_stays_zero(monkeypatch):
 
     cos, sin = ref.rope_tables(seq, dim // heads)
     x, x_t = torch.randn(3, seq, dim), torch.randn(2, seq, dim)
-    torch.testing.assert_close(block(x, x_t, cos, sin), plain(x, x_t, cos, sin), rtol=1e-6, atol=1e-6)
+    # Same function up to fp32 summation order (the padded matmuls reduce over 64 instead of 40 units, and
+    # the unit-normal weights make outputs of size ~1e2): a bound at a few fp32 ulps of the output scale.
+    # A padding unit that were not zero would be off by O(1) of that scale.
+    for got, want in zip(block(x, x_t, cos, sin), plain(x, x_t, cos, sin), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
     opt = torch.optim.AdamW(block.parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
