@@ -349,6 +349,11 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     scalars = (heads, scale * LOG2E, scale)
     grid_n, grid_m = row_grid("BLOCK_N", seq, batch * heads), row_grid("BLOCK_M", seq, batch * heads)
+    from .attention_bwd_atomic_op import atomic_backward, backward_path  # here: that module imports this one
+
+    if backward_path() == "atomic":  # IMF_KERNELS_ATTN_BWD, read at each call (default: deterministic)
+        atomic_backward(inputs, strides, scalars, dq, dk, dv, grid_n, split)
+        return dq, dk, dv
     _attn_bwd_dkdv[grid_n](*inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), *scalars, SEQ=seq, **split)
     _attn_bwd_dq[grid_m](*inputs, dq, *strides, *dq.stride(), *scalars, SEQ=seq, **split)
     return dq, dk, dv

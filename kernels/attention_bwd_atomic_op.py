@@ -1,0 +1,195 @@
+"""Flash attention backward in one kernel with an atomic ``dq`` (FlashAttention-2's 5 matmuls), opt-in.
+
+Selected per backward call by ``IMF_KERNELS_ATTN_BWD`` (:func:`backward_path`): ``deterministic``
+(default: the two kernels of :mod:`imf_kernels.attention_bwd_op`, 7 matmuls, bitwise reproducible)
+or ``atomic`` (this module). The math is that of :mod:`imf_kernels.attention_bwd_op`, per
+(batch, head), ``s = scale``, ``delta = rowsum(o * do)`` from the same preprocess kernel::
+
+    dP = do v^T        dS = P * (dP - delta)
+    dv = P^T do        dk = s dS^T q       dq = s dS k
+
+One program per ``BLOCK_N`` key rows keeps ``k, v`` and the fp32 ``dk, dv`` accumulators resident and
+streams all query blocks (like ``_attn_bwd_dkdv``, transposed: ``S^T = k q^T``). Per query block::
+
+    P^T  = 2^(S^T log2(e) - lse)          (matmul 1: S^T = k q^T)
+    dv  += P^T do                         (matmul 2)
+    dP^T = v do^T                         (matmul 3)
+    dS^T = P^T * (dP^T - delta)
+    dk  += dS^T q                         (matmul 4)
+    dq[block] += s (dS^T)^T k             (matmul 5, tl.atomic_add into an fp32 buffer)
+
+5 matmuls of ``L x L x D`` per (batch, head) against 7 for the deterministic pair (whose ``dq`` kernel
+recomputes ``S`` and ``dP``). With a split head dim (72 = 64 + 16, see
+:func:`imf_kernels.attention_common.split_meta`) both column tiles of ``dq`` are added. Padded key
+rows (past ``seq``) are zero in ``k``, so their ``dS`` adds exactly zero; padded query rows have
+``lse = +inf`` (``P = 0``) and are masked out of the adds.
+
+**Not deterministic.** Every key block adds its ``BLOCK_M x D`` contribution to the same ``dq`` rows;
+the order in which the ``cdiv(L, BLOCK_N)`` adds of a row land depends on scheduling, and fp32 addition
+is not associative, so ``dq`` can differ in the last bits between two runs on the same inputs (``dk``
+and ``dv`` are written once per program and are reproducible). ``torch.use_deterministic_algorithms(True)``
+therefore refuses this path (``RuntimeError``; with ``warn_only=True`` a warning), as torch does for its
+own non-deterministic ops. The trainer promises bitwise resume, hence the deterministic default.
+
+**Memory.** An fp32 ``(B, H, L, D)`` accumulator (zeroed, the strides of ``dq``), ``4 B H L D`` bytes on
+top of the gradients, for 16-bit inputs; at the end it is cast into ``dq`` by torch (``dq.copy_``: one
+memory-bound elementwise pass, 6 bytes per element, against O(L D) work per element in the kernel,
+so a Triton cast kernel would gain nothing and add a kernel to tune and gate). For fp32 inputs the
+adds go straight into the zeroed ``dq``: no extra buffer, no cast.
+
+The atomics are ``sem="relaxed"`` (only the sum after the kernel is read: no ordering needed) and
+their result is unused, so they lower to reductions (``red``), not fetch-and-add.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import aligned, tile_ptrs
+from .attention_bwd_op import bwd_autotune, bwd_program, store_tiles, stream_block
+
+BWD_ENV = "IMF_KERNELS_ATTN_BWD"
+BWD_PATHS = ("deterministic", "atomic")
+
+
+def backward_path() -> str:
+    """The backward ``IMF_KERNELS_ATTN_BWD`` asks for (unset or empty: ``deterministic``), read at each
+    call. ``ValueError`` for any other value; ``RuntimeError`` for ``atomic`` while
+    ``torch.are_deterministic_algorithms_enabled()`` (a warning instead under ``warn_only=True``)."""
+    path = os.environ.get(BWD_ENV) or "deterministic"
+    if path not in BWD_PATHS:
+        raise ValueError(f"{BWD_ENV}: got {path!r}, expected one of {', '.join(map(repr, BWD_PATHS))}")
+    if path == "atomic" and torch.are_deterministic_algorithms_enabled():
+        message = (
+            f"{BWD_ENV}=atomic: the atomic flash-attention backward accumulates dq with fp32 atomic adds "
+            "and is not deterministic, but torch.use_deterministic_algorithms(True) is set; unset "
+            f"{BWD_ENV} (or set it to 'deterministic') or turn deterministic algorithms off"
+        )
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=3)
+    return path
+
+
+@triton.jit
+def _add_rows(ptrs, x, rows, n_rows, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """``atomic_add`` of a ``(rows, BLOCK_D)`` fp32 tile, skipping rows ``>= n_rows`` (if ``MASK_ROWS``)
+    and padded head-dim columns (unless ``EVEN_D``); the store-side mirror of ``load_rows``."""
+    if MASK_ROWS:
+        tl.atomic_add(ptrs, x, mask=(rows < n_rows)[:, None] & d_ok[None, :], sem="relaxed")
+    elif EVEN_D:
+        tl.atomic_add(ptrs, x, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, mask=d_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _bwd_atomic_inner(
+    k, k2, v, v2,
+    q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, dq_ptrs, dq2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol, stride_dql,
+    offs_m, d_ok, d2_ok, qk_scale, scale, seq_len: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` of the resident keys over all query blocks, and
+    each block's ``s dS k`` added to ``dq`` (module docstring). One loop: masked (rows and ``lse``) only
+    when ``seq_len`` leaves a ragged last query block."""
+    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
+    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
+    RAGGED: tl.constexpr = seq_len % BLOCK_M != 0
+    dk, dk2 = tl.zeros(k.shape, tl.float32), tl.zeros(k2.shape, tl.float32)
+    dv, dv2 = tl.zeros(v.shape, tl.float32), tl.zeros(v2.shape, tl.float32)
+    for start_m in range(0, seq_len, BLOCK_M):
+        rows, q, q2, do, do2, s_t = stream_block(k, k2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, start_m, stride_ql,
+            stride_dol, offs_m, d_ok, d2_ok, seq_len, RAGGED, EVEN_D, EVEN_D2, SPLIT, PRECISION)  # fmt: skip
+        if RAGGED:
+            lse = tl.load(lse_ptrs + start_m, mask=rows < seq_len, other=float("inf"))
+            delta = tl.load(delta_ptrs + start_m, mask=rows < seq_len, other=0.0)
+        else:
+            lse = tl.load(lse_ptrs + start_m)
+            delta = tl.load(delta_ptrs + start_m)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        p_lo = p_t.to(do.dtype)
+        dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if SPLIT:
+            dv2 = tl.dot(p_lo, do2, dv2, input_precision=PRECISION)
+            dp_t = tl.dot(v2, tl.trans(do2), dp_t, input_precision=PRECISION)
+        ds_lo = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_lo, q, dk, input_precision=PRECISION)
+        ds = tl.trans(ds_lo)
+        dq = tl.dot(ds, k, input_precision=PRECISION) * scale
+        _add_rows(dq_ptrs + start_m * stride_dql, dq, rows, seq_len, d_ok, RAGGED, EVEN_D)
+        if SPLIT:
+            dk2 = tl.dot(ds_lo, q2, dk2, input_precision=PRECISION)
+            dq2 = tl.dot(ds, k2, input_precision=PRECISION) * scale
+            _add_rows(dq2_ptrs + start_m * stride_dql, dq2, rows, seq_len, d2_ok, RAGGED, EVEN_D2)
+    return dk, dk2, dv, dv2
+
+
+def _atomic_smem(meta: dict, num_stages: int) -> int:
+    """Shared memory of :func:`_attn_bwd_atomic`: resident ``k, v``, buffered ``q, do`` tiles, and the
+    ``dS^T`` tile that the ``dq`` matmul reads transposed (2 bytes per element, 4 in fp32)."""
+    size = meta["Q"].element_size()
+    tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * size
+    return tile * (2 * meta["BLOCK_N"] + num_stages * 2 * meta["BLOCK_M"]) + meta["BLOCK_M"] * meta["BLOCK_N"] * size
+
+
+# Rule: see the module docstring's config paragraph (filled from sm_90 compiles).
+ATOMIC_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m, n, w in ((64, 128, 8), (32, 128, 8), (32, 64, 4), (64, 64, 8), (64, 64, 4), (32, 64, 8), (16, 128, 8))
+    for s in (3, 2)
+]
+
+
+@bwd_autotune(ATOMIC_CONFIGS, _atomic_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}))
+@triton.jit
+def _attn_bwd_atomic(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd, stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dkb, stride_dkh, stride_dkl, stride_dkd, stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    stride_dqb, stride_dqh, stride_dql, stride_dqd,
+    n_heads, qk_scale, scale,
+    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: ``dk, dv`` for ``BLOCK_N`` key rows of one (batch, head), looping over all queries,
+    and their ``dq`` contributions added to the fp32 ``DQ``."""
+    off_bh, off_b, off_h, offs_n, offs_m, offs_d, d_ok, offs_d2, d2_ok, k, k2, v, v2, \
+        q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, stride_ql, stride_dol = bwd_program(
+            K, V, Q, DO, stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
+            stride_qb, stride_qh, stride_ql, stride_qd, stride_dob, stride_doh, stride_dol, stride_dod, n_heads,
+            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_N, BLOCK_M)  # fmt: skip
+    lse_ptrs = LSE + off_bh.to(tl.int64) * SEQ + offs_m
+    delta_ptrs = DELTA + off_bh.to(tl.int64) * SEQ + offs_m
+    dq_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
+    dq2_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d2, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
+    dk, dk2, dv, dv2 = _bwd_atomic_inner(
+        k, k2, v, v2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, dq_ptrs, dq2_ptrs, lse_ptrs, delta_ptrs, stride_ql,
+        stride_dol, aligned(stride_dql, ALIGN), offs_m, d_ok, d2_ok, qk_scale, scale, SEQ, HEAD_DIM, BLOCK_D,
+        BLOCK_D2, BLOCK_N, BLOCK_M, SPLIT, PRECISION)  # fmt: skip
+    store_tiles(DK, dk * scale, dk2 * scale, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
+                stride_dkb, stride_dkh, stride_dkl, stride_dkd, SEQ, SPLIT, ALIGN)  # fmt: skip
+    store_tiles(DV, dv, dv2, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
+                stride_dvb, stride_dvh, stride_dvl, stride_dvd, SEQ, SPLIT, ALIGN)  # fmt: skip
+
+
+def atomic_backward(inputs: tuple, strides: tuple, scalars: tuple, dq, dk, dv, grid, split: dict) -> None:
+    """Fill ``dq, dk, dv`` with :func:`_attn_bwd_atomic` (called by ``flash_backward`` with its
+    ``(q, k, v, do, lse, delta)``, their strides, ``(heads, scale * log2(e), scale)``, the key-block
+    grid and the launch meta, whose ``ALIGN`` was checked on ``dq``: the fp32 accumulator has its strides)."""
+    acc = dq if dq.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
+    assert acc.stride() == dq.stride(), (acc.stride(), dq.stride())  # ALIGN holds for acc's strides
+    acc.zero_()
+    seq = inputs[0].shape[2]
+    _attn_bwd_atomic[grid](
+        *inputs, dk, dv, acc, *strides, *dk.stride(), *dv.stride(), *acc.stride(), *scalars, SEQ=seq, **split
+    )
+    if acc is not dq:
+        dq.copy_(acc)
