@@ -73,17 +73,20 @@ by default (exact; FMA dots on a GPU, a correctness path, not a fast one), TF32 
 Inputs are read through their strides, so a ``(B, L, H, D)`` tensor viewed as ``(B, H, L, D)``
 is used in place; outputs are allocated with ``empty_like`` and keep that layout.
 
-Block sizes: in the backward kernels the head dim is one ``BLOCK_D = next_power_of_2(head_dim)``
-tile (min 16), masked when ``head_dim`` is not a power of two (72 runs as 128: the padding costs
-matmul work, not memory traffic). The forward kernel (both modes) splits such a head dim into two
-power-of-two column tiles when that is less work (:func:`forward_meta`: 72 = 64 + 16, i.e. 80
-columns, 1.11x the matmul work of 72 instead of 1.78x; sm_90, JVP 128x64/8 warps: 224 registers,
-0 spills, 164 KB smem, against 255 registers, 44 B spilled and 262 KB, over the limit, padded).
-``seq`` is a compile-time constant, as in the Triton tutorial: the loop trip
-counts and the ragged tail are static (full key blocks run unmasked, the tail block masked),
-at the price of one compile per sequence length; the autotuner keys on it anyway. (It also
-keeps the kernels runnable in the Triton 3.6 interpreter with NumPy 2.4, which cannot use a
-runtime scalar as a ``range`` bound.)
+Block sizes: a head dim that is not a power of two is split into two power-of-two column tiles
+when that is less matmul work than padding it (:func:`imf_kernels.attention_common.split_meta`; the
+forward in both modes and the dk/dv and dq kernels): 72 = 64 + 16, i.e. 80 columns, 1.11x the matmul
+work of 72 instead of 1.78x at 128 (sm_90, JVP 128x64/8 warps: 224 registers, 0 spills, 164 KB
+smem, against 255 registers, 44 B spilled and 262 KB, over the limit, padded). Only the backward
+preprocess reads one masked ``next_power_of_2(head_dim)`` tile (no matmul).
+``seq`` is a compile-time constant, as in the Triton tutorial: loop trip counts are static, a
+sequence that is a multiple of the block runs without any mask, and a ragged one runs the same
+single software-pipelined loop with row-masked loads and the score mask applied in the last block
+only (a block-uniform branch; the first version ran the tail as a second loop with its own pipeline
+prologue: sm_90 at 276 tokens, JVP 128x64/8 warps, the mask adds 20 instructions (4%) to the 464 of
+a hot-path iteration). The price is one compile per sequence length; the autotuner keys on it
+anyway. (It also keeps the kernels runnable in the Triton 3.6 interpreter with NumPy 2.4, which
+cannot use a runtime scalar as a ``range`` bound.)
 
 Tested: CPU Triton interpreter in fp32/fp16 against fp64 autograd / ``torch.func.jvp`` of math
 attention (interpreted bf16 ``tl.dot`` is wrong, so bf16 is covered only by the GPU-marked tests,
@@ -117,72 +120,74 @@ def _fwd_inner(
     seq_len: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr, WITH_TANGENT: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update over all key blocks (the full ones unmasked, then the ragged tail masked),
-    with lazy rescaling and, if ``WITH_TANGENT``, the tangent terms (module docstring). With ``SPLIT``
-    the head dim is two column tiles (``acc2``, ``q2``, ``k2``, ... hold the second)."""
-    n_full: tl.constexpr = (seq_len // BLOCK_N) * BLOCK_N
-    for MASK_N in tl.static_range(2):  # 0: the full blocks, unmasked; 1: the ragged tail
-        for start_n in range(n_full if MASK_N else 0, seq_len if MASK_N else n_full, BLOCK_N):
-            cols = start_n + offs_n
-            k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            if SPLIT:
-                k2 = load_rows(k2_ptrs + start_n * stride_kl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-                qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PRECISION)
-            if MASK_N:
+    """Online-softmax update over all key blocks in one software-pipelined loop, with lazy rescaling
+    and, if ``WITH_TANGENT``, the tangent terms (module docstring). When ``seq_len`` is not a multiple
+    of ``BLOCK_N`` (``RAGGED``), loads zero-fill the key rows past the end and only the last block
+    (a block-uniform branch) sets their scores to ``-inf``. With ``SPLIT`` the head dim is two column
+    tiles (``acc2``, ``q2``, ``k2``, ... hold the second)."""
+    RAGGED: tl.constexpr = seq_len % BLOCK_N != 0
+    for start_n in range(0, seq_len, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_rows(k_ptrs + start_n * stride_kl, cols, seq_len, d_ok, RAGGED, EVEN_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if SPLIT:
+            k2 = load_rows(k2_ptrs + start_n * stride_kl, cols, seq_len, d2_ok, RAGGED, EVEN_D2)
+            qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PRECISION)
+        if RAGGED:
+            if start_n + BLOCK_N > seq_len:  # the last block only
                 qk = tl.where((cols < seq_len)[None, :], qk, float("-inf"))
-            if WITH_TANGENT:
-                k_t = load_rows(kt_ptrs + start_n * stride_ktl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-                s_t = tl.dot(q_t, tl.trans(k), input_precision=PRECISION)
-                s_t = tl.dot(q, tl.trans(k_t), s_t, input_precision=PRECISION)
-                if SPLIT:
-                    k_t2 = load_rows(kt2_ptrs + start_n * stride_ktl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-                    s_t = tl.dot(q_t2, tl.trans(k2), s_t, input_precision=PRECISION)
-                    s_t = tl.dot(q2, tl.trans(k_t2), s_t, input_precision=PRECISION)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with the scale
-            rescale = tl.max(m_new - m_i, 0) > RESCALE_LOG2
-            if rescale:
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                if SPLIT:
-                    acc2 = acc2 * alpha[:, None]
-                if WITH_TANGENT:
-                    r_i = r_i * alpha
-                    acc_t = acc_t * alpha[:, None]
-                    if SPLIT:
-                        acc_t2 = acc_t2 * alpha[:, None]
-                m_i = m_new
-            p = tl.math.exp2(qk * qk_scale - m_i[:, None])  # one FFMA per score
-            l_i += tl.sum(p, 1)
-            v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-            p_lo = p.to(v.dtype)
+        if WITH_TANGENT:
+            k_t = load_rows(kt_ptrs + start_n * stride_ktl, cols, seq_len, d_ok, RAGGED, EVEN_D)
+            s_t = tl.dot(q_t, tl.trans(k), input_precision=PRECISION)
+            s_t = tl.dot(q, tl.trans(k_t), s_t, input_precision=PRECISION)
             if SPLIT:
-                v2 = load_rows(v2_ptrs + start_n * stride_vl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-            if WITH_TANGENT:
-                p_t = p * (s_t * scale - c_i[:, None])
-                r_blk = tl.sum(p_t, 1)
-                if rescale:  # re-centre on the running mean: c += delta keeps the invariant exact
-                    delta = (r_i + r_blk) / l_i
-                    c_i += delta
-                    p_t -= delta[:, None] * p
-                    acc_t -= delta[:, None] * acc
-                    if SPLIT:
-                        acc_t2 -= delta[:, None] * acc2
-                    r_i = r_i + r_blk - delta * l_i
-                else:
-                    r_i += r_blk
-                p_t_lo = p_t.to(v.dtype)
-                v_t = load_rows(vt_ptrs + start_n * stride_vtl, cols, seq_len, d_ok, MASK_N, EVEN_D)
-                acc_t = tl.dot(p_t_lo, v, acc_t, input_precision=PRECISION)
-                acc_t = tl.dot(p_lo, v_t, acc_t, input_precision=PRECISION)
-                if SPLIT:
-                    v_t2 = load_rows(vt2_ptrs + start_n * stride_vtl, cols, seq_len, d2_ok, MASK_N, EVEN_D2)
-                    acc_t2 = tl.dot(p_t_lo, v2, acc_t2, input_precision=PRECISION)
-                    acc_t2 = tl.dot(p_lo, v_t2, acc_t2, input_precision=PRECISION)
-            acc = tl.dot(p_lo, v, acc, input_precision=PRECISION)
+                k_t2 = load_rows(kt2_ptrs + start_n * stride_ktl, cols, seq_len, d2_ok, RAGGED, EVEN_D2)
+                s_t = tl.dot(q_t2, tl.trans(k2), s_t, input_precision=PRECISION)
+                s_t = tl.dot(q2, tl.trans(k_t2), s_t, input_precision=PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with the scale
+        rescale = tl.max(m_new - m_i, 0) > RESCALE_LOG2
+        if rescale:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
             if SPLIT:
-                acc2 = tl.dot(p_lo, v2, acc2, input_precision=PRECISION)
+                acc2 = acc2 * alpha[:, None]
+            if WITH_TANGENT:
+                r_i = r_i * alpha
+                acc_t = acc_t * alpha[:, None]
+                if SPLIT:
+                    acc_t2 = acc_t2 * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(qk * qk_scale - m_i[:, None])  # one FFMA per score
+        l_i += tl.sum(p, 1)
+        v = load_rows(v_ptrs + start_n * stride_vl, cols, seq_len, d_ok, RAGGED, EVEN_D)
+        p_lo = p.to(v.dtype)
+        if SPLIT:
+            v2 = load_rows(v2_ptrs + start_n * stride_vl, cols, seq_len, d2_ok, RAGGED, EVEN_D2)
+        if WITH_TANGENT:
+            p_t = p * (s_t * scale - c_i[:, None])
+            r_blk = tl.sum(p_t, 1)
+            if rescale:  # re-centre on the running mean: c += delta keeps the invariant exact
+                delta = (r_i + r_blk) / l_i
+                c_i += delta
+                p_t -= delta[:, None] * p
+                acc_t -= delta[:, None] * acc
+                if SPLIT:
+                    acc_t2 -= delta[:, None] * acc2
+                r_i = r_i + r_blk - delta * l_i
+            else:
+                r_i += r_blk
+            p_t_lo = p_t.to(v.dtype)
+            v_t = load_rows(vt_ptrs + start_n * stride_vtl, cols, seq_len, d_ok, RAGGED, EVEN_D)
+            acc_t = tl.dot(p_t_lo, v, acc_t, input_precision=PRECISION)
+            acc_t = tl.dot(p_lo, v_t, acc_t, input_precision=PRECISION)
+            if SPLIT:
+                v_t2 = load_rows(vt2_ptrs + start_n * stride_vtl, cols, seq_len, d2_ok, RAGGED, EVEN_D2)
+                acc_t2 = tl.dot(p_t_lo, v2, acc_t2, input_precision=PRECISION)
+                acc_t2 = tl.dot(p_lo, v_t2, acc_t2, input_precision=PRECISION)
+        acc = tl.dot(p_lo, v, acc, input_precision=PRECISION)
+        if SPLIT:
+            acc2 = tl.dot(p_lo, v2, acc2, input_precision=PRECISION)
     return acc, acc2, acc_t, acc_t2, l_i, r_i, m_i, c_i
 
 
