@@ -37,8 +37,12 @@ memory-bound elementwise pass, 6 bytes per element, against O(L D) work per elem
 so a Triton cast kernel would gain nothing and add a kernel to tune and gate). For fp32 inputs the
 adds go straight into the zeroed ``dq``: no extra buffer, no cast.
 
-The atomics are ``sem="relaxed"`` (only the sum after the kernel is read: no ordering needed) and
-their result is unused, so they lower to reductions (``red``), not fetch-and-add.
+The adds are ``tl.atomic_add(..., sem="relaxed")``: only the sum after the kernel is read, so no
+ordering is needed. On sm_90 Triton emits ``atom.global.gpu.relaxed.add.v4.f32`` and ptxas, the result
+being unused, ``REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU``: 16-byte vector reductions (4 per thread and
+iteration at d64, 64x128, 8 warps; 5 at d72, the 16-column tile adding one), each predicated on its
+row when ``seq`` leaves a ragged block (static compile; ``FTZ``: a subnormal fp32 partial sum is
+flushed to zero).
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
 from ._layout import aligned, tile_ptrs
-from .attention_bwd_op import bwd_autotune, bwd_program, store_tiles, stream_block
+from .attention_bwd_op import bwd_program, store_tiles, stream_block
+from .attention_common import SMEM_SLACK, tile_configs
 
 BWD_ENV = "IMF_KERNELS_ATTN_BWD"
 BWD_PATHS = ("deterministic", "atomic")
@@ -131,23 +137,48 @@ def _bwd_atomic_inner(
     return dk, dk2, dv, dv2
 
 
+def _columns(meta: dict) -> int:
+    """Head-dim columns a program computes: ``BLOCK_D`` (+ ``BLOCK_D2`` when split)."""
+    return meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)
+
+
 def _atomic_smem(meta: dict, num_stages: int) -> int:
-    """Shared memory of :func:`_attn_bwd_atomic`: resident ``k, v``, buffered ``q, do`` tiles, and the
-    ``dS^T`` tile that the ``dq`` matmul reads transposed (2 bytes per element, 4 in fp32)."""
-    size = meta["Q"].element_size()
-    tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * size
-    return tile * (2 * meta["BLOCK_N"] + num_stages * 2 * meta["BLOCK_M"]) + meta["BLOCK_M"] * meta["BLOCK_N"] * size
+    """Shared memory of :func:`_attn_bwd_atomic`: resident ``k, v`` plus buffered ``q, do`` tiles (as
+    ``_attn_bwd_dkdv``), a second copy of ``k`` (the ``dq`` matmul's B operand), the ``dS^T`` tile
+    read transposed and one more ``BLOCK_M x BLOCK_N`` of layout-conversion scratch, plus slack.
+    Calibrated on sm_90 compiles: for every kept config at d64 / d72 / d128 it is 3,072-36,352 B above
+    the compiled size (without the last three terms it was up to 37 KB below)."""
+    size, m, n = meta["Q"].element_size(), meta["BLOCK_M"], meta["BLOCK_N"]
+    tile = _columns(meta) * size
+    return tile * (3 * n + num_stages * 2 * m) + 2 * m * n * size + SMEM_SLACK
 
 
-# Rule: see the module docstring's config paragraph (filled from sm_90 compiles).
-ATOMIC_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-    for m, n, w in ((64, 128, 8), (32, 128, 8), (32, 64, 4), (64, 64, 8), (64, 64, 4), (32, 64, 8), (16, 128, 8))
-    for s in (3, 2)
-]
+def _prune(configs: list, meta: dict) -> list:
+    """Drop the 64 x 128 tile above 80 head-dim columns (it spills at d128, see the rule below)."""
+    return [c for c in configs if _columns(meta) <= 80 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 128]
 
 
-@bwd_autotune(ATOMIC_CONFIGS, _atomic_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}))
+# Rule (sm_90 compiles, bf16: iMF-B/2 = seq 276 d64; seq 4096 d64, d72 = 64 + 16, d128): 8 warps
+# throughout (on 4 warps 64x64 spills 4-12 B at d72 and 388-420 B at d128, 32x64 68-72 B at d128);
+# BLOCK_N (resident keys) 128 or 64, BLOCK_M (streamed queries) 32 or 64, 2 or 3 stages; 64x128 only
+# up to 80 columns (:func:`_prune`; it spills 76-84 B at d128); 16x128 dropped (scalar 16-bit loads at
+# d72). Kept, registers and shared bytes (s2-s3), no spills, 16-byte loads, wgmma, REDG.F32x4 adds:
+#   64x128  d64 220-248, 82,432-99,328    d72 237-238, 115,200-136,192   d128 pruned
+#   32x128  d64 157-181, 73,984-82,432    d72 246, 90,368-100,864        d128 216-218, 139,520-156,160
+#   64x64   d64 189-229, 66,048-82,944    d72 210-211, 86,528-107,520    d128 237-240, 131,584-164,864
+#   32x64   d64 113-128, 49,408-57,856    d72 224, 59,648-70,144         d128 168-171, 90,368-107,008
+# First = the pinned default: the largest tile, i.e. the fewest dq adds per element (L / BLOCK_N).
+ATOMIC_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (64, 64, 8), (32, 64, 8)), num_stages=(3, 2))
+
+
+@_tuning.autotune(
+    candidates=ATOMIC_CONFIGS,
+    key=["SEQ", "HEAD_DIM"],
+    smem_bytes=_atomic_smem,
+    tensor_arg="Q",
+    prune=_prune,
+    interpret_config=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
+)
 @triton.jit
 def _attn_bwd_atomic(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ,

@@ -8,11 +8,17 @@
                    on the rest of the batch) and the backward, on q/k/v viewed out of one fused
                    ``(B, L, 3, H, D)`` projection, as the MF DiT block does.
 
+Each shape runs twice, once per attention backward (``IMF_KERNELS_ATTN_BWD`` = ``deterministic``,
+``atomic``), so the report covers both; the launches they share are compiled once.
+
 Per-GPU batch 32 (prefix 16): the batch only enters integer arguments (row counts), whose
 divisibility by 16 it keeps as at the training batch sizes (multiples of 16).
 """
 
 from __future__ import annotations
+
+import os
+from unittest import mock
 
 import torch
 
@@ -56,10 +62,12 @@ def capture(shape: str, archs: tuple[int, ...]) -> list[Launch]:
     kind, spec = parse(shape)
     recorder = Recorder(archs, shape)
     with mock_device(archs[0]), recorder.active():
-        if kind == "preset":
-            _model_step(spec["name"])
-        else:
-            _attention_step(DTYPES[spec["dtype"]], spec["seq"], spec["head_dim"])
+        for path in ("deterministic", "atomic"):  # both attention backwards; the repeated launches dedupe in plan
+            with mock.patch.dict(os.environ, {"IMF_KERNELS_ATTN_BWD": path}):
+                if kind == "preset":
+                    _model_step(spec["name"])
+                else:
+                    _attention_step(DTYPES[spec["dtype"]], spec["seq"], spec["head_dim"])
     return recorder.launches
 
 
