@@ -21,8 +21,8 @@ streams all query blocks (like ``_attn_bwd_dkdv``, transposed: ``S^T = k q^T``).
 5 matmuls of ``L x L x D`` per (batch, head) against 7 for the deterministic pair (whose ``dq`` kernel
 recomputes ``S`` and ``dP``). With a split head dim (72 = 64 + 16, see
 :func:`imf_kernels.attention_common.split_meta`) both column tiles of ``dq`` are added. Padded key
-rows (past ``seq``) are zero in ``k``, so their ``dS`` adds exactly zero; padded query rows have
-``lse = +inf`` (``P = 0``) and are masked out of the adds.
+rows (past ``seq``) are zero in ``k``, so their ``dS`` adds exactly zero; padded query rows load as
+zeros with the padded ``lse = +inf`` (``P = 0``) and are masked out of the adds.
 
 **Not deterministic.** Every key block adds its ``BLOCK_M x D`` contribution to the same ``dq`` rows;
 the order in which the ``cdiv(L, BLOCK_N)`` adds of a row land depends on scheduling, and fp32 addition
@@ -56,7 +56,7 @@ import triton.language as tl
 
 from . import _tuning
 from ._layout import aligned, tile_ptrs
-from .attention_bwd_op import bwd_program, store_tiles, stream_block
+from .attention_bwd_op import bwd_program, stats_row, store_tiles, stream_block
 from .attention_common import SMEM_SLACK, tile_configs
 
 BWD_ENV = "IMF_KERNELS_ATTN_BWD"
@@ -102,8 +102,8 @@ def _bwd_atomic_inner(
     BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` of the resident keys over all query blocks, and
-    each block's ``s dS k`` added to ``dq`` (module docstring). One loop: masked (rows and ``lse``) only
-    when ``seq_len`` leaves a ragged last query block."""
+    each block's ``s dS k`` added to ``dq`` (module docstring). One loop; when ``seq_len`` leaves a
+    ragged last query block (``RAGGED``), the ``q, do`` loads and the ``dq`` adds are row-masked."""
     EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
     EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
     RAGGED: tl.constexpr = seq_len % BLOCK_M != 0
@@ -112,12 +112,8 @@ def _bwd_atomic_inner(
     for start_m in range(0, seq_len, BLOCK_M):
         rows, q, q2, do, do2, s_t = stream_block(k, k2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, start_m, stride_ql,
             stride_dol, offs_m, d_ok, d2_ok, seq_len, RAGGED, EVEN_D, EVEN_D2, SPLIT, PRECISION)  # fmt: skip
-        if RAGGED:
-            lse = tl.load(lse_ptrs + start_m, mask=rows < seq_len, other=float("inf"))
-            delta = tl.load(delta_ptrs + start_m, mask=rows < seq_len, other=0.0)
-        else:
-            lse = tl.load(lse_ptrs + start_m)
-            delta = tl.load(delta_ptrs + start_m)
+        lse = tl.load(lse_ptrs + start_m)  # padded (attention_bwd_op's docstring): no mask
+        delta = tl.load(delta_ptrs + start_m)
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         p_lo = p_t.to(do.dtype)
         dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
@@ -197,8 +193,8 @@ def _attn_bwd_atomic(
             K, V, Q, DO, stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
             stride_qb, stride_qh, stride_ql, stride_qd, stride_dob, stride_doh, stride_dol, stride_dod, n_heads,
             SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_N, BLOCK_M)  # fmt: skip
-    lse_ptrs = LSE + off_bh.to(tl.int64) * SEQ + offs_m
-    delta_ptrs = DELTA + off_bh.to(tl.int64) * SEQ + offs_m
+    lse_ptrs = LSE + stats_row(off_bh, SEQ) + offs_m
+    delta_ptrs = DELTA + stats_row(off_bh, SEQ) + offs_m
     dq_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
     dq2_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d2, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
     dk, dk2, dv, dv2 = _bwd_atomic_inner(
