@@ -3,7 +3,10 @@
 Library only (the CLI lives in ``bench/__main__.py``); every function returns a list of row dicts.
 
 * ``attention`` (``imf_kernels.attention``) vs torch SDPA with the flash backend and, where it
-  runs, the cuDNN backend; modes ``fwd`` and ``fwd+bwd``.
+  runs, the cuDNN backend; modes ``fwd`` and ``fwd+bwd``. In ``fwd+bwd`` also
+  ``imf_kernels_atomic_bwd``: the same op with the opt-in 5-matmul backward
+  (``IMF_KERNELS_ATTN_BWD=atomic``, :mod:`imf_kernels.attention_bwd_atomic_op`); its ``imf_speedup``
+  is its time over the default deterministic backward's (< 1: atomic is faster).
 * ``attention_jvp`` (``imf_kernels.attention_jvp``: primal + tangent forward, then the backward of
   the primal only) vs ``torch.func.jvp`` over math attention + autograd
   (:func:`imf_kernels.reference.attention_jvp_autodiff`) and vs the PyPI package
@@ -39,8 +42,10 @@ memory numbers) to check the harness, not speed.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import imf_kernels
 import torch
@@ -100,9 +105,15 @@ def _jvp_flash_attention(x: Inputs):
         return fwAD.unpack_dual(JVPAttn.fwd_dual(*duals)).primal
 
 
+# Implementations that are ours with another backward: timed in fwd+bwd only, with IMF_KERNELS_ATTN_BWD set.
+BACKWARD_PATHS = {"imf_kernels_atomic_bwd": "atomic"}
+
+
 def attention_impls(device) -> dict[str, Callable[[Inputs], torch.Tensor]]:
-    """``name -> fn(inputs) -> o`` for the primal op: ours and the SDPA backends available on ``device``."""
+    """``name -> fn(inputs) -> o`` for the primal op: ours (with each backward path) and the SDPA backends
+    available on ``device``."""
     impls = {"imf_kernels": lambda x: imf_kernels.attention(x.q, x.k, x.v)}
+    impls.update(dict.fromkeys(BACKWARD_PATHS, impls["imf_kernels"]))
     impls["sdpa_flash"] = _sdpa(SDPBackend.FLASH_ATTENTION)
     if torch.device(device).type == "cuda" and torch.backends.cudnn.is_available():
         impls["sdpa_cudnn"] = _sdpa(SDPBackend.CUDNN_ATTENTION)
@@ -177,10 +188,14 @@ def bench_op(
             for mode in modes:
                 ours = None
                 for impl, fn in impls.items():
+                    if impl in BACKWARD_PATHS and mode == "fwd":
+                        continue  # the same forward as imf_kernels
                     row = {"op": op, "mode": mode, "impl": impl, "device": name, "dtype": str(dtype)[6:]}
                     row.update(batch=batch, heads=heads, seq=seq, head_dim=head_dim)
+                    env = {"IMF_KERNELS_ATTN_BWD": BACKWARD_PATHS.get(impl, "deterministic")}
                     try:
-                        row.update(_measure(_step(fn, x, mode), x, device, reps))
+                        with mock.patch.dict(os.environ, env):
+                            row.update(_measure(_step(fn, x, mode), x, device, reps))
                     except Exception as err:  # a baseline that cannot run this shape (OOM, unsupported)
                         row["error"] = f"{type(err).__name__}: {err}"[:300]
                         if torch.device(device).type == "cuda":

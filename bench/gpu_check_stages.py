@@ -14,6 +14,8 @@ The measurements reuse the benchmark library (``bench.common``, ``bench.attentio
    in-process with a plugin that records every test's outcome as it finishes.
 3. :func:`kernels`: :func:`bench.attention_bench.bench_op` for attention and attention_jvp at the
    headline shapes, one shape at a time, most important first; each row gains ``pct_matmul_peak``.
+   Attention fwd+bwd runs with both backwards (``imf_kernels``: deterministic, the default;
+   ``imf_kernels_atomic_bwd``: ``IMF_KERNELS_ATTN_BWD=atomic``; its ``imf_speedup`` is atomic / deterministic).
 4. :func:`training_step`: :func:`bench.step_bench.run_variant` for a list of (preset, variant, batch);
    used twice: iMF-B/2 (engine, reference eager, flow matching compiled, reference compiled), then
    iMF-XL/2 (its MFU target) and MF-B/2 while the budget lasts.
@@ -97,7 +99,8 @@ def plan(smoke: bool = False) -> list[Stage]:
         Stage(
             "kernels",
             "attention kernels vs SDPA flash / cuDNN / torch.func.jvp / jvp-flash-attention",
-            "attention + attention_jvp, fwd and fwd+bwd, (seq, head_dim): "
+            "attention + attention_jvp, fwd and fwd+bwd (attention fwd+bwd also with the atomic backward), "
+            "(seq, head_dim): "
             + ", ".join(f"{s}x{d}" for s, d, _ in (SMOKE_KERNEL_SHAPES if smoke else KERNEL_SHAPES)),
             115,
             f"{me}:kernels",

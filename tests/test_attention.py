@@ -382,7 +382,7 @@ def test_bench_smoke():
         )
         for mode in ("fwd", "fwd+bwd")
         for impl in impls
-    }
+    } | {("attention", "fwd+bwd", "imf_kernels_atomic_bwd")}  # the opt-in backward, fwd+bwd only
     assert {(r["op"], r["mode"], r["impl"]) for r in rows} == expected
     assert all("error" not in r and r["ms"] > 0 and r["tflops"] > 0 for r in rows)
 
