@@ -31,6 +31,10 @@ and ``dv`` are written once per program and are reproducible). ``torch.use_deter
 therefore refuses this path (``RuntimeError``; with ``warn_only=True`` a warning), as torch does for its
 own non-deterministic ops. The trainer promises bitwise resume, hence the deterministic default.
 
+**Traffic.** Every ``dq`` element receives ``cdiv(L, BLOCK_N)`` fp32 adds (32 at seq 4096 with
+``BLOCK_N = 128``), mostly absorbed by L2; whether two fewer matmuls beat that is for a GPU
+measurement to decide (``python -m bench kernels``, row ``imf_kernels_atomic_bwd``).
+
 **Memory.** An fp32 ``(B, H, L, D)`` accumulator (zeroed, the strides of ``dq``), ``4 B H L D`` bytes on
 top of the gradients, for 16-bit inputs; at the end it is cast into ``dq`` by torch (``dq.copy_``: one
 memory-bound elementwise pass, 6 bytes per element, against O(L D) work per element in the kernel,
@@ -154,15 +158,15 @@ def _prune(configs: list, meta: dict) -> list:
     return [c for c in configs if _columns(meta) <= 80 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 128]
 
 
-# Rule (sm_90 compiles, bf16: iMF-B/2 = seq 276 d64; seq 4096 d64, d72 = 64 + 16, d128): 8 warps
-# throughout (on 4 warps 64x64 spills 4-12 B at d72 and 388-420 B at d128, 32x64 68-72 B at d128);
-# BLOCK_N (resident keys) 128 or 64, BLOCK_M (streamed queries) 32 or 64, 2 or 3 stages; 64x128 only
+# Rule (sm_90 compiles, bf16: iMF-B/2 = seq 276 d64; MF-XL/2 = seq 256 d72; seq 4096 d64, d72 = 64 + 16,
+# d128): 8 warps throughout (on 4 warps 64x64 spills 4-12 B at d72 and 388-420 B at d128, 32x64 68-72 B at
+# d128); BLOCK_N (resident keys) 128 or 64, BLOCK_M (streamed queries) 32 or 64, 2 or 3 stages; 64x128 only
 # up to 80 columns (:func:`_prune`; it spills 76-84 B at d128); 16x128 dropped (scalar 16-bit loads at
 # d72). Kept, registers and shared bytes (s2-s3), no spills, 16-byte loads, wgmma, REDG.F32x4 adds:
-#   64x128  d64 220-248, 82,432-99,328    d72 237-238, 115,200-136,192   d128 pruned
-#   32x128  d64 157-181, 73,984-82,432    d72 246, 90,368-100,864        d128 216-218, 139,520-156,160
-#   64x64   d64 189-229, 66,048-82,944    d72 210-211, 86,528-107,520    d128 237-240, 131,584-164,864
-#   32x64   d64 113-128, 49,408-57,856    d72 224, 59,648-70,144         d128 168-171, 90,368-107,008
+#   64x128  d64 220-224, 82,432-99,328    d72 237-238, 115,200-136,192   d128 pruned
+#   32x128  d64 157-161, 73,984-82,432    d72 246, 90,368-100,864        d128 216-218, 139,520-156,160
+#   64x64   d64 189-192, 66,048-82,944    d72 210-211, 86,528-107,520    d128 237-240, 131,584-164,864
+#   32x64   d64 113-117, 49,408-57,856    d72 224, 59,648-70,144         d128 168-171, 90,368-107,008
 # First = the pinned default: the largest tile, i.e. the fewest dq adds per element (L / BLOCK_N).
 ATOMIC_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (64, 64, 8), (32, 64, 8)), num_stages=(3, 2))
 

@@ -24,9 +24,18 @@ Backward, given ``do = dLoss/do``::
     dP = do v^T        dS = P * (dP - delta)
     dv = P^T do        dk = s dS^T q       dq = s dS k
 
-computed by two kernels (:mod:`imf_kernels.attention_bwd_op`) without atomics (so the gradients are
-deterministic): one program per key block accumulates ``dk, dv`` over all query blocks, one program
-per query block accumulates ``dq`` over all key blocks; both recompute ``P`` from ``lse``.
+computed on one of two paths, chosen at each backward call by ``IMF_KERNELS_ATTN_BWD``:
+
+* ``deterministic`` (default; :mod:`imf_kernels.attention_bwd_op`): two kernels without atomics, so the
+  gradients are bitwise reproducible (the trainer's resume relies on it): one program per key block
+  accumulates ``dk, dv`` over all query blocks, one program per query block accumulates ``dq`` over all
+  key blocks; both recompute ``P`` from ``lse``: 7 matmuls of ``L x L x D``.
+* ``atomic`` (opt-in; :mod:`imf_kernels.attention_bwd_atomic_op`): FlashAttention-2's one kernel per
+  key block, which also adds its ``s dS k`` into an fp32 ``dq`` buffer with atomic adds: 5 matmuls, at
+  the price of ``cdiv(L, BLOCK_N)`` fp32 adds per ``dq`` element, an fp32 ``(B, H, L, D)`` buffer for
+  16-bit inputs and a ``dq`` whose last bits depend on the order of the adds (refused under
+  ``torch.use_deterministic_algorithms(True)``). Use it where the GPU benchmark shows it faster
+  (``python -m bench kernels``: ``imf_kernels_atomic_bwd``) and bitwise reproducibility is not needed.
 
 Tangent (forward mode), tangents ``q_t, k_t, v_t``::
 
