@@ -4,7 +4,8 @@ bound of :func:`numerics.assert_bound`, through :func:`test_attention.check_atte
 against the deterministic path, the variable's errors and the deterministic-algorithms refusal.
 CPU cases run under ``TRITON_INTERPRET=1`` in fp32/fp16 on small odd shapes (seq 1 / 17 / 33,
 head_dim 16 / 64 / 72 = 64 + 16 split, model-layout ``(B, L, H, D)`` views); every buffer allocated
-while a test runs is NaN-filled, so an unwritten or un-zeroed element fails the bound."""
+while a test runs is NaN-filled, so an unwritten or un-zeroed element fails the bound. bf16 and the
+training / long shapes, with real atomics, are in the GPU-marked test (not yet run on a GPU)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,14 @@ def test_configs_follow_their_rule():
     meta = {**d128, "Q": torch.empty(0, dtype=F16)}
     assert all(smem({**meta, **c.kwargs}, c.num_stages) <= H100_SMEM for c in wide)
     assert _tuning.prune_by_shared_memory(wide, meta, smem, H100_SMEM) == wide
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq, head_dim", [(276, 64), (256, 72), (1024, 128), (4096, 64)])
+def test_atomic_backward_gpu(monkeypatch, dtype, seq, head_dim):
+    """Real atomics on the GPU: bf16 (wrong under the interpreter) and the training / long shapes."""
+    monkeypatch.setenv(ENV, "atomic")
+    batch, heads = (4, 6) if seq <= 1024 else (1, 4)
+    q, k, v = (make((batch, heads, seq, head_dim), dtype, grad=True, device="cuda") for _ in range(3))
+    check_attention_grads(attention(q, k, v), q, k, v, dtype)
