@@ -78,3 +78,16 @@ def load_rows(ptrs, rows, n_rows, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.cons
     else:
         x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
     return x
+
+
+@triton.jit
+def add_rows(ptrs, x, rows, n_rows, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """``atomic_add`` of a ``(rows, BLOCK_D)`` fp32 tile (relaxed: only the final sum is read), skipping
+    rows ``>= n_rows`` (if ``MASK_ROWS``) and padded head-dim columns (unless ``EVEN_D``); the
+    accumulating mirror of :func:`load_rows`."""
+    if MASK_ROWS:
+        tl.atomic_add(ptrs, x, mask=(rows < n_rows)[:, None] & d_ok[None, :], sem="relaxed")
+    elif EVEN_D:
+        tl.atomic_add(ptrs, x, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, mask=d_ok[None, :], sem="relaxed")

@@ -3,7 +3,7 @@
 Each kernel lists its candidate configs next to itself (its preferred config first) and says how
 much shared memory a config needs; :func:`autotune` turns that into a :class:`Tuner` (Triton's
 ``Autotuner`` keyed on the shape arguments; Triton adds the dtypes) whose ``early_config_prune``
-drops the configs that cannot launch on the current device (too much shared memory) and whatever
+drops the configs that cannot launch on the current device (too much shared memory), then whatever
 the kernel's own ``prune`` rule rejects.
 
 How a config is chosen for a new key, in this order:
@@ -225,12 +225,12 @@ def autotune(
 ):
     """A :class:`Tuner` over ``candidates`` keyed on ``key`` (argument names).
 
-    Pruning: ``prune(configs, meta)`` (the kernel's own rule, optional), then
-    :func:`prune_by_shared_memory` with ``smem_bytes`` on the device of argument ``tensor_arg`` (if
-    given). ``pinned``: the config ``IMF_KERNELS_PINNED=1`` uses (one of ``candidates``, or a function of
-    the launch arguments returning one); default the first candidate surviving pruning. ``name``: the
-    kernel's name in the config cache (default ``module.function``). Under the interpreter: the single
-    ``interpret_config``.
+    Pruning: :func:`prune_by_shared_memory` with ``smem_bytes`` on the device of argument ``tensor_arg``
+    (if given), then ``prune(configs, meta)`` (the kernel's own rule, optional; it sees only configs
+    that fit, so a fallback it picks can launch). ``pinned``: the config ``IMF_KERNELS_PINNED=1`` uses
+    (one of ``candidates``, or a function of the launch arguments returning one); default the first
+    candidate surviving pruning. ``name``: the kernel's name in the config cache (default
+    ``module.function``). Under the interpreter: the single ``interpret_config``.
     """
     if interpreting():
         return triton.autotune(configs=[interpret_config], key=key)
@@ -240,10 +240,9 @@ def autotune(
         raise ValueError("autotune: give smem_bytes and tensor_arg together (or neither)")
 
     def prune_all(configs_, meta):
-        kept = (prune(configs_, meta) or configs_[:1]) if prune is not None else configs_
-        if smem_bytes is None:
-            return kept
-        return prune_by_shared_memory(kept, meta, smem_bytes, shared_memory_limit(meta[tensor_arg].device))
+        if smem_bytes is not None:
+            configs_ = prune_by_shared_memory(configs_, meta, smem_bytes, shared_memory_limit(meta[tensor_arg].device))
+        return (prune(configs_, meta) or configs_[:1]) if prune is not None else configs_
 
     def decorator(fn):
         return Tuner(

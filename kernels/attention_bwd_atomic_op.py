@@ -60,8 +60,8 @@ import triton.language as tl
 
 from . import _tuning
 from ._layout import aligned, tile_ptrs
-from .attention_bwd_op import bwd_program, stats_row, store_tiles, stream_block
-from .attention_common import SMEM_SLACK, tile_configs
+from .attention_bwd_op import bwd_dkdv_inner, bwd_program, stats_row, store_tiles
+from .attention_common import SMEM_SLACK, drop_sm8x_spills, head_columns, tile_configs
 
 BWD_ENV = "IMF_KERNELS_ATTN_BWD"
 BWD_PATHS = ("deterministic", "atomic")
@@ -86,62 +86,6 @@ def backward_path() -> str:
     return path
 
 
-@triton.jit
-def _add_rows(ptrs, x, rows, n_rows, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
-    """``atomic_add`` of a ``(rows, BLOCK_D)`` fp32 tile, skipping rows ``>= n_rows`` (if ``MASK_ROWS``)
-    and padded head-dim columns (unless ``EVEN_D``); the store-side mirror of ``load_rows``."""
-    if MASK_ROWS:
-        tl.atomic_add(ptrs, x, mask=(rows < n_rows)[:, None] & d_ok[None, :], sem="relaxed")
-    elif EVEN_D:
-        tl.atomic_add(ptrs, x, sem="relaxed")
-    else:
-        tl.atomic_add(ptrs, x, mask=d_ok[None, :], sem="relaxed")
-
-
-@triton.jit
-def _bwd_atomic_inner(
-    k, k2, v, v2,
-    q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, dq_ptrs, dq2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol, stride_dql,
-    offs_m, d_ok, d2_ok, qk_scale, scale, seq_len: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` of the resident keys over all query blocks, and
-    each block's ``s dS k`` added to ``dq`` (module docstring). One loop; when ``seq_len`` leaves a
-    ragged last query block (``RAGGED``), the ``q, do`` loads and the ``dq`` adds are row-masked."""
-    EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
-    EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
-    RAGGED: tl.constexpr = seq_len % BLOCK_M != 0
-    dk, dk2 = tl.zeros(k.shape, tl.float32), tl.zeros(k2.shape, tl.float32)
-    dv, dv2 = tl.zeros(v.shape, tl.float32), tl.zeros(v2.shape, tl.float32)
-    for start_m in range(0, seq_len, BLOCK_M):
-        rows, q, q2, do, do2, s_t = stream_block(k, k2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, start_m, stride_ql,
-            stride_dol, offs_m, d_ok, d2_ok, seq_len, RAGGED, EVEN_D, EVEN_D2, SPLIT, PRECISION)  # fmt: skip
-        lse = tl.load(lse_ptrs + start_m)  # padded (attention_bwd_op's docstring): no mask
-        delta = tl.load(delta_ptrs + start_m)
-        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
-        p_lo = p_t.to(do.dtype)
-        dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if SPLIT:
-            dv2 = tl.dot(p_lo, do2, dv2, input_precision=PRECISION)
-            dp_t = tl.dot(v2, tl.trans(do2), dp_t, input_precision=PRECISION)
-        ds_lo = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_lo, q, dk, input_precision=PRECISION)
-        ds = tl.trans(ds_lo)
-        dq = tl.dot(ds, k, input_precision=PRECISION) * scale
-        _add_rows(dq_ptrs + start_m * stride_dql, dq, rows, seq_len, d_ok, RAGGED, EVEN_D)
-        if SPLIT:
-            dk2 = tl.dot(ds_lo, q2, dk2, input_precision=PRECISION)
-            dq2 = tl.dot(ds, k2, input_precision=PRECISION) * scale
-            _add_rows(dq2_ptrs + start_m * stride_dql, dq2, rows, seq_len, d2_ok, RAGGED, EVEN_D2)
-    return dk, dk2, dv, dv2
-
-
-def _columns(meta: dict) -> int:
-    """Head-dim columns a program computes: ``BLOCK_D`` (+ ``BLOCK_D2`` when split)."""
-    return meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)
-
-
 def _atomic_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_bwd_atomic`: resident ``k, v`` plus buffered ``q, do`` tiles (as
     ``_attn_bwd_dkdv``), a second copy of ``k`` (the ``dq`` matmul's B operand), the ``dS^T`` tile
@@ -149,13 +93,15 @@ def _atomic_smem(meta: dict, num_stages: int) -> int:
     Calibrated on sm_90 compiles: for every kept config at d64 / d72 / d128 it is 3,072-36,352 B above
     the compiled size (without the last three terms it was up to 37 KB below)."""
     size, m, n = meta["Q"].element_size(), meta["BLOCK_M"], meta["BLOCK_N"]
-    tile = _columns(meta) * size
+    tile = head_columns(meta) * size
     return tile * (3 * n + num_stages * 2 * m) + 2 * m * n * size + SMEM_SLACK
 
 
 def _prune(configs: list, meta: dict) -> list:
-    """Drop the 64 x 128 tile above 80 head-dim columns (it spills at d128, see the rule below)."""
-    return [c for c in configs if _columns(meta) <= 80 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 128]
+    """Drop the 64 x 128 tile above 80 head-dim columns (it spills at d128, see the rule below) and, on
+    sm_8x, the tiles :data:`imf_kernels.attention_common.SM8X_SPILLS` lists."""
+    kept = [c for c in configs if head_columns(meta) <= 80 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 128]
+    return drop_sm8x_spills("atomic", kept, meta)
 
 
 # Rule (sm_90 compiles, bf16: iMF-B/2 = seq 276 d64; MF-XL/2 = seq 256 d72; seq 4096 d64, d72 = 64 + 16,
@@ -201,10 +147,10 @@ def _attn_bwd_atomic(
     delta_ptrs = DELTA + stats_row(off_bh, SEQ) + offs_m
     dq_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
     dq2_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d2, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
-    dk, dk2, dv, dv2 = _bwd_atomic_inner(
-        k, k2, v, v2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, dq_ptrs, dq2_ptrs, lse_ptrs, delta_ptrs, stride_ql,
-        stride_dol, aligned(stride_dql, ALIGN), offs_m, d_ok, d2_ok, qk_scale, scale, SEQ, HEAD_DIM, BLOCK_D,
-        BLOCK_D2, BLOCK_N, BLOCK_M, SPLIT, PRECISION)  # fmt: skip
+    dk, dk2, dv, dv2 = bwd_dkdv_inner(
+        k, k2, v, v2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
+        dq_ptrs, dq2_ptrs, aligned(stride_dql, ALIGN), offs_m, d_ok, d2_ok, qk_scale, scale, SEQ, HEAD_DIM,
+        BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_M, SPLIT, PRECISION, True)  # fmt: skip
     store_tiles(DK, dk * scale, dk2 * scale, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
                 stride_dkb, stride_dkh, stride_dkl, stride_dkd, SEQ, SPLIT, ALIGN)  # fmt: skip
     store_tiles(DV, dv, dv2, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,

@@ -30,12 +30,15 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._layout import aligned, load_rows, tile_ptrs
+from ._layout import add_rows, aligned, load_rows, tile_ptrs
 from .attention_common import (
     LOG2E,
     SMEM_SLACK,
     alloc,
+    drop_sm8x_spills,
+    head_columns,
     kernel_meta,
+    least_padding,
     program_ids,
     program_offsets,
     row_grid,
@@ -191,16 +194,19 @@ def store_tiles(
 
 
 @triton.jit
-def _bwd_dkdv_inner(
+def bwd_dkdv_inner(
     k, k2, v, v2,
-    q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
-    offs_m, d_ok, d2_ok, qk_scale, seq_len: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol, dq_ptrs, dq2_ptrs, stride_dql,
+    offs_m, d_ok, d2_ok, qk_scale, scale, seq_len: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     """``dk`` (unscaled ``dS^T q``) and ``dv = P^T do`` of the resident keys, accumulated over all
     query blocks in one loop (``dk2, dv2, k2, ...``: the second column tile when ``SPLIT``). When
     ``seq_len`` is not a multiple of ``BLOCK_M`` (``RAGGED``), query rows past the end load as zeros
-    and their padded ``lse = +inf`` gives ``P = 0`` exactly, so no score needs masking."""
+    and their padded ``lse = +inf`` gives ``P = 0`` exactly, so no score needs masking. With
+    ``ATOMIC_DQ`` (:mod:`imf_kernels.attention_bwd_atomic_op`) each block's ``s dS k`` is also added
+    to the fp32 ``dq`` rows at ``dq_ptrs`` (``dq2_ptrs``; unused otherwise)."""
     EVEN_D: tl.constexpr = SPLIT or HEAD_DIM == BLOCK_D  # as in bwd_program
     EVEN_D2: tl.constexpr = BLOCK_D + BLOCK_D2 == HEAD_DIM
     RAGGED: tl.constexpr = seq_len % BLOCK_M != 0
@@ -222,24 +228,39 @@ def _bwd_dkdv_inner(
         dk = tl.dot(ds_lo, q, dk, input_precision=PRECISION)
         if SPLIT:
             dk2 = tl.dot(ds_lo, q2, dk2, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            ds = tl.trans(ds_lo)
+            dq = tl.dot(ds, k, input_precision=PRECISION) * scale
+            add_rows(dq_ptrs + start_m * stride_dql, dq, rows, seq_len, d_ok, RAGGED, EVEN_D)
+            if SPLIT:
+                dq2 = tl.dot(ds, k2, input_precision=PRECISION) * scale
+                add_rows(dq2_ptrs + start_m * stride_dql, dq2, rows, seq_len, d2_ok, RAGGED, EVEN_D2)
     return dk, dk2, dv, dv2
 
 
-def bwd_autotune(candidates: list, smem_bytes, interpret_config: triton.Config):
+def bwd_autotune(candidates: list, smem_bytes, interpret_config: triton.Config, kernel: str, resident: str):
     """:func:`imf_kernels._tuning.autotune` for a backward tile kernel: keyed on ``SEQ, HEAD_DIM``,
-    configs pruned by their shared memory (``smem_bytes``, for ``Q``'s dtype)."""
+    configs pruned by the sm_8x spill table (``kernel``'s entry of :data:`SM8X_SPILLS`) and their shared
+    memory (``smem_bytes``, for ``Q``'s dtype); pinned: the first surviving config whose ``resident``
+    tile (``BLOCK_N`` for a key-block program, ``BLOCK_M`` for a query-block one) pads the fewest rows."""
+
+    def prune(configs: list, meta: dict) -> list:
+        return drop_sm8x_spills(kernel, configs, meta)
+
     return _tuning.autotune(
         candidates=candidates,
         key=["SEQ", "HEAD_DIM"],
         smem_bytes=smem_bytes,
         tensor_arg="Q",
+        prune=prune,
+        pinned=lambda meta: least_padding(prune(candidates, meta), resident, meta["SEQ"]),
         interpret_config=interpret_config,
     )
 
 
 def _dkdv_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_bwd_dkdv`: resident ``k, v`` plus buffered ``q, do`` tiles."""
-    tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * meta["Q"].element_size()
+    tile = head_columns(meta) * meta["Q"].element_size()
     return tile * (2 * meta["BLOCK_N"] + num_stages * 2 * meta["BLOCK_M"]) + SMEM_SLACK
 
 
@@ -250,7 +271,7 @@ def _dkdv_smem(meta: dict, num_stages: int) -> int:
 DKDV_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (32, 64, 4), (64, 64, 8)), num_stages=(3, 2))
 
 
-@bwd_autotune(DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}))
+@bwd_autotune(DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}), "dkdv", "BLOCK_N")
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -269,9 +290,10 @@ def _attn_bwd_dkdv(
             SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_N, BLOCK_M)  # fmt: skip
     lse_ptrs = LSE + stats_row(off_bh, SEQ) + offs_m
     delta_ptrs = DELTA + stats_row(off_bh, SEQ) + offs_m
-    dk, dk2, dv, dv2 = _bwd_dkdv_inner(
-        k, k2, v, v2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol, offs_m,
-        d_ok, d2_ok, qk_scale, SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_M, SPLIT, PRECISION)  # fmt: skip
+    dk, dk2, dv, dv2 = bwd_dkdv_inner(
+        k, k2, v, v2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
+        q_ptrs, q2_ptrs, stride_ql, offs_m, d_ok, d2_ok, qk_scale, scale, SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2,
+        BLOCK_N, BLOCK_M, SPLIT, PRECISION, False)  # fmt: skip
     store_tiles(DK, dk * scale, dk2 * scale, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
                 stride_dkb, stride_dkh, stride_dkl, stride_dkd, SEQ, SPLIT, ALIGN)  # fmt: skip
     store_tiles(DV, dv, dv2, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
@@ -312,7 +334,7 @@ def _bwd_dq_inner(
 
 def _dq_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_bwd_dq`: resident ``q, do`` plus buffered ``k, v`` tiles."""
-    tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * meta["Q"].element_size()
+    tile = head_columns(meta) * meta["Q"].element_size()
     return tile * (2 * meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"]) + SMEM_SLACK
 
 
@@ -321,7 +343,7 @@ def _dq_smem(meta: dict, num_stages: int) -> int:
 DQ_CONFIGS = tile_configs(((128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 32, 4), (64, 64, 8)), num_stages=(3, 2))
 
 
-@bwd_autotune(DQ_CONFIGS, _dq_smem, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}))
+@bwd_autotune(DQ_CONFIGS, _dq_smem, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}), "dq", "BLOCK_M")
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,

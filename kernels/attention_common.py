@@ -57,6 +57,72 @@ def tile_configs(tiles, num_stages) -> list:
     ]
 
 
+def head_columns(meta: dict) -> int:
+    """Head-dim columns a program computes: ``BLOCK_D`` (+ ``BLOCK_D2`` when split)."""
+    return meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta.get("SPLIT") else 0)
+
+
+def device_arch(t: torch.Tensor) -> int:
+    """Compute capability of ``t``'s CUDA device as one number (90 for sm_90)."""
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+# sm_8x (Ampere; no wgmma: mma.sync takes both dot operands from registers, so tiles that are clean on
+# sm_90 can spill): the configs `python -m bench compile --arch 80` shows spilling, per kernel (and
+# tangent mode) and head-tile columns (64: d64, 80: d72 = 64 + 16, 128: d128), as
+# (BLOCK_M, BLOCK_N, warps, stages): spill bytes, the worst over every shape class (presets, seq
+# 256-8192, bf16/fp16; 2026-12-01, triton 3.6). A width between two classes uses the wider one.
+SM8X_SPILLS = {
+    "fwd_tangent": {
+        64: {(128, 64, 8, 3): 40, (128, 64, 8, 2): 8, (64, 64, 4, 3): 92, (64, 64, 4, 2): 68},
+        80: {(128, 64, 8, 3): 40, (128, 64, 8, 2): 140, (64, 64, 4, 3): 364, (64, 64, 4, 2): 228},
+        128: {
+            (128, 32, 8, 2): 168,
+            (64, 32, 4, 3): 36,
+            (64, 32, 4, 2): 32,
+            (128, 64, 8, 3): 40,
+            (128, 64, 8, 2): 140,
+            (64, 64, 4, 3): 364,
+            (64, 64, 4, 2): 228,
+        },
+    },  # fmt: skip
+    "dkdv": {64: {}, 80: {(64, 64, 8, 3): 8}, 128: {(64, 128, 8, 2): 12, (32, 128, 8, 3): 12, (64, 64, 8, 3): 8}},
+    "dq": {64: {(128, 64, 8, 2): 8, (64, 64, 4, 2): 80}, 80: {}, 128: {}},
+    "atomic": {
+        64: {},
+        80: {(64, 128, 8, 2): 64, (64, 128, 8, 3): 68, (64, 64, 8, 3): 4},
+        128: {(32, 128, 8, 2): 20, (32, 128, 8, 3): 44, (64, 64, 8, 3): 4},
+    },
+}
+
+
+def drop_sm8x_spills(kernel: str, configs: list, meta: dict, tensor_arg: str = "Q") -> list:
+    """``configs`` without those :data:`SM8X_SPILLS` lists for ``kernel`` at this launch's head-tile
+    width, on a device below sm_90 (on sm_90 and later: unchanged). If every config spills there, the
+    one that spills least is kept (at d128 with the tangent no tile of the list is spill-free on sm_80:
+    64x32 on 4 warps, 2 stages, spills 32 B)."""
+    if device_arch(meta[tensor_arg]) >= 90:
+        return configs
+    table = SM8X_SPILLS[kernel]
+    width = head_columns(meta)
+    spills = table[min((w for w in table if w >= width), default=max(table))]
+
+    def key(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+    clean = [c for c in configs if key(c) not in spills]
+    return clean or sorted(configs, key=lambda c: spills[key(c)])[:1]
+
+
+def least_padding(configs: list, block: str, seq: int):
+    """The first of ``configs`` whose ``block`` tile pads ``seq`` to the fewest rows, e.g. a 64-row
+    tile at iMF's 276 tokens (320 rows, 86% useful) before a 128-row one (384, 72%); at a multiple of
+    128 the list order decides. The pinned rule of the attention kernels: the tile the program keeps
+    resident wastes the least work, the rest is the list's preference."""
+    return min(configs, key=lambda c: triton.cdiv(seq, c.kwargs[block]) * c.kwargs[block])
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision for fp32 inputs (16-bit inputs always use their tensor-core path): IEEE
     under the interpreter and whenever torch's own fp32 matmuls are (the default

@@ -113,7 +113,18 @@ from . import _tuning
 from ._checks import check_float, check_like
 from ._layout import aligned, load_rows, tile_ptrs
 from .attention_bwd_op import flash_backward
-from .attention_common import LOG2E, SMEM_SLACK, alloc, program_offsets, row_grid, split_meta, tile_configs
+from .attention_common import (
+    LOG2E,
+    SMEM_SLACK,
+    alloc,
+    drop_sm8x_spills,
+    head_columns,
+    least_padding,
+    program_offsets,
+    row_grid,
+    split_meta,
+    tile_configs,
+)
 
 MAX_HEAD_DIM = 128
 # Lazy rescaling: the running max is raised only when a block exceeds it by more than this (log2
@@ -205,7 +216,7 @@ def _fwd_inner(
 def _fwd_smem(meta: dict, num_stages: int) -> int:
     """Shared memory of :func:`_attn_fwd`: the ``q`` (and ``q_t``) tile plus ``num_stages`` buffered
     ``k, v`` (and ``k_t, v_t``) tiles."""
-    tile = (meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0)) * meta["Q"].element_size()
+    tile = head_columns(meta) * meta["Q"].element_size()
     n = 2 if meta["WITH_TANGENT"] else 1
     return tile * n * (meta["BLOCK_M"] + num_stages * 2 * meta["BLOCK_N"]) + SMEM_SLACK
 
@@ -218,8 +229,10 @@ def _fwd_smem(meta: dict, num_stages: int) -> int:
 # - primal BLOCK_N = 128 only with 8 warps (64x128 on 4 warps: 254 registers at d128);
 # - tangent BLOCK_N <= 64 (two fp32 accumulators plus the S, S_t and p_t tiles);
 # - 2 or 3 stages: a 4th stage changed neither registers nor the loop, only shared memory;
-# - BLOCK_N = 32 for short or ragged sequences (iMF's 276 tokens: 9 blocks, 86% useful keys).
-# The first entry of a mode is its pinned config (IMF_KERNELS_PINNED=1).
+# - BLOCK_N = 32 for short or ragged sequences (iMF's 276 tokens: 9 blocks, 96% useful keys).
+# Pinned config (IMF_KERNELS_PINNED=1): the mode's first entry with the least padded query rows
+# (:func:`_fwd_pinned`: 64x64 at iMF's 276 tokens, 128x64 at a multiple of 128). On sm_8x the tangent
+# tiles of SM8X_SPILLS are dropped (mma.sync holds more in registers): BLOCK_N = 32 there.
 FWD_PRIMAL_CONFIGS = tile_configs(
     ((128, 64, 8), (64, 64, 4), (128, 128, 8), (64, 128, 8), (64, 32, 4)), num_stages=(3, 2)
 )
@@ -227,14 +240,25 @@ FWD_TANGENT_CONFIGS = tile_configs(((128, 64, 8), (64, 64, 4), (128, 32, 8), (64
 FWD_CONFIGS = list(dict.fromkeys(FWD_PRIMAL_CONFIGS + FWD_TANGENT_CONFIGS))
 
 
-def _fwd_prune(configs: list, meta: dict) -> list:
+def fwd_mode_configs(configs: list, meta: dict) -> list:
     """The configs of the launch's mode (``WITH_TANGENT``) among ``configs``, in the mode's order; with
     the tangent at a 128-column head tile only ``BLOCK_N = 32`` (``python -m bench compile``, d128:
     128x64 on 8 warps spills 40 B, 64x64 on 4 warps 288 B; the 32-wide tiles are clean)."""
     if not meta["WITH_TANGENT"]:
         return [c for c in FWD_PRIMAL_CONFIGS if c in configs]
-    wide = meta["BLOCK_D"] + (meta["BLOCK_D2"] if meta["SPLIT"] else 0) > 96
+    wide = head_columns(meta) > 96
     return [c for c in FWD_TANGENT_CONFIGS if c in configs and not (wide and c.kwargs["BLOCK_N"] > 32)]
+
+
+def _fwd_prune(configs: list, meta: dict) -> list:
+    """:func:`fwd_mode_configs` without the tiles that spill on this device (sm_8x: :data:`SM8X_SPILLS`)."""
+    mode = fwd_mode_configs(configs, meta)
+    return drop_sm8x_spills("fwd_tangent", mode, meta) if meta["WITH_TANGENT"] else mode
+
+
+def _fwd_pinned(meta: dict):
+    """The pinned config: the first of the surviving mode's list with the least padded query rows."""
+    return least_padding(_fwd_prune(FWD_CONFIGS, meta), "BLOCK_M", meta["SEQ"])
 
 
 @_tuning.autotune(
@@ -243,6 +267,7 @@ def _fwd_prune(configs: list, meta: dict) -> list:
     smem_bytes=_fwd_smem,
     tensor_arg="Q",
     prune=_fwd_prune,
+    pinned=_fwd_pinned,
     interpret_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
 )
 @triton.jit

@@ -340,16 +340,71 @@ def test_forward_configs_follow_their_rule():
     """Each mode tries only its own list; the lists keep the compile rule written next to them."""
     tangent, primal = attention_op.FWD_TANGENT_CONFIGS, attention_op.FWD_PRIMAL_CONFIGS
     d64 = {"BLOCK_D": 64, "BLOCK_D2": 16, "SPLIT": False}
-    assert attention_op._fwd_prune(attention_op.FWD_CONFIGS, {**d64, "WITH_TANGENT": True}) == tangent
-    assert attention_op._fwd_prune(attention_op.FWD_CONFIGS, {**d64, "WITH_TANGENT": False}) == primal
+    assert attention_op.fwd_mode_configs(attention_op.FWD_CONFIGS, {**d64, "WITH_TANGENT": True}) == tangent
+    assert attention_op.fwd_mode_configs(attention_op.FWD_CONFIGS, {**d64, "WITH_TANGENT": False}) == primal
     d128 = {"BLOCK_D": 128, "BLOCK_D2": 16, "SPLIT": False, "WITH_TANGENT": True}
-    wide = attention_op._fwd_prune(attention_op.FWD_CONFIGS, d128)
+    wide = attention_op.fwd_mode_configs(attention_op.FWD_CONFIGS, d128)
     assert wide == [c for c in tangent if c.kwargs["BLOCK_N"] == 32]  # the clean ones at d128
     for configs in (primal, tangent, attention_bwd_op.DKDV_CONFIGS, attention_bwd_op.DQ_CONFIGS):
         assert 6 <= len(configs) <= 12 and all(c.num_stages in (2, 3) for c in configs)
     assert all(c.num_warps == 8 for c in primal + tangent + attention_bwd_op.DQ_CONFIGS if c.kwargs["BLOCK_M"] == 128)
     assert all(c.num_warps == 8 for c in attention_bwd_op.DKDV_CONFIGS + primal if c.kwargs["BLOCK_N"] == 128)
     assert all(c.kwargs["BLOCK_N"] <= 64 for c in tangent)
+
+
+def _tile(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+@pytest.mark.parametrize("arch", [80, 86, 90, 100])
+@pytest.mark.parametrize("head_dim", [32, 64, 72, 96, 128])
+def test_sm8x_prune_drops_exactly_the_spilling_tiles(monkeypatch, arch, head_dim):
+    """Below sm_90 every kernel's prune drops the tiles of its SM8X_SPILLS entry (the wider width class
+    for a head tile between two) and keeps the rest in order; if none is clean, the least spilling one."""
+    monkeypatch.setattr(attention_common, "device_arch", lambda _t: arch)
+    q = torch.empty(2, 3, 276, head_dim, dtype=torch.bfloat16)
+    meta = {"Q": q, "SEQ": 276, "WITH_TANGENT": True, **attention_common.split_meta(q)}
+    width = attention_common.head_columns(meta)
+    cases = [
+        ("fwd_tangent", attention_op.fwd_mode_configs(attention_op.FWD_CONFIGS, meta), attention_op._fwd_prune),
+        ("dkdv", attention_bwd_op.DKDV_CONFIGS, lambda c, m: attention_common.drop_sm8x_spills("dkdv", c, m)),
+        ("dq", attention_bwd_op.DQ_CONFIGS, lambda c, m: attention_common.drop_sm8x_spills("dq", c, m)),
+    ]
+    for kernel, configs, prune in cases:
+        kept = prune(list(configs), meta)
+        if arch >= 90:
+            assert kept == list(configs), kernel
+            continue
+        table = attention_common.SM8X_SPILLS[kernel]
+        spills = table[min(w for w in table if w >= width)]
+        clean = [c for c in configs if _tile(c) not in spills]
+        assert kept == (clean or [min(configs, key=lambda c: spills[_tile(c)])]), (kernel, width)
+        assert all(_tile(c) not in spills for c in kept) or len(kept) == 1
+    if arch < 90 and width == 64:  # the tangent keeps only its 32-wide tiles on sm_8x at d64
+        assert {_tile(c)[1] for c in attention_op._fwd_prune(attention_op.FWD_CONFIGS, meta)} == {32}
+
+
+@pytest.mark.parametrize(
+    "seq, expected", [(276, (64, 64, 4, 3)), (256, (128, 64, 8, 3)), (4096, (128, 64, 8, 3)), (17, (64, 64, 4, 3))]
+)
+@pytest.mark.parametrize("with_tangent", [False, True])
+def test_pinned_forward_tile_pads_the_fewest_query_rows(monkeypatch, seq, expected, with_tangent):
+    """sm_90, d64: the mode's first config unless a 64-row tile pads fewer rows (iMF's 276 tokens: 320
+    rows, 86% useful, against 384 and 72% for 128 rows)."""
+    monkeypatch.setattr(attention_common, "device_arch", lambda _t: 90)
+    q = torch.empty(2, 3, seq, 64, dtype=torch.bfloat16)
+    meta = {"Q": q, "SEQ": seq, "WITH_TANGENT": with_tangent, **attention_common.split_meta(q)}
+    assert _tile(attention_op._fwd_pinned(meta)) == expected
+    reversed_list = attention_op.FWD_TANGENT_CONFIGS[::-1]  # at 4096 every tile pads nothing: list order
+    assert attention_common.least_padding(reversed_list, "BLOCK_M", 4096) == reversed_list[0]
+
+
+def test_padded_statistics_cover_every_backward_row_block():
+    """lse/delta are padded to STATS_PAD rows per (batch, head): every backward row block divides it."""
+    pad = attention_bwd_op.STATS_PAD.value
+    for configs in (attention_bwd_op.DKDV_CONFIGS, attention_bwd_op.DQ_CONFIGS, attention_bwd_op.PREPROCESS_CONFIGS):
+        assert all(pad % c.kwargs["BLOCK_M"] == 0 for c in configs)
+    assert [attention_bwd_op.padded_seq(n) for n in (1, 128, 129, 276)] == [128, 128, 256, 384]
 
 
 def test_prune_drops_the_tangent_tile_that_overflows_shared_memory():

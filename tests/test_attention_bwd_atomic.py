@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from imf_kernels import _tuning, attention, attention_bwd_atomic_op
+from imf_kernels import _tuning, attention, attention_bwd_atomic_op, attention_common
 from numerics import rel_err
 from test_attention import F16, F32, H100_SMEM, check_attention_grads, make
 
@@ -113,14 +113,16 @@ def test_deterministic_algorithms_refuse_atomic(monkeypatch, deterministic_algor
     torch.autograd.grad(attention(q, k, v).sum(), (q, k, v))  # the default path is allowed
 
 
-def test_configs_follow_their_rule():
-    """8 warps, 2-3 stages; the 64x128 tile only up to 80 head-dim columns; every kept config's
+def test_configs_follow_their_rule(monkeypatch):
+    """8 warps, 2-3 stages; the 64x128 tile only up to 80 head-dim columns (sm_90); every kept config's
     shared-memory estimate fits an H100 at d128 in fp16 (and the pruner keeps exactly the fitting ones)."""
+    monkeypatch.setattr(attention_common, "device_arch", lambda _t: 90)
     configs = attention_bwd_atomic_op.ATOMIC_CONFIGS
     assert 6 <= len(configs) <= 12 and all(c.num_warps == 8 and c.num_stages in (2, 3) for c in configs)
     prune, smem = attention_bwd_atomic_op._prune, attention_bwd_atomic_op._atomic_smem
-    d72 = {"BLOCK_D": 64, "BLOCK_D2": 16, "SPLIT": True}
-    d128 = {"BLOCK_D": 128, "BLOCK_D2": 16, "SPLIT": False}
+    q = torch.empty(0, dtype=F16)
+    d72 = {"BLOCK_D": 64, "BLOCK_D2": 16, "SPLIT": True, "Q": q}
+    d128 = {"BLOCK_D": 128, "BLOCK_D2": 16, "SPLIT": False, "Q": q}
     assert prune(configs, d72) == configs
     wide = prune(configs, d128)
     assert wide == [c for c in configs if c.kwargs != {"BLOCK_M": 64, "BLOCK_N": 128}] and wide
