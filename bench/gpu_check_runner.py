@@ -160,6 +160,9 @@ class StageContext:
         return self.time_left() <= 0
 
     def save(self) -> None:
+        kernels = sys.modules.get("imf_kernels")  # the kernel configs this stage ran, once it used them
+        if kernels is not None:
+            self.data["kernel_configs"] = kernels.tuned_configs()
         write_json(self.path, self.data)
 
     def update(self, **result) -> None:

@@ -15,9 +15,16 @@ Public API (stable)::
                                  scale=None, enable_gqa=False) -> o   # SDPA drop-in, torch.func.jvp-able
 
 Plain-PyTorch references of every op live in :mod:`imf_kernels.reference`.
+
+Reproducible kernel configs (see :mod:`imf_kernels._tuning`): ``tuned_configs()`` returns every config
+the autotuner chose in this process as the JSON object that ``IMF_KERNELS_CONFIGS=path`` replays
+without timing, ``save_tuned_configs(path)`` writes it to ``path``; ``IMF_KERNELS_PINNED=1`` uses one fixed config
+per kernel and shape instead.
 """
 
 from . import reference
+from ._tuning import cache_document as tuned_configs
+from ._tuning import save_cache as save_tuned_configs
 from .attention_jvp_op import attention_jvp
 from .attention_op import attention
 from .linear_dual_op import linear_dual
@@ -35,7 +42,9 @@ __all__ = [
     "reference",
     "rms_norm",
     "rms_norm_jvp",
+    "save_tuned_configs",
     "scaled_dot_product_attention",
     "swiglu",
     "swiglu_jvp",
+    "tuned_configs",
 ]

@@ -103,13 +103,18 @@ def load_cache(path: str | os.PathLike) -> int:
     return len(entries)
 
 
+def cache_document() -> dict:
+    """Every config chosen in this process, as the JSON object ``IMF_KERNELS_CONFIGS`` reads."""
+    return {"format": CACHE_FORMAT, "triton": triton.__version__, "kernels": choices()}
+
+
 def save_cache(path: str | os.PathLike) -> int:
-    """Write every config chosen in this process to ``path`` (JSON for ``IMF_KERNELS_CONFIGS``);
-    returns the number of entries."""
-    doc = {"format": CACHE_FORMAT, "triton": triton.__version__, "kernels": _choices}
+    """Write :func:`cache_document` to ``path`` (JSON for ``IMF_KERNELS_CONFIGS``); returns the number
+    of entries."""
+    doc = cache_document()
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
-    return sum(len(t) for t in _choices.values())
+    return sum(len(t) for t in doc["kernels"].values())
 
 
 def choices() -> dict[str, dict[str, dict]]:

@@ -366,6 +366,27 @@ def _ctx(tmp_path, s):
     return StageContext(s.name, tmp_path, time.time() + s.box_s, True, s.options)
 
 
+def test_stage_file_records_the_kernel_configs_used(tmp_path, monkeypatch):
+    """Every stage write carries the configs the autotuner chose so far (``imf_kernels.tuned_configs()``),
+    so a GPU run can be replayed with ``IMF_KERNELS_CONFIGS``; a stage that never imported the kernels has
+    none."""
+    import imf_kernels
+
+    monkeypatch.setitem(sys.modules, "imf_kernels", None)  # as in a child that has not imported it
+    ctx = StageContext("env", tmp_path, time.time() + 5, True, {})
+    assert "kernel_configs" not in json.loads((tmp_path / "env.json").read_text())
+    monkeypatch.setitem(sys.modules, "imf_kernels", imf_kernels)
+    chosen = {"kwargs": {"BLOCK_M": 64, "BLOCK_N": 64}, "num_warps": 4, "num_stages": 3}
+    monkeypatch.setitem(imf_kernels._tuning._choices, "attention_op._attn_fwd", {"276|64|False": chosen})
+    ctx.add_row({"op": "attention"})
+    saved = json.loads((tmp_path / "env.json").read_text())["kernel_configs"]
+    assert saved["kernels"]["attention_op._attn_fwd"] == {"276|64|False": chosen}
+    monkeypatch.setattr(imf_kernels._tuning, "_loaded", {})  # load_cache below must not leak into other tests
+    replay = tmp_path / "configs.json"
+    replay.write_text(json.dumps(saved))  # the stage's record, as is, is a config cache
+    assert imf_kernels._tuning.load_cache(replay) == sum(len(t) for t in saved["kernels"].values())
+
+
 @needs_interpreter
 def test_smoke_environment_kernels_and_step(tmp_path):
     from bench import gpu_check_stages as stages
