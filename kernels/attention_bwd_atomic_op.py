@@ -8,8 +8,9 @@ or ``atomic`` (this module). The math is that of :mod:`imf_kernels.attention_bwd
     dP = do v^T        dS = P * (dP - delta)
     dv = P^T do        dk = s dS^T q       dq = s dS k
 
-One program per ``BLOCK_N`` key rows keeps ``k, v`` and the fp32 ``dk, dv`` accumulators resident and
-streams all query blocks (like ``_attn_bwd_dkdv``, transposed: ``S^T = k q^T``). Per query block::
+It is the dk/dv kernel of :mod:`imf_kernels.attention_bwd_op` launched with ``ATOMIC_DQ=True`` (and
+tuned over its own configs, below): one program per ``BLOCK_N`` key rows keeps ``k, v`` and the fp32
+``dk, dv`` accumulators resident and streams all query blocks (``S^T = k q^T``). Per query block::
 
     P^T  = 2^(S^T log2(e) - lse)          (matmul 1: S^T = k q^T)
     dv  += P^T do                         (matmul 2)
@@ -56,11 +57,9 @@ import warnings
 
 import torch
 import triton
-import triton.language as tl
 
 from . import _tuning
-from ._layout import aligned, tile_ptrs
-from .attention_bwd_op import bwd_dkdv_inner, bwd_program, stats_row, store_tiles
+from .attention_bwd_op import dkdv_kernel
 from .attention_common import SMEM_SLACK, drop_sm8x_spills, head_columns, tile_configs
 
 BWD_ENV = "IMF_KERNELS_ATTN_BWD"
@@ -87,8 +86,8 @@ def backward_path() -> str:
 
 
 def _atomic_smem(meta: dict, num_stages: int) -> int:
-    """Shared memory of :func:`_attn_bwd_atomic`: resident ``k, v`` plus buffered ``q, do`` tiles (as
-    ``_attn_bwd_dkdv``), a second copy of ``k`` (the ``dq`` matmul's B operand), the ``dS^T`` tile
+    """Shared memory of the dk/dv kernel with ``ATOMIC_DQ``: resident ``k, v`` plus buffered ``q, do``
+    tiles (as without), a second copy of ``k`` (the ``dq`` matmul's B operand), the ``dS^T`` tile
     read transposed and one more ``BLOCK_M x BLOCK_N`` of layout-conversion scratch, plus slack.
     Calibrated on sm_90 compiles: for every kept config at d64 / d72 / d128 it is 3,072-36,352 B above
     the compiled size (without the last three terms it was up to 37 KB below)."""
@@ -117,48 +116,20 @@ def _prune(configs: list, meta: dict) -> list:
 ATOMIC_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (64, 64, 8), (32, 64, 8)), num_stages=(3, 2))
 
 
-@_tuning.autotune(
+# The dk/dv kernel of :mod:`imf_kernels.attention_bwd_op` with ``ATOMIC_DQ``, tuned over these configs.
+_attn_bwd_atomic = _tuning.autotune(
     candidates=ATOMIC_CONFIGS,
     key=["SEQ", "HEAD_DIM"],
     smem_bytes=_atomic_smem,
     tensor_arg="Q",
     prune=_prune,
     interpret_config=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-)
-@triton.jit
-def _attn_bwd_atomic(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
-    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
-    stride_vb, stride_vh, stride_vl, stride_vd, stride_dob, stride_doh, stride_dol, stride_dod,
-    stride_dkb, stride_dkh, stride_dkl, stride_dkd, stride_dvb, stride_dvh, stride_dvl, stride_dvd,
-    stride_dqb, stride_dqh, stride_dql, stride_dqd,
-    n_heads, qk_scale, scale,
-    SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """One program: ``dk, dv`` for ``BLOCK_N`` key rows of one (batch, head), looping over all queries,
-    and their ``dq`` contributions added to the fp32 ``DQ``."""
-    off_bh, off_b, off_h, offs_n, offs_m, offs_d, d_ok, offs_d2, d2_ok, k, k2, v, v2, \
-        q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, stride_ql, stride_dol = bwd_program(
-            K, V, Q, DO, stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
-            stride_qb, stride_qh, stride_ql, stride_qd, stride_dob, stride_doh, stride_dol, stride_dod, n_heads,
-            SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_N, BLOCK_M)  # fmt: skip
-    lse_ptrs = LSE + stats_row(off_bh, SEQ) + offs_m
-    delta_ptrs = DELTA + stats_row(off_bh, SEQ) + offs_m
-    dq_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
-    dq2_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d2, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
-    dk, dk2, dv, dv2 = bwd_dkdv_inner(
-        k, k2, v, v2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
-        dq_ptrs, dq2_ptrs, aligned(stride_dql, ALIGN), offs_m, d_ok, d2_ok, qk_scale, scale, SEQ, HEAD_DIM,
-        BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_M, SPLIT, PRECISION, True)  # fmt: skip
-    store_tiles(DK, dk * scale, dk2 * scale, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
-                stride_dkb, stride_dkh, stride_dkl, stride_dkd, SEQ, SPLIT, ALIGN)  # fmt: skip
-    store_tiles(DV, dv, dv2, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
-                stride_dvb, stride_dvh, stride_dvl, stride_dvd, SEQ, SPLIT, ALIGN)  # fmt: skip
+    name="attention_bwd_atomic_op._attn_bwd_atomic",
+)(dkdv_kernel)
 
 
 def atomic_backward(inputs: tuple, strides: tuple, scalars: tuple, dq, dk, dv, grid, split: dict) -> None:
-    """Fill ``dq, dk, dv`` with :func:`_attn_bwd_atomic` (called by ``flash_backward`` with its
+    """Fill ``dq, dk, dv`` with the dk/dv kernel in ``ATOMIC_DQ`` mode (called by ``flash_backward`` with its
     ``(q, k, v, do, lse, delta)``, their strides, ``(heads, scale * log2(e), scale)``, the key-block
     grid and the launch meta, whose ``ALIGN`` was checked on ``dq``: the fp32 accumulator has its strides)."""
     acc = dq if dq.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
@@ -166,7 +137,18 @@ def atomic_backward(inputs: tuple, strides: tuple, scalars: tuple, dq, dk, dv, g
     acc.zero_()
     seq = inputs[0].shape[2]
     _attn_bwd_atomic[grid](
-        *inputs, dk, dv, acc, *strides, *dk.stride(), *dv.stride(), *acc.stride(), *scalars, SEQ=seq, **split
+        *inputs,
+        dk,
+        dv,
+        acc,
+        *strides,
+        *dk.stride(),
+        *dv.stride(),
+        *acc.stride(),
+        *scalars,
+        SEQ=seq,
+        ATOMIC_DQ=True,
+        **split,
     )
     if acc is not dq:
         dq.copy_(acc)

@@ -194,7 +194,7 @@ def store_tiles(
 
 
 @triton.jit
-def bwd_dkdv_inner(
+def _bwd_dkdv_inner(
     k, k2, v, v2,
     q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol, dq_ptrs, dq2_ptrs, stride_dql,
     offs_m, d_ok, d2_ok, qk_scale, scale, seq_len: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -271,18 +271,21 @@ def _dkdv_smem(meta: dict, num_stages: int) -> int:
 DKDV_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (32, 64, 4), (64, 64, 8)), num_stages=(3, 2))
 
 
-@bwd_autotune(DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}), "dkdv", "BLOCK_N")
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd, stride_dob, stride_doh, stride_dol, stride_dod,
     stride_dkb, stride_dkh, stride_dkl, stride_dkd, stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    stride_dqb, stride_dqh, stride_dql, stride_dqd,
     n_heads, qk_scale, scale,
     SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program: ``dk, dv`` for ``BLOCK_N`` key rows of one (batch, head), looping over all queries."""
+    """One program: ``dk, dv`` for ``BLOCK_N`` key rows of one (batch, head), looping over all queries;
+    with ``ATOMIC_DQ`` also their ``dq`` contributions added to the fp32 ``DQ``
+    (:mod:`imf_kernels.attention_bwd_atomic_op`; otherwise ``DQ`` and its strides are unused)."""
     off_bh, off_b, off_h, offs_n, offs_m, offs_d, d_ok, offs_d2, d2_ok, k, k2, v, v2, \
         q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, stride_ql, stride_dol = bwd_program(
             K, V, Q, DO, stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
@@ -290,14 +293,24 @@ def _attn_bwd_dkdv(
             SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN, BLOCK_N, BLOCK_M)  # fmt: skip
     lse_ptrs = LSE + stats_row(off_bh, SEQ) + offs_m
     delta_ptrs = DELTA + stats_row(off_bh, SEQ) + offs_m
-    dk, dk2, dv, dv2 = bwd_dkdv_inner(
+    dq_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
+    dq2_ptrs = tile_ptrs(DQ, off_b, off_h, offs_m, offs_d2, stride_dqb, stride_dqh, stride_dql, stride_dqd, ALIGN)
+    dk, dk2, dv, dv2 = _bwd_dkdv_inner(
         k, k2, v, v2, q_ptrs, q2_ptrs, do_ptrs, do2_ptrs, lse_ptrs, delta_ptrs, stride_ql, stride_dol,
-        q_ptrs, q2_ptrs, stride_ql, offs_m, d_ok, d2_ok, qk_scale, scale, SEQ, HEAD_DIM, BLOCK_D, BLOCK_D2,
-        BLOCK_N, BLOCK_M, SPLIT, PRECISION, False)  # fmt: skip
+        dq_ptrs, dq2_ptrs, aligned(stride_dql, ALIGN), offs_m, d_ok, d2_ok, qk_scale, scale, SEQ, HEAD_DIM,
+        BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_M, SPLIT, PRECISION, ATOMIC_DQ)  # fmt: skip
     store_tiles(DK, dk * scale, dk2 * scale, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
                 stride_dkb, stride_dkh, stride_dkl, stride_dkd, SEQ, SPLIT, ALIGN)  # fmt: skip
     store_tiles(DV, dv, dv2, off_b, off_h, offs_n, offs_d, offs_d2, d_ok, d2_ok,
                 stride_dvb, stride_dvh, stride_dvl, stride_dvd, SEQ, SPLIT, ALIGN)  # fmt: skip
+
+
+# The kernel as written, which the atomic backward tunes with its own configs
+# (:mod:`imf_kernels.attention_bwd_atomic_op`), and as the deterministic backward tunes it.
+dkdv_kernel = _attn_bwd_dkdv
+deterministic_dkdv = bwd_autotune(
+    DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}), "dkdv", "BLOCK_N"
+)(dkdv_kernel)
 
 
 @triton.jit
@@ -403,6 +416,19 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
     if backward_path() == "atomic":  # IMF_KERNELS_ATTN_BWD, read at each call (default: deterministic)
         atomic_backward(inputs, strides, scalars, dq, dk, dv, grid_n, split)
         return dq, dk, dv
-    _attn_bwd_dkdv[grid_n](*inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), *scalars, SEQ=seq, **split)
+    deterministic_dkdv[grid_n](  # DQ (= dk) unused without ATOMIC_DQ
+        *inputs,
+        dk,
+        dv,
+        dk,
+        *strides,
+        *dk.stride(),
+        *dv.stride(),
+        *dk.stride(),
+        *scalars,
+        SEQ=seq,
+        ATOMIC_DQ=False,
+        **split,
+    )
     _attn_bwd_dq[grid_m](*inputs, dq, *strides, *dq.stride(), *scalars, SEQ=seq, **split)
     return dq, dk, dv

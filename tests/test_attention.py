@@ -379,7 +379,6 @@ def test_sm8x_prune_drops_exactly_the_spilling_tiles(monkeypatch, arch, head_dim
         spills = table[min(w for w in table if w >= width)]
         clean = [c for c in configs if _tile(c) not in spills]
         assert kept == (clean or [min(configs, key=lambda c: spills[_tile(c)])]), (kernel, width)
-        assert all(_tile(c) not in spills for c in kept) or len(kept) == 1
     if arch < 90 and width == 64:  # the tangent keeps only its 32-wide tiles on sm_8x at d64
         assert {_tile(c)[1] for c in attention_op._fwd_prune(attention_op.FWD_CONFIGS, meta)} == {32}
 
