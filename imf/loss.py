@@ -37,6 +37,7 @@ import torch
 
 from imf.config import LossConfig
 from imf.model.checks import Check, condition_checks, raise_if_invalid
+from imf.phases import phase
 
 
 def sample_training_inputs(
@@ -102,7 +103,7 @@ def imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop=None, cfg: LossConf
     z, v_t = _interpolate(x, e, t)
     y = torch.where(drop, null, y)
     zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-    with torch.no_grad():
+    with phase("imf.guidance"), torch.no_grad():
         idx_u = _first_where(weight > 0, n_u)  # the samples whose v_u has a non-zero weight, in batch order
         nulls = torch.full((n_u,), null, dtype=y.dtype, device=y.device)
         v_both = model.velocity(
@@ -120,9 +121,10 @@ def imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop=None, cfg: LossConf
         v_g[idx_u] += _bcast(weight[idx_u]) * (v_c[idx_u] - v_u)
     aux = model.has_v_head
     # under autocast v_c comes out in the compute dtype; the tangent must match z
-    out = model.forward_with_tangent(
-        z, v_c[:n_dual].to(z.dtype), t, r, y, omega, t_min, t_max, with_velocity=aux, check_values=False
-    )
+    with phase("imf.dual_forward"):
+        out = model.forward_with_tangent(
+            z, v_c[:n_dual].to(z.dtype), t, r, y, omega, t_min, t_max, with_velocity=aux, check_values=False
+        )
     u, u_t = out[0], out[1]
     V = u.clone()
     V[:n_dual] = u[:n_dual] + _bcast(t - r)[:n_dual] * u_t
@@ -153,7 +155,7 @@ def mf_loss(model, x, y, e, t, r, drop=None, cfg: LossConfig | None = None):
     z, v_t = _interpolate(x, e, t)
     v_g = v_t
     if cfg.omega != 1.0 or cfg.kappa != 0.0:
-        with torch.no_grad():
+        with phase("imf.guidance"), torch.no_grad():
             idx = _first_where(guided, n_g)
             zg, tg, yg = z[idx], t[idx], y[idx]
             u_both = model.velocity(
@@ -166,7 +168,8 @@ def mf_loss(model, x, y, e, t, r, drop=None, cfg: LossConfig | None = None):
             v_g = v_t.clone()
             v_g[idx] = cfg.omega * v_t[idx] + (1 - cfg.omega - cfg.kappa) * u_both[:n_g] + cfg.kappa * u_both[n_g:]
     y = torch.where(drop, null, y)
-    u, u_t = model.forward_with_tangent(z, v_g[:n_dual], t, r, y, check_values=False)
+    with phase("imf.dual_forward"):
+        u, u_t = model.forward_with_tangent(z, v_g[:n_dual], t, r, y, check_values=False)
     with torch.no_grad():
         target = v_g.clone()
         target[:n_dual] -= _bcast(t - r)[:n_dual] * u_t

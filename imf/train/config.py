@@ -105,6 +105,31 @@ class ParallelConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler traces, CUDA memory snapshots and the per-phase summary (:mod:`imf.train.profile`)."""
+
+    active: int = opt(0, "profiled steps per window; profiling is on when > 0")
+    wait: int = opt(0, "steps skipped at the start of each window")
+    warmup: int = opt(1, "steps traced but discarded before the active ones (the profiler's own start-up)")
+    repeat: int = opt(1, "windows (wait + warmup + active steps each); 0: until the run ends")
+    skip_first: int = opt(0, "steps skipped once, before the first window")
+    ranks: tuple[int, ...] = opt((0,), "ranks that profile")
+    dir: str | None = opt(None, "trace, summary and snapshot folder (default: <out_dir>/profile)")
+    record_shapes: bool = opt(False, "record op input shapes (the trace groups ops by shape)")
+    with_stack: bool = opt(False, "record Python stacks of ops (larger traces, slower)")
+    profile_memory: bool = opt(False, "record tensor allocations and frees in the trace")
+    memory: bool = opt(
+        False, "CUDA: allocator history from the first step; a snapshot at each window's end and on out-of-memory"
+    )
+    memory_entries: int = opt(100_000, "CUDA: allocator events kept in the memory history")
+    top_ops: int = opt(3, "ops (kernels on CUDA) by self time listed per phase in the summary")
+
+    @property
+    def enabled(self) -> bool:
+        return self.active > 0 or self.memory
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for the tests (they run the real CLI)."""
 
@@ -140,6 +165,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = opt(factory=CheckpointConfig)
     log: LogConfig = opt(factory=LogConfig)
     parallel: ParallelConfig = opt(factory=ParallelConfig)
+    profile: ProfileConfig = opt(factory=ProfileConfig)
     debug: DebugConfig = opt(factory=DebugConfig)
 
     def model_config(self) -> ModelConfig:
@@ -151,6 +177,10 @@ class TrainConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.out_dir) / "checkpoints"
+
+    @property
+    def profile_dir(self) -> Path:
+        return Path(self.profile.dir) if self.profile.dir else Path(self.out_dir) / "profile"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,7 +229,36 @@ class TrainConfig:
         self._validate_optim()
         self._validate_data(model_cfg, world_size)
         self._validate_outputs(model_cfg, world_size)
+        self._validate_profile(world_size)
         return self
+
+    def _validate_profile(self, world_size: int) -> None:
+        p = self.profile
+        for name in ("active", "wait", "warmup", "repeat", "skip_first"):
+            if getattr(p, name) < 0:
+                raise ConfigError(f"profile.{name} must be >= 0, got {getattr(p, name)}")
+        _positive("profile.memory_entries", p.memory_entries)
+        _positive("profile.top_ops", p.top_ops)
+        if p.active == 0 and (p.wait, p.warmup, p.repeat, p.skip_first) != (0, 1, 1, 0):
+            raise ConfigError(
+                f"profile.active is 0 (profiling off), but the schedule wait={p.wait} warmup={p.warmup} "
+                f"repeat={p.repeat} skip_first={p.skip_first} was set; set profile.active > 0 to profile"
+            )
+        if not p.enabled:
+            return
+        if not p.ranks or not all(0 <= r < world_size for r in p.ranks):
+            raise ConfigError(f"profile.ranks must be ranks in [0, {world_size}), got {list(p.ranks)}")
+        window = p.skip_first + p.wait + p.warmup + p.active
+        if p.active and self.steps is not None and window > self.steps:
+            raise ConfigError(
+                f"the profile window ends at step {window} (skip_first {p.skip_first} + wait {p.wait} + warmup "
+                f"{p.warmup} + active {p.active}), after the run's last step {self.steps}"
+            )
+        folder = self.profile_dir
+        existing = next(d for d in (folder, *folder.parents) if d.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            what = "is a file" if not existing.is_dir() else "is not writable"
+            raise ConfigError(f"profile.dir {str(folder)!r} cannot be written ({str(existing)!r} {what})")
 
     def _validate_optim(self) -> None:
         o, s = self.optim, self.schedule
@@ -332,6 +391,7 @@ __all__ = [
     "CheckpointConfig",
     "LogConfig",
     "ParallelConfig",
+    "ProfileConfig",
     "DebugConfig",
     "ConfigError",
     "PRESET_DEFAULTS",

@@ -13,6 +13,7 @@ a checkpoint and return (``TrainResult.stopped``); a second SIGINT aborts at onc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -25,8 +26,10 @@ from tqdm import tqdm
 
 import imf.train.checkpoint as checkpoint
 import imf.train.metrics as metrics
+import imf.train.profile as profile
 from imf import dist
 from imf.cli import UserError
+from imf.phases import phase
 from imf.train.args import dump_config
 from imf.train.config import ConfigError, TrainConfig
 from imf.train.ema import EMA
@@ -141,10 +144,14 @@ def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | 
     first_step, losses, ckpt_path, stopped = trainer.step + 1, [], resume, None
 
     def save() -> Path:
-        return checkpoint.save(
-            cfg.checkpoint_dir, trainer.step, trainer.state_dict(), meta=meta, keep_last=cfg.checkpoint.keep_last
-        )
+        with phase("imf.checkpoint"):
+            return checkpoint.save(
+                cfg.checkpoint_dir, trainer.step, trainer.state_dict(), meta=meta, keep_last=cfg.checkpoint.keep_last
+            )
 
+    profiler = profile.open_session(
+        cfg.profile, cfg.profile_dir, rank=env.rank, device=env.device, first_step=trainer.step
+    )  # None without --profile.*
     start = time.perf_counter()
     bar = tqdm(
         total=trainer.total,
@@ -155,7 +162,7 @@ def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | 
         disable=not env.is_main or not cfg.log.progress,
     )
     try:
-        with StopSignals() as signals:
+        with StopSignals() as signals, profiler or contextlib.nullcontext():
             while trainer.step < trainer.total:
                 interrupt = cfg.debug.interrupt_at_step == trainer.step + 1
                 r = trainer.train_step(stop=signals.requested is not None or interrupt)
@@ -178,6 +185,8 @@ def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | 
                     grids(r.step, trainer.ema)
                 if r.stop or last or (every and r.step % every == 0):
                     ckpt_path = save()
+                if profiler is not None:
+                    profiler.step(r.step)
                 if r.stop:
                     stopped = (
                         f"signal {signal.Signals(signals.requested).name}"

@@ -37,6 +37,7 @@ from imf.data import LoaderSettings, build_loader
 from imf.dist import DistEnv
 from imf.flops import peak_flops, train_step_flops
 from imf.loss import imf_loss, mf_loss, sample_training_inputs
+from imf.phases import phase
 from imf.seeding import rank_noise_seed
 from imf.train.checkpoint import RANK_ENTRY
 from imf.train.config import TrainConfig
@@ -179,16 +180,41 @@ class Trainer(Stateful):
         device, data_s, sums = self.env.device, 0.0, {}
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(self.accum):
-            batch, waited = self.inputs.next()
+            with phase("imf.data"):
+                batch, waited = self.inputs.next()
             data_s += waited
-            with torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            autocast = torch.autocast(
+                device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32
+            )
+            with phase("imf.loss"), autocast:
                 loss, metrics = self.loss(*batch)
             if self._poisoned(self.step):
                 loss = loss * float("nan")
                 metrics["loss"] = loss.detach()
-            (loss / self.accum).backward()
+            with phase("imf.backward"):
+                (loss / self.accum).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device) / self.accum
+        with phase("imf.grad_sync"):
+            reduced, norm, flags = self._reduce(sums, stop)
+        skipped = flags[0] > 0 or not math.isfinite(norm)
+        if skipped:
+            self.skipped += 1
+            self.in_a_row += 1
+        else:
+            with phase("imf.optimizer"):
+                self.optimizer.step()
+            with phase("imf.ema"):
+                self.ema.update(self.model)
+            self.in_a_row = 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return StepResult(self.step, reduced, norm, lr, skipped, flags[1] > 0, time.perf_counter() - start, data_s)
+
+    def _reduce(self, sums: dict, stop: bool) -> tuple[dict[str, float], float, list[float]]:
+        """Clip the global grad norm; all-reduce the loss terms, a non-finite flag and ``stop`` (one collective).
+        Returns the rank-averaged terms, the norm and ``[any non-finite loss, any stop]``."""
+        device = self.env.device
         clip = self.cfg.optim.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         if hasattr(grad_norm, "full_tensor"):
@@ -202,18 +228,7 @@ class Trainer(Stateful):
             dist.all_reduce(packed)
         values = packed.tolist()
         reduced = {k: v / self.env.world for k, v in zip(names, values[:-2], strict=True)}
-        norm = grad_norm.item()
-        skipped = values[-2] > 0 or not math.isfinite(norm)
-        if skipped:
-            self.skipped += 1
-            self.in_a_row += 1
-        else:
-            self.optimizer.step()
-            self.ema.update(self.model)
-            self.in_a_row = 0
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        return StepResult(self.step, reduced, norm, lr, skipped, values[-1] > 0, time.perf_counter() - start, data_s)
+        return reduced, grad_norm.item(), values[-2:]
 
     # --- state ---------------------------------------------------------------------------------------------
 
