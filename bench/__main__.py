@@ -7,6 +7,8 @@
                                                                        -> block_ops.*, block.*
     step      full training step: engine vs the plain-PyTorch reference step (eager, compiled),
               FSDP2 variant, flow-matching floor, MFU, batch and sequence sweeps -> step.*
+              ``--profile``: instead, each variant's step under torch.profiler, phase by phase
+              (bench/step_profile.py)             -> step_profile.*, profile/<preset>_<variant>/
     loader    latent loaders (DALI, torch, synthetic) against the step's demand -> loader.*
     scaling   FSDP2 scaling projection (a model) from the step's measured time  -> scaling.*
     all       all of the above, in that order (loader and scaling use the step's numbers)
@@ -64,6 +66,11 @@ def _parser() -> ArgumentParser:
         help="tiny CPU run that checks the harness (default without a GPU)",
     )
     smoke.add_argument("--no-smoke", dest="smoke", action="store_false", help="full GPU benchmark")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="step: profile each variant's step phase by phase (traces + side-by-side table) instead of timing it",
+    )
     return p
 
 
@@ -156,9 +163,27 @@ def cmd_block(args, device, env) -> dict:
     return out
 
 
+def cmd_step_profile(args, device, env) -> dict:
+    from bench import step_profile
+
+    presets = tuple(args.preset or ("iMF-B/2", "MF-B/2"))
+    if args.smoke:
+        results = step_profile.smoke(presets, out_dir=args.out)
+    else:
+        results = step_profile.run(
+            presets, batch=args.batch or 256, dtype=DTYPES[args.dtype], device=device, out_dir=args.out
+        )
+    rows, table = step_profile.side_by_side(results, cuda=device == "cuda")
+    print(table, file=sys.stderr)
+    config = {"smoke": args.smoke, "dtype": args.dtype, "presets": list(presets), "variants": results}
+    return {"step_profile": _write(args, "step_profile", rows, env, config=config, notes=table.split("\n")[0])}
+
+
 def cmd_step(args, device, env) -> dict:
     from bench import step_bench
 
+    if args.profile:
+        return cmd_step_profile(args, device, env)
     if args.smoke:
         result = step_bench.smoke(tuple(args.preset or ("iMF-B/2", "MF-B/2")))
     else:

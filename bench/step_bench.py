@@ -157,6 +157,25 @@ def _fm_loss(model, lc: LossConfig, x, y, e, t, r, omega, t_min, t_max, drop):
     return (u.float() - (e - x)).pow(2).mean()
 
 
+def variant_parts(variant: str, engine_backend: str = "triton", compile_backend: str = "inductor"):
+    """``(model backend, loss function)`` of ``variant``; a ``*_compiled`` variant's loss function goes
+    through ``torch.compile`` (``torch._dynamo`` reset first)."""
+    backend = {"engine": engine_backend, "engine_fsdp2": engine_backend, "fm_compiled": "sdpa"}.get(
+        variant, "reference"
+    )
+    loss_fn = {
+        "engine": _engine_loss,
+        "engine_fsdp2": _engine_loss,
+        "baseline_eager": _baseline_loss,
+        "baseline_compiled": _baseline_loss,
+        "fm_compiled": _fm_loss,
+    }[variant]
+    if variant.endswith("_compiled"):
+        torch._dynamo.reset()  # fresh caches: no recompile limit carried over from earlier variants
+        loss_fn = torch.compile(loss_fn, backend=compile_backend)
+    return backend, loss_fn
+
+
 @contextlib.contextmanager
 def _single_rank_group(device):
     """A one-process group (NCCL on a GPU, gloo on a CPU) unless one exists already."""
@@ -256,9 +275,7 @@ def run_variant(
     lc = LossConfig.for_method(model_cfg.arch)
     fm = variant == "fm_compiled"
     compiled = variant.endswith("_compiled")
-    backend = {"engine": engine_backend, "engine_fsdp2": engine_backend, "fm_compiled": "sdpa"}.get(
-        variant, "reference"
-    )
+    backend, loss_fn = variant_parts(variant, engine_backend, compile_backend)
     row = {
         "preset": preset_name,
         "method": "fm" if fm else lc.method,
@@ -277,16 +294,6 @@ def run_variant(
             from imf.train.parallel import parallelize
         except ImportError as err:
             return {**row, "skipped": f"imf.train.parallel.parallelize not importable ({err}); no FSDP2 row"}
-    loss_fn = {
-        "engine": _engine_loss,
-        "engine_fsdp2": _engine_loss,
-        "baseline_eager": _baseline_loss,
-        "baseline_compiled": _baseline_loss,
-        "fm_compiled": _fm_loss,
-    }[variant]
-    if compiled:
-        torch._dynamo.reset()  # fresh caches: no recompile limit carried over from earlier variants
-        loss_fn = torch.compile(loss_fn, backend=compile_backend)
     try:
         with _single_rank_group(device) if parallelize else contextlib.nullcontext():
             model = build(preset_name, backend, device, overrides)

@@ -198,3 +198,31 @@ def test_phase_peaks_on_a_fake_allocator():
     peaks.exit("imf.backward")
     peaks.exit("imf.ema")  # opened before the probe: ignored
     assert peaks.peaks == {"imf.guidance": 35, "imf.dual_forward": 23, "imf.loss": 35, "imf.backward": 18}
+
+
+def test_bench_step_profile_smoke(tmp_path, monkeypatch, capsys):
+    """``python -m bench step --smoke --profile`` (two variants here, to stay quick): a trace and a phase table
+    per variant, and the side-by-side table with the engine's and the torch.func.jvp step's phases."""
+    from bench import step_profile
+    from bench.__main__ import main as bench_main
+
+    monkeypatch.setattr(step_profile, "PROFILED", ("engine", "baseline_eager"))
+    assert bench_main(["step", "--smoke", "--profile", "--preset", "iMF-B/2", "--out", str(tmp_path)]) == 0
+    for variant in ("engine", "baseline_eager"):
+        folder = tmp_path / "profile" / f"iMF-B_2_{variant}"
+        trace = json.loads((folder / "rank0.5.pt.trace.json").read_text())
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"imf.loss", "imf.guidance", "imf.dual_forward", "imf.backward", "imf.optimizer"} <= names
+    data = json.loads((tmp_path / "step_profile.json").read_text())
+    rows = {r["phase"]: r for r in data["rows"]}
+    assert list(rows) == [
+        "imf.loss",
+        "imf.guidance",
+        "imf.dual_forward",
+        "imf.backward",
+        "imf.optimizer",
+        UNLABELLED,
+        "step",
+    ]
+    assert all("engine" in r and "baseline_eager" in r for r in rows.values())
+    assert "| iMF-B/2 | imf.dual_forward |" in capsys.readouterr().err

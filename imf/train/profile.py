@@ -44,8 +44,18 @@ def _note(text: str) -> None:
 class ProfileSession:
     """One rank's profiling of a run (see the module docstring); a context manager around the loop."""
 
-    def __init__(self, cfg: ProfileConfig, folder: Path, *, rank: int, device: torch.device, first_step: int = 0):
-        self.cfg, self.folder, self.rank = cfg, Path(folder), rank
+    def __init__(
+        self,
+        cfg: ProfileConfig,
+        folder: Path,
+        *,
+        rank: int,
+        device: torch.device,
+        first_step: int = 0,
+        echo: bool = True,
+    ):
+        self.cfg, self.folder, self.rank, self.echo = cfg, Path(folder), rank, echo
+        self.summaries: list[dict] = []  # one per finished window (what summary_*.json holds)
         self.cuda = device.type == "cuda"
         self.device = device
         self.last_step = first_step
@@ -54,7 +64,7 @@ class ProfileSession:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"profile.dir {str(self.folder)!r} cannot be created ({e.strerror})") from None
-        if not self.cuda:
+        if not self.cuda and echo:
             what = "per-phase peak memory" + (" and memory snapshots (profile.memory)" if cfg.memory else "")
             _note(f"CUDA only, not recorded on {device.type}: {what}")
         self.profiler = None
@@ -140,8 +150,10 @@ class ProfileSession:
         summary = {"rank": r, "first_step": first, "last_step": step, **window, "rows": rows, "trace": str(trace)}
         stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
         self.written += [trace, stem.with_suffix(".md"), stem.with_suffix(".json")]
-        print(f"\n{table}", file=sys.stderr)
-        _note(f"trace {trace} (open it at https://ui.perfetto.dev), summary {stem.with_suffix('.md')}")
+        self.summaries.append(summary)
+        if self.echo:
+            print(f"\n{table}", file=sys.stderr)
+            _note(f"trace {trace} (open it at https://ui.perfetto.dev), summary {stem.with_suffix('.md')}")
         if self.cfg.memory and self.cuda:
             self._snapshot(f"memory_rank{r}_step{step:06d}.pickle")
 
