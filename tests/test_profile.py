@@ -5,60 +5,22 @@ training; the table's arithmetic on hand-made events; the per-phase memory peaks
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from test_train import TINY_CLI, one_thread, tiny_config  # noqa: F401  (one_thread: autouse fixture)
 
 import imf.phases
 import imf.train.profile as profile_mod
-from bench.common import one_cpu_thread
 from imf.phases import PHASES
 from imf.train import main, run
-from imf.train.args import build_config
 from imf.train.profile_table import UNLABELLED, PhasePeaks, phase_rows
-
-TINY = [
-    "--preset",
-    "demo",
-    "--model.dim",
-    "32",
-    "--model.heads",
-    "2",
-    "--batch",
-    "16",
-    "--log.progress",
-    "false",
-    "--threads",
-    "1",
-]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with one_cpu_thread():
-        yield
-
-
-def tiny(out: Path, steps: int, **over):
-    return build_config(
-        overrides={
-            "preset": "demo",
-            "model": {"dim": 32, "heads": 2},
-            "threads": 1,
-            "steps": steps,
-            "data": {"batch_size": 16},
-            "out_dir": str(out),
-            "log": {"progress": False},
-            **over,
-        }
-    )
 
 
 def test_profiled_window_of_the_demo(tmp_path, capsys):
     """Steps 3-5 profiled (wait 1, warmup 1, active 3), a checkpoint at step 5 inside the window."""
-    cfg = tiny(tmp_path, 6, profile={"wait": 1, "warmup": 1, "active": 3}, checkpoint={"every_steps": 5})
+    cfg = tiny_config(tmp_path, steps=6, profile={"wait": 1, "warmup": 1, "active": 3}, checkpoint={"every_steps": 5})
     run(cfg)
     folder = tmp_path / "profile"
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -105,7 +67,7 @@ def test_no_profiler_without_profile_options(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.profiler.profile, "__init__", refuse)
     monkeypatch.setattr(profile_mod.ProfileSession, "__init__", refuse)
     monkeypatch.setattr(torch.autograd.profiler, "record_function", recorded)
-    result = run(tiny(tmp_path, 2, checkpoint={"every_steps": 0}))
+    result = run(tiny_config(tmp_path, steps=2))
     assert result.step == 2
     assert not (tmp_path / "profile").exists()
     assert "Optimizer.zero_grad#AdamW.zero_grad" in labels  # the patch is seen
@@ -126,7 +88,7 @@ def test_bad_profile_settings_are_one_line(tmp_path, capsys, options, message):
     blocker = tmp_path / "file"
     blocker.write_text("")
     options = [o.replace("FILE", str(blocker)) for o in options]
-    assert main([*TINY, "--steps", "10", "--out", str(tmp_path / "run"), *options]) == 2
+    assert main([*TINY_CLI, "--steps", "10", "--out", str(tmp_path / "run"), *options]) == 2
     err = capsys.readouterr().err
     assert err.startswith("imf.train: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
