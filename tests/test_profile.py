@@ -188,3 +188,28 @@ def test_bench_step_profile_smoke(tmp_path, monkeypatch, capsys):
     ]
     assert all("engine" in r and "baseline_eager" in r for r in rows.values())
     assert "| iMF-B/2 | imf.dual_forward |" in capsys.readouterr().err
+
+
+def test_phase_rows_on_cuda_count_kernels_and_peaks():
+    """CUDA columns: a phase's device time is its ops' kernels, the top list is kernels, peaks come in bytes."""
+    mm = _event("aten::mm", 12, 14, self_us=2.0)
+    mm.kernels = [SimpleNamespace(name="sm90_gemm", device=0, duration=30.0)]
+    bwd = _event("aten::mm", 52, 54, thread=2, self_us=2.0)  # the autograd engine's thread
+    bwd.kernels = [
+        SimpleNamespace(name="sm90_gemm", device=0, duration=50.0),
+        SimpleNamespace(name="k2", device=0, duration=5.0),
+    ]
+    events = [
+        _event("ProfilerStep#1", 0, 100),
+        _event("imf.dual_forward", 10, 40),
+        mm,
+        _event("imf.backward", 50, 90),
+        bwd,
+    ]
+    rows, _ = phase_rows(events, cuda=True, peaks={"imf.backward": 3 * 2**30})
+    got = {r["phase"]: (r["gpu_ms"] * 1e3, r["peak_gb"], r["top"]) for r in rows}
+    assert got == {
+        "imf.dual_forward": (30.0, None, "sm90_gemm 0.03"),
+        "imf.backward": (55.0, 3.0, "sm90_gemm 0.05; k2 0.005"),
+        UNLABELLED: (0.0, None, ""),
+    }
