@@ -2,8 +2,9 @@
 
 Library only (the CLI lives in ``bench/__main__.py``). Each variant of :data:`PROFILED` (the engine, the
 plain ``torch.func.jvp`` step eager and compiled, and the flow-matching floor; built exactly as
-:func:`bench.step_bench.run_variant` builds them) runs ``warmup`` untraced-for-the-table steps and
-``active`` profiled ones through a :class:`imf.train.profile.ProfileSession`. The step is labelled as
+:func:`bench.step_bench.run_variant` builds them) runs ``warmup`` steps that the profiler traces and
+discards (compilation falls there) and ``active`` profiled ones, through a
+:class:`imf.train.profile.ProfileSession`. The step is labelled as
 the trainer's is: ``imf.loss`` (with ``imf.guidance`` and ``imf.dual_forward`` inside it for the eager
 variants: :mod:`imf.loss` and :mod:`imf.baseline` carry the labels; a compiled loss is one region),
 ``imf.backward`` and ``imf.optimizer`` (fused AdamW step and ``zero_grad``); there is no data phase (the

@@ -10,6 +10,7 @@ Modules, each with one job (the design: ``docs/design.md``, section "Training"):
     checkpoint  DCP save/load, the latest pointer, recovery after a crash, resolve_checkpoint
     export      EMA weights to safetensors (``python -m imf.train export``), load_exported, load_ema
     metrics     metrics.jsonl (each step once after a resume), throughput record, progress bar fields
+    profile     --profile.*: torch.profiler windows, CUDA memory snapshots; profile_table: the phase table
     ema, schedule, signals, grids, cli (``python -m imf.train``)
 
 Verified here: CPU/gloo with 1 and 2 processes (fp32 and bf16 parameters). Not verified here: nccl,
