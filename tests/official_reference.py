@@ -265,3 +265,34 @@ def mf_official_forward(params, x_nchw, t, h, y, *, heads, patch):
     out = out.reshape(b, g, g, patch, patch, c)
     out = torch.einsum("nhwpqc->nhpwqc", out).reshape(b, g * patch, g * patch, c)
     return out.permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------- flax msgpack files (flax.serialization format)
+
+
+def flax_msgpack_bytes(tree) -> bytes:
+    """``flax.serialization.msgpack_serialize`` of a nested dict of numpy arrays / scalars, written from the
+    msgpack spec (maps, str, int64, float64, bin, ext type 1 = ``[shape, dtype name, bytes]`` for arrays)."""
+    import struct
+
+    def enc(v) -> bytes:
+        if isinstance(v, dict):
+            return b"\xdf" + struct.pack(">I", len(v)) + b"".join(enc(str(k)) + enc(x) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return b"\xdd" + struct.pack(">I", len(v)) + b"".join(enc(x) for x in v)
+        if isinstance(v, str):
+            b = v.encode()
+            return b"\xdb" + struct.pack(">I", len(b)) + b
+        if isinstance(v, bytes):
+            return b"\xc6" + struct.pack(">I", len(v)) + v
+        if isinstance(v, bool):
+            return b"\xc3" if v else b"\xc2"
+        if isinstance(v, int):
+            return b"\xd3" + struct.pack(">q", v)
+        if isinstance(v, float):
+            return b"\xcb" + struct.pack(">d", v)
+        a = np.ascontiguousarray(v)
+        payload = enc([list(a.shape), a.dtype.name, a.tobytes()])
+        return b"\xc9" + struct.pack(">I", len(payload)) + b"\x01" + payload
+
+    return enc(tree)

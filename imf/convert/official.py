@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from imf.config import PRESETS, ModelConfig
@@ -92,13 +90,4 @@ def to_official(model, *, training_form: bool = False) -> dict[str, torch.Tensor
     return imf_layout.from_ours(sd, cfg, training_form=training_form)
 
 
-def config_summary(cfg: ModelConfig) -> str:
-    """One line naming the preset ``cfg`` matches in shape (or its sizes)."""
-    for name, p in PRESETS.items():
-        if p.arch == cfg.arch and all(getattr(p, f) == getattr(cfg, f) for f in SHAPE_FIELDS):
-            return f"{name}, v_head={cfg.v_head}"
-    keep = {f: getattr(cfg, f) for f in SHAPE_FIELDS}
-    return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k in keep or k in ("arch", "v_head"))
-
-
-__all__ = ["canonical", "config_summary", "from_official", "official_arch", "to_official"]
+__all__ = ["canonical", "from_official", "official_arch", "to_official"]

@@ -1,0 +1,151 @@
+"""``python -m imf.convert``: file formats in and out, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from official_reference import flax_msgpack_bytes, imf_official_weights, mf_official_params, torch_to_flax_imf
+
+from imf.convert import from_official, to_official
+from imf.convert.cli import entry
+from imf.evaluate.loading import load_checkpoint
+from imf.vae import OFFICIAL_LATENT_MEAN, OFFICIAL_LATENT_STD
+
+SPEC = dict(dim=32, heads=2, depth=3, head_depth=1, hidden=85, patch=2, channels=4, classes=5, tokens=(2, 1, 1, 2), freq=16)
+
+
+def _weights(seed=0, v_heads=False):
+    return imf_official_weights(torch.Generator().manual_seed(seed), v_heads=v_heads, dtype=torch.float32, **SPEC)
+
+
+def _run(argv, capsys):
+    code = entry([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pth_to_export_is_what_evaluate_loads(tmp_path, capsys):
+    w = _weights()
+    torch.save(w, tmp_path / "iMF-T-2.pth")
+    out = tmp_path / "t.safetensors"
+    code, msg, err = _run([tmp_path / "iMF-T-2.pth", "--out", out, "--input-size", 8], capsys)
+    assert code == 0, err
+    assert "v_head=boundary" in msg
+    loaded = load_checkpoint(out)
+    cfg, weights = from_official(w, input_size=8)
+    assert loaded.model.cfg == cfg
+    assert _same({k: v for k, v in loaded.model.state_dict().items()}, weights)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        norm = json.loads(f.metadata()["imf.latent_norm"])
+    assert norm["channel_mean"] == list(OFFICIAL_LATENT_MEAN) and norm["channel_std"] == list(OFFICIAL_LATENT_STD)
+    assert norm["metadata"] == {"scaling_factor": 1.0, "shift_factor": 0.0}
+
+
+def _full_state(w_params, w_ema, step=100, with_opt=True):
+    tree = {"step": step, "params": torch_to_flax_imf(w_params)["params"], "ema_params": torch_to_flax_imf(w_ema)["params"]}
+    if with_opt:
+        mu = torch_to_flax_imf({k: v * 0.01 for k, v in w_params.items()})["params"]
+        nu = torch_to_flax_imf({k: v * v * 1e-4 for k, v in w_params.items()})["params"]
+        tree["opt_state"] = {"0": {"count": np.int32(step), "mu": mu, "nu": nu}, "1": {}}
+    return tree
+
+
+@pytest.mark.parametrize("layout", ["msgpack", "zip"])
+def test_flax_full_state_gives_the_ema(tmp_path, capsys, layout):
+    params, ema = _weights(1, v_heads=True), _weights(2, v_heads=True)
+    data = flax_msgpack_bytes(_full_state(params, ema))
+    src = tmp_path / "checkpoint_100"
+    src.write_bytes(data)
+    if layout == "zip":
+        with zipfile.ZipFile(tmp_path / "iMF-T-2-full.zip", "w") as z:
+            z.write(src, "iMF-T-2-full/checkpoint_100")
+        src = tmp_path / "iMF-T-2-full.zip"
+    out = tmp_path / "t.safetensors"
+    code, msg, err = _run([src, "--out", out, "--input-size", 8], capsys)
+    assert code == 0, err
+    loaded = load_checkpoint(out)
+    assert loaded.step == 100 and loaded.model.cfg.v_head == "aux"
+    assert _same(loaded.model.state_dict(), from_official(ema, input_size=8)[1])
+
+
+def test_mf_flax_checkpoint(tmp_path, capsys):
+    params = mf_official_params(torch.Generator().manual_seed(4), dim=48, depth=2, hidden=96, patch=2, channels=4, classes=6, freq=16)
+    (tmp_path / "checkpoint_7").write_bytes(flax_msgpack_bytes({"step": 7, "params": params["params"], "ema_params": params["params"]}))
+    out = tmp_path / "mf.safetensors"
+    code, msg, err = _run([tmp_path, "--out", out, "--input-size", 8, "--heads", 4], capsys)
+    assert code == 0, err
+    loaded = load_checkpoint(out)
+    assert loaded.model.cfg.arch == "mf" and loaded.model.cfg.heads == 4 and loaded.step == 7
+    assert _same(loaded.model.state_dict(), from_official(params, arch="mf", heads=4, input_size=8)[1])
+
+
+def test_to_official_round_trip(tmp_path, capsys):
+    w = _weights(3, v_heads=True)
+    torch.save(w, tmp_path / "a.pth")
+    assert _run([tmp_path / "a.pth", "--out", tmp_path / "a.safetensors", "--input-size", 8], capsys)[0] == 0
+    for form, extra in (("eval", []), ("training", ["--training-form"])):
+        out = tmp_path / f"{form}.pth"
+        code, msg, err = _run([tmp_path / "a.safetensors", "--to-official", "--out", out, *extra], capsys)
+        assert code == 0, err
+        back = torch.load(out, weights_only=True)
+        model = load_checkpoint(tmp_path / "a.safetensors").model
+        assert _same(back, to_official(model, training_form=form == "training"))
+        if form == "training":  # the official training form back is the input, bitwise
+            assert _same(back, w)
+        else:
+            assert _same(back, {k: v for k, v in w.items() if not k.startswith("net.v_heads.")})
+
+
+def _bad_inputs(tmp_path):
+    w = _weights()
+    torch.save(w, tmp_path / "good.pth")
+    raw = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    torch.save({k: v for k, v in w.items() if "u_heads.0.mlp.w3" not in k}, tmp_path / "missing.pth")
+    torch.save({**w, "net.pos_embed": torch.zeros(3)}, tmp_path / "extra.pth")
+    (tmp_path / "half.zip").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    params = mf_official_params(torch.Generator().manual_seed(0), dim=48, depth=1, hidden=96, patch=2, channels=4, classes=6, freq=16)
+    (tmp_path / "mf_ckpt").write_bytes(flax_msgpack_bytes(params))
+    state = _full_state(_weights(1, True), _weights(2, True), with_opt=False)
+    (tmp_path / "checkpoint_5").write_bytes(flax_msgpack_bytes(state))
+    out = ["--out", tmp_path / "o.safetensors"]
+    return {
+        "not a checkpoint": ([tmp_path / "notes.txt", *out], "notes.txt is not a checkpoint"),
+        "truncated file": ([tmp_path / "truncated.pth", *out], "truncated.pth is not a readable torch checkpoint"),
+        "truncated zip": ([tmp_path / "half.zip", *out], "half.zip is not a readable zip archive"),
+        "missing keys": ([tmp_path / "missing.pth", *out], r"missing.pth: missing keys \['u_heads.0.mlp.w3"),
+        "extra keys": ([tmp_path / "extra.pth", *out], r"extra.pth: unexpected keys \['pos_embed'\]"),
+        "no such preset shape": ([tmp_path / "good.pth", *out, "--preset", "iMF-B/2"], "good.pth: the weights are not preset 'iMF-B/2': dim 32"),
+        "MF read as iMF": ([tmp_path / "mf_ckpt", *out, "--arch", "imf"], "mf_ckpt: these are MeanFlow"),
+        "--dcp without optimizer state": (
+            [tmp_path / "checkpoint_5", "--dcp", tmp_path / "dcp"],
+            "checkpoint_5 holds no optimizer state",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not a checkpoint", "truncated file", "truncated zip", "missing keys", "extra keys", "no such preset shape", "MF read as iMF", "--dcp without optimizer state"],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, case):
+    argv, pattern = _bad_inputs(tmp_path)[case]
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("imf.convert: error: ")
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
