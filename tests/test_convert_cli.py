@@ -15,7 +15,9 @@ from imf.convert.cli import entry
 from imf.evaluate.loading import load_checkpoint
 from imf.vae import OFFICIAL_LATENT_MEAN, OFFICIAL_LATENT_STD
 
-SPEC = dict(dim=32, heads=2, depth=3, head_depth=1, hidden=85, patch=2, channels=4, classes=5, tokens=(2, 1, 1, 2), freq=16)
+SPEC = dict(
+    dim=32, heads=2, depth=3, head_depth=1, hidden=85, patch=2, channels=4, classes=5, tokens=(2, 1, 1, 2), freq=16
+)
 
 
 def _weights(seed=0, v_heads=False):
@@ -52,7 +54,11 @@ def test_pth_to_export_is_what_evaluate_loads(tmp_path, capsys):
 
 
 def _full_state(w_params, w_ema, step=100, with_opt=True):
-    tree = {"step": step, "params": torch_to_flax_imf(w_params)["params"], "ema_params": torch_to_flax_imf(w_ema)["params"]}
+    tree = {
+        "step": step,
+        "params": torch_to_flax_imf(w_params)["params"],
+        "ema_params": torch_to_flax_imf(w_ema)["params"],
+    }
     if with_opt:
         mu = torch_to_flax_imf({k: v * 0.01 for k, v in w_params.items()})["params"]
         nu = torch_to_flax_imf({k: v * v * 1e-4 for k, v in w_params.items()})["params"]
@@ -79,8 +85,12 @@ def test_flax_full_state_gives_the_ema(tmp_path, capsys, layout):
 
 
 def test_mf_flax_checkpoint(tmp_path, capsys):
-    params = mf_official_params(torch.Generator().manual_seed(4), dim=48, depth=2, hidden=96, patch=2, channels=4, classes=6, freq=16)
-    (tmp_path / "checkpoint_7").write_bytes(flax_msgpack_bytes({"step": 7, "params": params["params"], "ema_params": params["params"]}))
+    params = mf_official_params(
+        torch.Generator().manual_seed(4), dim=48, depth=2, hidden=96, patch=2, channels=4, classes=6, freq=16
+    )
+    (tmp_path / "checkpoint_7").write_bytes(
+        flax_msgpack_bytes({"step": 7, "params": params["params"], "ema_params": params["params"]})
+    )
     out = tmp_path / "mf.safetensors"
     code, msg, err = _run([tmp_path, "--out", out, "--input-size", 8, "--heads", 4], capsys)
     assert code == 0, err
@@ -115,7 +125,9 @@ def _bad_inputs(tmp_path):
     torch.save({k: v for k, v in w.items() if "u_heads.0.mlp.w3" not in k}, tmp_path / "missing.pth")
     torch.save({**w, "net.pos_embed": torch.zeros(3)}, tmp_path / "extra.pth")
     (tmp_path / "half.zip").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
-    params = mf_official_params(torch.Generator().manual_seed(0), dim=48, depth=1, hidden=96, patch=2, channels=4, classes=6, freq=16)
+    params = mf_official_params(
+        torch.Generator().manual_seed(0), dim=48, depth=1, hidden=96, patch=2, channels=4, classes=6, freq=16
+    )
     (tmp_path / "mf_ckpt").write_bytes(flax_msgpack_bytes(params))
     state = _full_state(_weights(1, True), _weights(2, True), with_opt=False)
     (tmp_path / "checkpoint_5").write_bytes(flax_msgpack_bytes(state))
@@ -126,7 +138,10 @@ def _bad_inputs(tmp_path):
         "truncated zip": ([tmp_path / "half.zip", *out], "half.zip is not a readable zip archive"),
         "missing keys": ([tmp_path / "missing.pth", *out], r"missing.pth: missing keys \['u_heads.0.mlp.w3"),
         "extra keys": ([tmp_path / "extra.pth", *out], r"extra.pth: unexpected keys \['pos_embed'\]"),
-        "no such preset shape": ([tmp_path / "good.pth", *out, "--preset", "iMF-B/2"], "good.pth: the weights are not preset 'iMF-B/2': dim 32"),
+        "no such preset shape": (
+            [tmp_path / "good.pth", *out, "--preset", "iMF-B/2"],
+            "good.pth: the weights are not preset 'iMF-B/2': dim 32",
+        ),
         "MF read as iMF": ([tmp_path / "mf_ckpt", *out, "--arch", "imf"], "mf_ckpt: these are MeanFlow"),
         "--dcp without optimizer state": (
             [tmp_path / "checkpoint_5", "--dcp", tmp_path / "dcp"],
@@ -137,7 +152,16 @@ def _bad_inputs(tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["not a checkpoint", "truncated file", "truncated zip", "missing keys", "extra keys", "no such preset shape", "MF read as iMF", "--dcp without optimizer state"],
+    [
+        "not a checkpoint",
+        "truncated file",
+        "truncated zip",
+        "missing keys",
+        "extra keys",
+        "no such preset shape",
+        "MF read as iMF",
+        "--dcp without optimizer state",
+    ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, case):
     argv, pattern = _bad_inputs(tmp_path)[case]
@@ -149,3 +173,57 @@ def test_bad_input_is_one_line(tmp_path, capsys, case):
     import re
 
     assert re.search(pattern, lines[0]), lines[0]
+
+
+DEMO = dict(
+    dim=96, heads=4, depth=4, head_depth=1, hidden=256, patch=2, channels=1, classes=10, tokens=(2, 1, 1, 2), freq=64
+)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_dcp_from_full_state_resumes(tmp_path, capsys, world):
+    """A full official state (demo-sized) -> DCP; a trainer of the same config resumes it: weights, EMA, AdamW
+    moments and step are the official ones, and it trains on."""
+    from imf import dist
+    from imf.train import checkpoint
+    from imf.train.args import load_config
+    from imf.train.trainer import Trainer
+
+    g = torch.Generator().manual_seed(11)
+    official = {n: imf_official_weights(g, v_heads=True, dtype=torch.float32, **DEMO) for n in ("p", "e", "m", "v")}
+    tree = {
+        "step": 40,
+        "params": torch_to_flax_imf(official["p"])["params"],
+        "ema_params": torch_to_flax_imf(official["e"])["params"],
+        "opt_state": {
+            "0": {
+                "count": np.int32(40),
+                "mu": torch_to_flax_imf(official["m"])["params"],
+                "nu": torch_to_flax_imf({k: v.abs() for k, v in official["v"].items()})["params"],
+            },
+            "1": {},
+        },
+    }
+    (tmp_path / "checkpoint_40").write_bytes(flax_msgpack_bytes(tree))
+    train_args = ["--preset", "demo", "--steps", "41", "--out", tmp_path / "run", "--world-size", world]
+    code, msg, err = _run([tmp_path / "checkpoint_40", "--dcp", tmp_path / "dcp", *train_args], capsys)
+    assert code == 0, err
+    assert (tmp_path / "dcp" / "step_000000040" / "meta.json").is_file()
+    if world > 1:
+        return  # the per-rank files exist; resuming needs torchrun (covered for one process below)
+    cfg = load_config(["--preset", "demo", "--steps", "41", "--out", str(tmp_path / "run")])
+    trainer = Trainer(cfg, dist.DistEnv(0, 1, 0, torch.device("cpu"), launched=False))
+    checkpoint.load(tmp_path / "dcp", trainer)
+    assert trainer.step == 40
+    want = {k: from_official(official[k], input_size=8)[1] for k in ("p", "e", "m")}
+    want["v"] = from_official({k: v.abs() for k, v in official["v"].items()}, input_size=8)[1]
+    params = dict(trainer.model.named_parameters())
+    assert _same({n: p.detach() for n, p in params.items()}, want["p"])
+    assert _same(trainer.ema.full_tensors(), want["e"])
+    for n, p in params.items():
+        st = trainer.optimizer.state[p]
+        assert torch.equal(st["exp_avg"], want["m"][n]) and torch.equal(st["exp_avg_sq"], want["v"][n])
+        assert float(st["step"]) == 40
+    result = trainer.train_step()
+    assert result.step == 41 and not result.skipped
+    trainer.close()

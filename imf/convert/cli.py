@@ -28,17 +28,28 @@ PROG = "python -m imf.convert"
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(error_type=ConvertError, prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("input", metavar="IN", help="official .pth, .zip, flax checkpoint (dir or file); or ours with --to-official")
+    p.add_argument(
+        "input", metavar="IN", help="official .pth, .zip, flax checkpoint (dir or file); or ours with --to-official"
+    )
     p.add_argument("--out", help="output file: .safetensors (our export) or, with --to-official, .pth")
     p.add_argument("--arch", choices=("imf", "mf"), default=None, help="what the weights are (default: by their names)")
     p.add_argument("--preset", default=None, help="the preset the weights must match (default: any size)")
     p.add_argument("--input-size", type=int, default=None, help="latent side (not in the weights; default 32)")
     p.add_argument("--heads", type=int, default=None, help="MF attention heads (not in MF weights; default by width)")
-    p.add_argument("--to-official", action="store_true", help="IN is ours (export or checkpoint): write the official .pth")
-    p.add_argument("--training-form", action="store_true", help="with --to-official: keep the v-heads (imfDiT eval_mode=False)")
+    p.add_argument(
+        "--to-official", action="store_true", help="IN is ours (export or checkpoint): write the official .pth"
+    )
+    p.add_argument(
+        "--training-form", action="store_true", help="with --to-official: keep the v-heads (imfDiT eval_mode=False)"
+    )
     p.add_argument("--decay", type=float, default=None, help="with --to-official on a DCP checkpoint: which EMA")
-    p.add_argument("--dcp", metavar="DIR", default=None, help="full official state -> DCP checkpoint root DIR; the "
-                   "training config follows as imf.train options (--config FILE, --key value ...)")
+    p.add_argument(
+        "--dcp",
+        metavar="DIR",
+        default=None,
+        help="full official state -> DCP checkpoint root DIR; the "
+        "training config follows as imf.train options (--config FILE, --key value ...)",
+    )
     return p
 
 

@@ -55,7 +55,11 @@ def read_torch(path: Path) -> Source:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
         raise ConvertError(f"{path} is not a readable torch checkpoint ({_first_line(e)})") from None
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+    if (
+        isinstance(sd, dict)
+        and isinstance(sd.get("model"), dict)
+        and not any(isinstance(v, torch.Tensor) for v in sd.values())
+    ):
         sd = sd["model"]
     if not isinstance(sd, dict) or not sd:
         raise ConvertError(f"{path} holds a {type(sd).__name__}, not a state dict")
@@ -109,7 +113,11 @@ def read_orbax(path: Path) -> Source:
     state: dict = {}
     for key in keys:
         name = ".".join(map(str, key))
-        store = {"driver": "ocdbt", "base": f"file://{path}", "path": name} if ocdbt else {"driver": "file", "path": str(path / name)}
+        store = (
+            {"driver": "ocdbt", "base": f"file://{path}", "path": name}
+            if ocdbt
+            else {"driver": "file", "path": str(path / name)}
+        )
         try:
             arr = ts.open({"driver": "zarr", "kvstore": store}, open=True).result().read().result()
         except Exception as e:  # tensorstore's errors are ValueError subclasses with long text
@@ -117,14 +125,19 @@ def read_orbax(path: Path) -> Source:
         node = state
         for k in key[:-1]:
             node = node.setdefault(str(k), {})
-        node[str(key[-1])] = torch.from_numpy(arr.copy()) if arr.dtype.name != "bfloat16" else torch.from_numpy(arr.astype("float32"))
+        node[str(key[-1])] = (
+            torch.from_numpy(arr.copy()) if arr.dtype.name != "bfloat16" else torch.from_numpy(arr.astype("float32"))
+        )
     return from_flax_state(str(path), "flax-orbax", state)
 
 
 def read_dir(path: Path, shown: str) -> Source:
     if (path / "_METADATA").is_file() or (path / "manifest.ocdbt").is_file():
         return read_orbax(path)
-    found = sorted((p for p in path.rglob("checkpoint_*") if CKPT_FILE.match(p.name)), key=lambda p: int(CKPT_FILE.match(p.name).group(1)))
+    found = sorted(
+        (p for p in path.rglob("checkpoint_*") if CKPT_FILE.match(p.name)),
+        key=lambda p: int(CKPT_FILE.match(p.name).group(1)),
+    )
     if not found:
         raise ConvertError(f"{shown} is not a checkpoint: no checkpoint_<step>, _METADATA or .pth inside")
     newest = found[-1]
