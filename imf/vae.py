@@ -10,7 +10,8 @@ with the channel statistics and the factors from the dataset's manifest (``metad
 ``metadata.shift_factor``, written by :mod:`imf.prepare`), else the VAE's own config (and identity statistics when
 there is no dataset, e.g. synthetic latents). The VAE always comes from a local ``from_pretrained`` directory; nothing
 is downloaded. Models converted from the official checkpoints (:mod:`imf.convert`) carry the official
-normalisation (:func:`official_latent_norm`) in their export instead of a dataset manifest. ``diffusers`` is optional (the ``data`` extra): without it the loaders raise
+normalisation (:func:`official_latent_norm`) in their export instead of a dataset manifest. ``diffusers`` is
+optional (the ``data`` extra): without it the loaders raise
 :class:`imf.cli.MissingDependencyError` with the install command.
 """
 

@@ -14,7 +14,6 @@ Every failure is one line naming the file and the problem (exit code 2; 3 for a 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from imf.cli import ArgumentParser, require, run_cli

@@ -114,7 +114,8 @@ def write_dcp(args, rest: list[str]) -> str:
     ]
     if diff:
         raise ConvertError(
-            f"--dcp: {src.path} is another model than the training config's: {', '.join(diff[:4])} (set --preset / --model.*)"
+            f"--dcp: {src.path} is another model than the training config's: {', '.join(diff[:4])} "
+            "(set --preset / --model.*)"
         )
     run_cfg = dataclasses.replace(run_cfg, device="cpu")
     trainer = Trainer(run_cfg, dist.DistEnv(0, 1, 0, torch.device("cpu"), launched=False))
@@ -145,7 +146,8 @@ def write_dcp(args, rest: list[str]) -> str:
         torch.save(entry, path / checkpoint.rank_file(rank))
     if world > 1:
         _rewrite_meta(path, world)
-    return f"wrote {path} (step {step}, {world} rank(s); EMA and AdamW moments from {src.path}); continue with: imf.train ... --resume {path}"
+    what = f"step {step}, {world} rank(s); EMA and AdamW moments from {src.path}"
+    return f"wrote {path} ({what}); continue with: imf.train ... --resume {path}"
 
 
 def _rewrite_meta(path, world: int) -> None:
