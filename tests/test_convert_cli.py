@@ -227,3 +227,51 @@ def test_dcp_from_full_state_resumes(tmp_path, capsys, world):
     result = trainer.train_step()
     assert result.step == 41 and not result.skipped
     trainer.close()
+
+
+def test_flax_msgpack_reader():
+    """Every value kind flax writes (arrays incl. bfloat16 and the chunked form, numpy scalars as arrays, ints,
+    floats, strings, nested maps) and one clear error for truncated or foreign bytes."""
+    from imf.convert.errors import ConvertError
+    from imf.convert.flax_msgpack import loads
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    bf16 = torch.tensor([1.5, -2.0, 3.25], dtype=torch.bfloat16)
+    tree = {
+        "a": a,
+        "i": np.int64(-7),
+        "n": -3,
+        "f": 0.25,
+        "s": "x",
+        "nested": {"0": np.ones((2, 2), dtype=np.float16)},
+        "big": {
+            "__msgpack_chunked_array__": True,
+            "shape": {"0": 2, "1": 3},
+            "chunks": {"0": np.arange(4.0), "1": np.arange(4.0, 6.0)},
+        },
+    }
+    data = bytearray(flax_msgpack_bytes(tree))
+    # a bfloat16 array: the payload's dtype name is 'bfloat16' (ml_dtypes), its bytes the raw 16-bit values
+    raw = bf16.view(torch.int16).numpy().tobytes()
+    payload = flax_msgpack_bytes([[3], "bfloat16", raw])
+    import struct
+
+    data = (
+        data[:1]
+        + struct.pack(">I", len(tree) + 1)
+        + data[5:]
+        + flax_msgpack_bytes("b")
+        + b"\xc9"
+        + struct.pack(">I", len(payload))
+        + b"\x01"
+        + payload
+    )
+    out = loads(bytes(data))
+    assert torch.equal(out["a"], torch.from_numpy(a)) and out["i"].item() == -7 and out["n"] == -3
+    assert out["f"] == 0.25 and out["s"] == "x" and out["nested"]["0"].dtype == torch.float16
+    assert torch.equal(out["big"], torch.arange(6.0, dtype=torch.float64).reshape(2, 3))
+    assert torch.equal(out["b"], bf16)
+    with pytest.raises(ConvertError, match="truncated"):
+        loads(bytes(data[:-10]))
+    with pytest.raises(ConvertError, match="not msgpack"):
+        loads(b"\xc1\x00")

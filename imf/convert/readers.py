@@ -118,10 +118,7 @@ def read_orbax(path: Path) -> Source:
             if ocdbt
             else {"driver": "file", "path": str(path / name)}
         )
-        try:
-            arr = ts.open({"driver": "zarr", "kvstore": store}, open=True).result().read().result()
-        except Exception as e:  # tensorstore's errors are ValueError subclasses with long text
-            raise ConvertError(f"{path}: array {name} cannot be read ({_first_line(e)})") from None
+        arr = _read_array(ts, store, f"{path}: array {name}")
         node = state
         for k in key[:-1]:
             node = node.setdefault(str(k), {})
@@ -129,6 +126,17 @@ def read_orbax(path: Path) -> Source:
             torch.from_numpy(arr.copy()) if arr.dtype.name != "bfloat16" else torch.from_numpy(arr.astype("float32"))
         )
     return from_flax_state(str(path), "flax-orbax", state)
+
+
+def _read_array(ts, store: dict, what: str):
+    """The zarr (orbax's default) or zarr3 array at tensorstore kvstore ``store``, as numpy."""
+    errors = []
+    for driver in ("zarr", "zarr3"):
+        try:
+            return ts.open({"driver": driver, "kvstore": store}, open=True).result().read().result()
+        except Exception as e:  # tensorstore raises ValueError subclasses with long text
+            errors.append(_first_line(e))
+    raise ConvertError(f"{what} cannot be read ({errors[0]})")
 
 
 def read_dir(path: Path, shown: str) -> Source:
