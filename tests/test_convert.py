@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from official_reference import (
@@ -116,11 +117,16 @@ def test_imf_u_v_match_official(size, v_heads):
     assert _rel(u, u_ref) < 1e-6
     if v_heads:
         assert _rel(v, v_ref) < 1e-6
-    # fp32: the converted model against the fp64 official reference, within fp32 rounding
+    # fp32: the converted model within twice the error of the official math itself in fp32 (+ a floor)
     m32 = _ours(cfg, weights, torch.float32)
+    f32 = lambda *a: [v.float() if v.is_floating_point() else v for v in a]
     with torch.no_grad():
-        u32 = m32(z.float(), t.float(), r.float(), y, omega.float(), t_min.float(), t_max.float())
-    assert _rel(u32.double(), u_ref) < 1e-5
+        u32 = m32(*f32(z, t, r, y, omega, t_min, t_max))
+    w32 = {k: v.float() for k, v in w.items()}
+    u_ref32, _ = imf_official_forward(
+        w32, *f32(z, t, t - r, omega, t_min, t_max, y), heads=spec["heads"], patch=spec["patch"]
+    )
+    assert _rel(u32.double(), u_ref) <= 2 * _rel(u_ref32.double(), u_ref) + 1e-7
 
 
 @pytest.mark.parametrize("steps", [1, 2])
@@ -132,11 +138,12 @@ def test_imf_samples_match_official(steps):
     noise = torch.randn(
         4, cfg.in_channels, input_size, input_size, generator=torch.Generator().manual_seed(3), dtype=torch.float64
     )
-    ref = imf_official_generate(w, noise, y, 4.0, 0.3, 0.7, steps, heads=spec["heads"], patch=spec["patch"])
-    model = model.float()
+    kw = dict(heads=spec["heads"], patch=spec["patch"])
+    ref = imf_official_generate(w, noise, y, 4.0, 0.3, 0.7, steps, **kw)
+    ref32 = imf_official_generate({k: v.float() for k, v in w.items()}, noise.float(), y, 4.0, 0.3, 0.7, steps, **kw)
     with torch.no_grad():
-        ours = generate(model, y, 4.0, 0.3, 0.7, steps=steps, noise=noise.float())
-    assert _rel(ours.double(), ref) < 1e-5
+        ours = generate(model.float(), y, 4.0, 0.3, 0.7, steps=steps, noise=noise.float())
+    assert _rel(ours.double(), ref) <= 2 * _rel(ref32.double(), ref) + 1e-7
 
 
 def test_flax_tree_gives_the_same_weights():
@@ -192,19 +199,26 @@ def test_mf_matches_official_flax_model(steps):
     cfg, weights = from_official(params, arch="mf", heads=4, input_size=8)
     assert (cfg.arch, cfg.dim, cfg.depth, cfg.hidden, cfg.freq_dim, cfg.num_classes) == ("mf", 48, 2, 96, 16, 6)
     model = _ours(cfg, weights, torch.float64)
-    ref = lambda z, t, h, y: mf_official_forward(params, z, t, h, y, heads=4, patch=2)
     z, t, r, y, *_ = _conditions(4, cfg, torch.float64, seed=9)
+    if steps == 0:
+        with torch.no_grad():
+            u = model(z, t, r, y)
+        assert _rel(u, mf_official_forward(params, z, t, t - r, y, heads=4, patch=2)) < 1e-6
+        return
+
+    def official_samples(tree, dtype):
+        x = z.to(dtype)
+        times = torch.linspace(1.0, 0.0, steps + 1, dtype=dtype)
+        for k in range(steps):
+            tk, rk = (torch.full((4,), float(v), dtype=dtype) for v in (times[k], times[k + 1]))
+            x = x - (tk - rk)[:, None, None, None] * mf_official_forward(tree, x, tk, tk - rk, y, heads=4, patch=2)
+        return x.double()
+
+    as32 = lambda tree: {k: as32(v) for k, v in tree.items()} if isinstance(tree, dict) else tree.astype(np.float32)
+    ref, ref32 = official_samples(params, torch.float64), official_samples(as32(params), torch.float32)
     with torch.no_grad():
-        if steps == 0:
-            assert _rel(model(z, t, r, y), ref(z, t, t - r, y)) < 1e-6
-            return
         ours = generate(model.float(), y, steps=steps, noise=z.float()).double()
-    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    x = z
-    for k in range(steps):
-        tk, rk = (torch.full((4,), float(v), dtype=torch.float64) for v in (times[k], times[k + 1]))
-        x = x - (tk - rk)[:, None, None, None] * ref(x, tk, tk - rk, y)
-    assert _rel(ours, x) < 1e-5
+    assert _rel(ours, ref) <= 2 * _rel(ref32, ref) + 1e-7
 
 
 def test_bad_state_dicts_are_one_clear_error():
