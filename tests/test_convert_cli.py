@@ -275,3 +275,18 @@ def test_flax_msgpack_reader():
         loads(bytes(data[:-10]))
     with pytest.raises(ConvertError, match="not msgpack"):
         loads(b"\xc1\x00")
+
+
+def test_cli_process_exit_code_and_one_line(tmp_path):
+    """The real entry point: ``python -m imf.convert`` on a non-checkpoint exits 2 with one line on stderr."""
+    import subprocess
+    import sys
+
+    (tmp_path / "notes.txt").write_text("hello\n")
+    cmd = [sys.executable, "-m", "imf.convert", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "o.safetensors")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"imf.convert: error: {tmp_path / 'notes.txt'} is not a checkpoint: not a torch file, a zip archive, a flax "
+        "msgpack state or a checkpoint directory"
+    ]
