@@ -65,7 +65,8 @@ def _import(args) -> str:
 
     out = write_export(weights, args.out, export_metadata(cfg, source=src.path, fmt=src.format, step=src.step))
     n = sum(v.numel() for v in weights.values()) / 1e6
-    return f"wrote {out} ({arch}, {n:.1f}M parameters, v_head={cfg.v_head}) from {src.path} ({src.format})"
+    what = f"{arch}, {n:.1f}M parameters" + (f", v_head={cfg.v_head}" if arch == "imf" else "")
+    return f"wrote {out} ({what}) from {src.path} ({src.format})"
 
 
 def _export_official(args) -> str:

@@ -55,12 +55,6 @@ def read_torch(path: Path) -> Source:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
         raise ConvertError(f"{path} is not a readable torch checkpoint ({_first_line(e)})") from None
-    if (
-        isinstance(sd, dict)
-        and isinstance(sd.get("model"), dict)
-        and not any(isinstance(v, torch.Tensor) for v in sd.values())
-    ):
-        sd = sd["model"]
     if not isinstance(sd, dict) or not sd:
         raise ConvertError(f"{path} holds a {type(sd).__name__}, not a state dict")
     return Source(str(path), "torch", sd)
@@ -101,24 +95,30 @@ def read_msgpack(path: Path) -> Source:
 
 
 def read_orbax(path: Path) -> Source:
-    """An orbax (``PyTreeCheckpointHandler``) directory through tensorstore: ``_METADATA`` lists the tree paths,
-    each array is the zarr array named by its ``.``-joined path (inside the OCDBT store when there is one)."""
+    """An orbax (``PyTreeCheckpointHandler``) directory through tensorstore: ``_METADATA`` lists the tree paths
+    (``tree_metadata``: each leaf's ``key_metadata`` and ``value_metadata``; ``use_zarr3``), each array or scalar
+    is the zarr array named by its ``.``-joined path, inside the OCDBT store (``manifest.ocdbt``) when there is
+    one. Checked against checkpoints written by flax 0.8.5 ``save_checkpoint_multiprocess`` with orbax-checkpoint
+    0.6.4 and tensorstore 0.1.67 (the official iMF install)."""
     ts = require("tensorstore", extra="flax", purpose=f"reading the orbax checkpoint {path}")
     try:
         meta = json.loads((path / "_METADATA").read_text())
-        keys = [[k["key"] for k in v["key_metadata"]] for v in meta["tree_metadata"].values()]
+        leaves = meta["tree_metadata"].values()
+        # optax's EmptyState entries are recorded with value_type "None" and nothing stored
+        keys = [[k["key"] for k in v["key_metadata"]] for v in leaves if not v["value_metadata"]["skip_deserialize"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConvertError(f"{path}/_METADATA is not an orbax tree metadata file ({_first_line(e)})") from None
     ocdbt = (path / "manifest.ocdbt").is_file()
+    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
     state: dict = {}
     for key in keys:
         name = ".".join(map(str, key))
         store = (
-            {"driver": "ocdbt", "base": f"file://{path}", "path": name}
+            {"driver": "ocdbt", "base": f"file://{path.resolve()}/", "path": name}
             if ocdbt
             else {"driver": "file", "path": str(path / name)}
         )
-        arr = _read_array(ts, store, f"{path}: array {name}")
+        arr = _read_array(ts, driver, store, f"{path}: array {name}")
         node = state
         for k in key[:-1]:
             node = node.setdefault(str(k), {})
@@ -128,15 +128,12 @@ def read_orbax(path: Path) -> Source:
     return from_flax_state(str(path), "flax-orbax", state)
 
 
-def _read_array(ts, store: dict, what: str):
-    """The zarr (orbax's default) or zarr3 array at tensorstore kvstore ``store``, as numpy."""
-    errors = []
-    for driver in ("zarr", "zarr3"):
-        try:
-            return ts.open({"driver": driver, "kvstore": store}, open=True).result().read().result()
-        except Exception as e:  # tensorstore raises ValueError subclasses with long text
-            errors.append(_first_line(e))
-    raise ConvertError(f"{what} cannot be read ({errors[0]})")
+def _read_array(ts, driver: str, store: dict, what: str):
+    """The ``driver`` (zarr or zarr3) array at tensorstore kvstore ``store``, as numpy."""
+    try:
+        return ts.open({"driver": driver, "kvstore": store}, open=True).result().read().result()
+    except Exception as e:  # tensorstore raises ValueError subclasses with long text
+        raise ConvertError(f"{what} cannot be read ({_first_line(e)})") from None
 
 
 def read_dir(path: Path, shown: str) -> Source:
