@@ -53,9 +53,9 @@ def _convert(src, args, ours) -> tuple:
     if arch == "mf":
         overrides["heads"] = args.heads or ours.heads
     try:
-        cfg, weights = from_official(params, arch=arch, preset=args.preset, **overrides)
+        cfg, weights = from_official(params, arch=arch, **overrides)
         trees = [
-            from_official(t, arch=arch, preset=args.preset, **overrides)
+            from_official(t, arch=arch, **overrides)
             for t in (src.weights, src.adam_mu, src.adam_nu)
         ]
     except ConvertError as e:
