@@ -209,8 +209,14 @@ def test_dcp_from_full_state_resumes(tmp_path, capsys, world):
     code, msg, err = _run([tmp_path / "checkpoint_40", "--dcp", tmp_path / "dcp", *train_args], capsys)
     assert code == 0, err
     assert (tmp_path / "dcp" / "step_000000040" / "meta.json").is_file()
-    if world > 1:
-        return  # the per-rank files exist; resuming needs torchrun (covered for one process below)
+    if world > 1:  # two processes (gloo) resume it and train on
+        from conftest import run_torchrun
+
+        proc = run_torchrun("imf.train", *map(str, train_args[:-2]), "--resume", str(tmp_path / "dcp"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines if '"step"' in line][-1] == 41
+        return
     cfg = load_config(["--preset", "demo", "--steps", "41", "--out", str(tmp_path / "run")])
     trainer = Trainer(cfg, dist.DistEnv(0, 1, 0, torch.device("cpu"), launched=False))
     checkpoint.load(tmp_path / "dcp", trainer)

@@ -54,10 +54,7 @@ def _convert(src, args, ours) -> tuple:
         overrides["heads"] = args.heads or ours.heads
     try:
         cfg, weights = from_official(params, arch=arch, **overrides)
-        trees = [
-            from_official(t, arch=arch, **overrides)
-            for t in (src.weights, src.adam_mu, src.adam_nu)
-        ]
+        trees = [from_official(t, arch=arch, **overrides) for t in (src.weights, src.adam_mu, src.adam_nu)]
     except ConvertError as e:
         raise ConvertError(f"{src.path}: {e}") from None
     if any(c != cfg for c, _ in trees):
