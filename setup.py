@@ -33,12 +33,15 @@ setup(
         "bench": ["matplotlib>=3.7"],
         # FID / IS; install next to the torchvision that matches your torch, or pip upgrades torch.
         "eval": ["torch-fidelity>=0.4"],
+        # imf.convert: orbax (OCDBT) checkpoints of the official JAX code; flax msgpack needs nothing extra
+        "flax": ["tensorstore>=0.1.60"],
     },
     entry_points={
         "console_scripts": [
             "imf-demo=imf.demo:main",
             "imf-train=imf.train:main",
             "imf-evaluate=imf.evaluate:main",
+            "imf-convert=imf.convert.cli:entry",
             "imf-bench=bench.__main__:main",
         ],
     },

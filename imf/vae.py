@@ -9,7 +9,9 @@ per channel, ``x = (z - channel_mean) / channel_std``. Decoding inverts both::
 with the channel statistics and the factors from the dataset's manifest (``metadata.scaling_factor`` /
 ``metadata.shift_factor``, written by :mod:`imf.prepare`), else the VAE's own config (and identity statistics when
 there is no dataset, e.g. synthetic latents). The VAE always comes from a local ``from_pretrained`` directory; nothing
-is downloaded. ``diffusers`` is optional (the ``data`` extra): without it the loaders raise
+is downloaded. Models converted from the official checkpoints (:mod:`imf.convert`) carry the official
+normalisation (:func:`official_latent_norm`) in their export instead of a dataset manifest. ``diffusers`` is
+optional (the ``data`` extra): without it the loaders raise
 :class:`imf.cli.MissingDependencyError` with the install command.
 """
 
@@ -24,7 +26,26 @@ import torch
 from imf.cli import require
 from imf.data.format import DataError
 
-__all__ = ["LatentDecoder", "LatentEncoder", "latent_factors", "load_vae"]
+__all__ = ["OFFICIAL_LATENT_MEAN", "OFFICIAL_LATENT_STD", "LatentDecoder", "LatentEncoder", "latent_factors"]
+__all__ += ["load_vae", "official_latent_norm"]
+
+# The official iMF / MF latent normalisation: fixed per-channel mean and std of sd-vae-ft-mse posterior samples
+# of ImageNet 256 *before* the SD scaling factor (``Lyy-iiis/imeanflow`` ``utils/vae_util.py``, both branches):
+# the model sees ``(latent - mean) / std`` and its samples decode as ``vae.decode(x * std + mean)``.
+OFFICIAL_LATENT_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
+OFFICIAL_LATENT_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
+
+
+def official_latent_norm() -> dict:
+    """The official normalisation as a manifest-like dict :class:`LatentDecoder` takes (``channel_mean``,
+    ``channel_std``, and ``metadata`` with ``scaling_factor`` 1 and no shift: the statistics are of the
+    unscaled latent)."""
+    return {
+        "channel_mean": list(OFFICIAL_LATENT_MEAN),
+        "channel_std": list(OFFICIAL_LATENT_STD),
+        "metadata": {"scaling_factor": 1.0, "shift_factor": 0.0},
+        "source": "official iMF/MF (sd-vae-ft-mse, unscaled latents)",
+    }
 
 
 def load_vae(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype = torch.float32, arg: str = "--vae"):

@@ -46,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="guidance intervals t_min:t_max, e.g. 0.0:1.0,0.4:0.65 (default: the published one)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--convention",
+        default="engine",
+        choices=("engine", "official-torch"),
+        help="sample set and uint8 conversion: engine (labels i mod K, clamp(127.5x+128)) or as the official "
+        "iMF PyTorch evaluate.py (class blocks, seeds i^seed, round; its --seed is 42)",
+    )
     p.add_argument("--batch", type=int, default=250, help="samples per forward on each rank")
     p.add_argument(
         "--metrics",

@@ -33,6 +33,7 @@ class Loaded:
     step: int | None
     decay: float | None
     source: str
+    latent_norm: dict | None = None  # the official latent normalisation of a converted checkpoint (imf.convert)
 
 
 def _metadata(meta: dict, source: str, model) -> Loaded:
@@ -43,6 +44,7 @@ def _metadata(meta: dict, source: str, model) -> Loaded:
         step=int(meta["imf.step"]) if "imf.step" in meta else None,
         decay=float(meta["imf.ema_decay"]) if "imf.ema_decay" in meta else None,
         source=source,
+        latent_norm=json.loads(meta["imf.latent_norm"]) if "imf.latent_norm" in meta else None,
     )
 
 

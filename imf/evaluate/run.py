@@ -9,8 +9,10 @@ CUDA (``--precision auto``), fp32 on a CPU.
 
 **Decoding** (latent models): :class:`imf.vae.LatentDecoder` with the VAE at ``--vae`` (a local diffusers
 ``AutoencoderKL`` directory) and the channel statistics and factors of the dataset's manifest (``--data``,
-default the checkpoint's ``data.source``). Images in ``[-1, 1]`` become uint8 as ``clamp(127.5 x + 128, 0,
-255)`` (DiT / ADM sampling scripts).
+default the checkpoint's ``data.source``), or, for a model converted from an official checkpoint
+(:mod:`imf.convert`), the official latent normalisation its export carries. Images in ``[-1, 1]`` become uint8 as
+``clamp(127.5 x + 128, 0, 255)`` (DiT / ADM sampling scripts, the official JAX evaluation), or with
+``--convention official-torch`` as the official PyTorch evaluation does (:mod:`imf.evaluate.sampling`).
 """
 
 from __future__ import annotations
@@ -41,31 +43,46 @@ from imf.evaluate.options import (
     sweep_cells,
 )
 from imf.evaluate.report import fmt, git_commit, write_npz, write_report
-from imf.evaluate.sampling import labels_of, sample_batches, shard, sync, to_uint8
+from imf.evaluate.sampling import CONVENTIONS, sample_batches, shard, sync
 from imf.evaluate.scorers import DigitsScorer, InceptionScorer
 from imf.vae import LatentDecoder, load_vae
 
 
 def make_decoder(
-    vae_path, data_dir, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batch: int
+    vae_path,
+    data_dir,
+    model_cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    latent_norm: dict | None = None,
 ) -> LatentDecoder:
-    """The VAE decoder of a latent model, checked against the dataset's manifest and the model."""
+    """The VAE decoder of a latent model, checked against the dataset's manifest (or the checkpoint's own
+    ``latent_norm``, used when there is no ``data_dir``) and the model."""
     side = f"{model_cfg.in_channels}x{model_cfg.input_size}x{model_cfg.input_size}"
     if vae_path is None:
         raise EvalError(
             f"a latent model ({side}) needs --vae PATH (a local diffusers AutoencoderKL directory) to decode images"
         )
-    if data_dir is None:
+    if data_dir is None and latent_norm is not None:
+        man = dict(latent_norm, latent_shape=[model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size])
+        if len(man["channel_mean"]) != model_cfg.in_channels:
+            raise EvalError(
+                f"the checkpoint's latent normalisation has {len(man['channel_mean'])} channels, the model "
+                f"{model_cfg.in_channels}"
+            )
+    elif data_dir is None:
         raise EvalError(
             "decoding needs the dataset's channel statistics: pass --data DIR (the latent dataset "
             "with manifest.json; the checkpoint's training data.source is not a dataset directory)"
         )
-    from imf.data import DataError, load_manifest
+    else:
+        from imf.data import DataError, load_manifest
 
-    try:
-        man = load_manifest(data_dir)
-    except DataError as e:
-        raise EvalError(f"--data: {e}") from None
+        try:
+            man = load_manifest(data_dir)
+        except DataError as e:
+            raise EvalError(f"--data: {e}") from None
     want = [model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size]
     if list(man["latent_shape"]) != want:
         raise EvalError(f"--data {data_dir} holds latents {man['latent_shape']}, the checkpoint's model expects {want}")
@@ -104,6 +121,12 @@ def run(args, scorer=None) -> dict | None:
     check_preset(loaded, args.preset)
     cfg = loaded.model.cfg
     check_num(args.num, cfg.num_classes, env.world)
+    convention = CONVENTIONS[args.convention]
+    if convention.official and args.num % cfg.num_classes:
+        raise EvalError(
+            f"--convention official-torch needs --num divisible by num_classes={cfg.num_classes} "
+            f"(class blocks), got {args.num}"
+        )
     cells = sweep_cells(steps, omegas, intervals, loaded.preset)
     digits = (
         args.metrics == "digits"
@@ -121,12 +144,16 @@ def run(args, scorer=None) -> dict | None:
         decode = None
     else:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.vae_dtype]
-        decode = make_decoder(args.vae, _data_dir(args, loaded), cfg, env.device, dtype, args.vae_batch)
+        decode = make_decoder(
+            args.vae, _data_dir(args, loaded), cfg, env.device, dtype, args.vae_batch, loaded.latent_norm
+        )
     if scorer is None:
         scorer = (
             DigitsScorer()
             if digits
-            else InceptionScorer(args.ref_stats, args.inception, env.device, prc=args.prc, batch=args.batch)
+            else InceptionScorer(
+                args.ref_stats, args.inception, env.device, prc=args.prc, batch=args.batch, uint8=convention.uint8
+            )
         )
     precision = args.precision if args.precision != "auto" else ("bf16" if env.device.type == "cuda" else "fp32")
     autocast = torch.bfloat16 if precision == "bf16" else None
@@ -145,7 +172,8 @@ def _sweep(
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    labels = labels_of(range(args.num), loaded.model.cfg.num_classes)
+    convention = CONVENTIONS[args.convention]
+    labels = convention.labels(range(args.num), args.num, loaded.model.cfg.num_classes)
     results = []
     for steps, omega, t_min, t_max in cells:
         name = f"nfe{steps}_w{omega:g}_t{t_min:g}-{t_max:g}"
@@ -225,14 +253,24 @@ def _sample_cell(args, env: dist.DistEnv, model, sampling: dict, decode, scorer,
         dynamic_ncols=True,
         disable=env.rank != 0 or not args.progress,
     )
-    batches = sample_batches(model, indices, seed=args.seed, batch=args.batch, device=env.device, **sampling)
+    convention = CONVENTIONS[args.convention]
+    batches = sample_batches(
+        model,
+        indices,
+        seed=args.seed,
+        batch=args.batch,
+        device=env.device,
+        convention=convention,
+        num=args.num,
+        **sampling,
+    )
     for idx, _, x, seconds in batches:
         t_gen += seconds
         t0 = time.perf_counter()
         images = decode(x) if decode is not None else x
         sync(env.device)
         t_dec += time.perf_counter() - t0
-        u8 = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        u8 = convention.uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         if args.npz:
             if memmap is None:
                 memmap = np.lib.format.open_memmap(

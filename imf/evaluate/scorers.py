@@ -52,7 +52,11 @@ class DigitsScorer:
 
 
 def load_reference(path, *, images: bool = False) -> dict[str, np.ndarray]:
-    """``mu`` and ``sigma`` (float64) of a reference ``.npz`` (and its ``arr_0`` images with ``images``)."""
+    """``mu`` and ``sigma`` (float64) of a reference ``.npz`` (and its ``arr_0`` images with ``images``).
+
+    Both official evaluations' files are accepted: ``mu``/``sigma`` (the PyTorch one's JiT ``jit_in256_stats.npz``,
+    ``imagenet_256_fid_stats_torch.npz``; ADM's files) and ``ref_mu``/``ref_sigma`` (the JAX one's
+    ``imagenet_256_fid_stats.npz``, ``Lyy-iiis/imeanflow@main`` ``utils/fid_util.py``)."""
     if path is None:
         raise EvalError(
             "FID needs --ref-stats PATH: an .npz with 'mu' and 'sigma' of Inception pool features "
@@ -63,10 +67,12 @@ def load_reference(path, *, images: bool = False) -> dict[str, np.ndarray]:
         raise EvalError(f"--ref-stats {path} does not exist")
     try:
         with np.load(path) as f:
-            missing = [k for k in ("mu", "sigma") + (("arr_0",) if images else ()) if k not in f.files]
+            prefix = "ref_" if "ref_mu" in f.files and "mu" not in f.files else ""
+            want = (f"{prefix}mu", f"{prefix}sigma") + (("arr_0",) if images else ())
+            missing = [k for k in want if k not in f.files]
             if missing:
                 raise EvalError(f"--ref-stats {path} lacks {missing} (it has {f.files})")
-            ref = {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64)}
+            ref = {"mu": f[f"{prefix}mu"].astype(np.float64), "sigma": f[f"{prefix}sigma"].astype(np.float64)}
             if images:
                 ref["images"] = f["arr_0"]
     except (OSError, ValueError, zipfile.BadZipFile) as e:
@@ -110,8 +116,10 @@ class InceptionScorer:
 
     name = "inception"
 
-    def __init__(self, ref_stats, weights, device: torch.device, prc: bool = False, batch: int = 250):
+    def __init__(self, ref_stats, weights, device: torch.device, prc: bool = False, batch: int = 250, uint8=to_uint8):
+        """``uint8``: images in ``[-1, 1]`` -> uint8 (the evaluation convention's, :mod:`imf.evaluate.sampling`)."""
         self.ref = load_reference(ref_stats, images=prc)
+        self.uint8 = uint8
         require_fidelity()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -127,7 +135,7 @@ class InceptionScorer:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        pool, logits = self.net(to_uint8(images))
+        pool, logits = self.net(self.uint8(images))
         return {"pool": pool.cpu(), "logits": logits.cpu()}
 
     def score(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:

@@ -65,15 +65,22 @@ def _umask() -> int:
 def export_ema(ckpt: str | os.PathLike, out: str | os.PathLike, decay: float | None = None) -> Path:
     """Write the EMA weights of ``decay`` (default: the first) from checkpoint ``ckpt`` to the safetensors
     file ``out`` (single process, CPU; atomic: a temp file renamed)."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.is_dir():
         raise CheckpointError(f"--out {out} is a directory; give a file path such as {out / 'model.safetensors'}")
     model, metadata = load_ema(ckpt, decay)
+    return write_export(model.state_dict(), out, metadata)
+
+
+def write_export(weights: dict[str, torch.Tensor], out: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """``weights`` as the safetensors file ``out`` with ``metadata`` (atomic: a temp file renamed; mode 0644
+    under the usual umask). ``metadata`` must hold ``imf.model_config`` for :func:`load_exported`."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out)
     return out
@@ -119,4 +126,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["export_ema", "load_ema", "load_exported", "main"]
+__all__ = ["export_ema", "load_ema", "load_exported", "main", "write_export"]
