@@ -410,7 +410,7 @@ def run_stages(
             elapsed = time.monotonic() - t0
             left = budget_s - elapsed - RUNNER_OVERHEAD_S - KILL_GRACE_S
             box = min(end - KILL_GRACE_S - elapsed, left)  # its box plus what the stages before it left
-            if box < min(stage.min_s, stage.box_s):
+            if box < stage.min_s:
                 reason = (
                     f"needs {stage.min_s:.0f} s to yield a first result, {max(box, 0.0):.0f} s left "
                     f"({max(left, 0.0):.0f} s of --budget-s {budget_s:g})"
