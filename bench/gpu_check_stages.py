@@ -213,10 +213,35 @@ def environment(ctx) -> None:
     )
     datasheet = flops.peak_flops(device)
     ctx.update(env=env, datasheet_bf16_tflops=datasheet / 1e12 if datasheet else None)
+    try:
+        ctx.update(triton_cache_key=triton_cache_key())
+    except Exception as err:  # a record, not a measurement: never worth the ceilings after it
+        ctx.update(triton_cache_key={"error": f"{type(err).__name__}: {err}"[:300]})
     with _cpu_threads(ctx):
         peak = matmul_peak(device, dtype=torch.float32 if ctx.smoke else torch.bfloat16, n=256 if ctx.smoke else 8192)
         ctx.update(matmul_peak=peak)
         ctx.update(copy_bandwidth=copy_bandwidth(device, 2**22 if ctx.smoke else 2**30))
+
+
+def triton_cache_key() -> dict:
+    """What Triton's compile cache key starts with on this machine (``triton_key()``: its version, the
+    hashes of its Python sources and of ``libtriton.so``, whose build differs per Python ABI), the
+    interpreter's ABI and the ptxas version (the CUDA backend's part of the key): a kernel cache built elsewhere can only be hit where these are equal
+    (bench/results/README.md, "Triton cache")."""
+    import hashlib
+    import sysconfig
+
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas_version
+    from triton.runtime.cache import triton_key
+
+    key = triton_key()
+    return {
+        "triton": triton.__version__,
+        "triton_key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+        "ptxas_sm90": get_ptxas_version(90).strip().splitlines()[-2],
+        "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
+    }
 
 
 def _last_error_line(text: str) -> str:
