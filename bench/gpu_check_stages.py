@@ -226,8 +226,8 @@ def environment(ctx) -> None:
 def triton_cache_key() -> dict:
     """What Triton's compile cache key starts with on this machine (``triton_key()``: its version, the
     hashes of its Python sources and of ``libtriton.so``, whose build differs per Python ABI), the
-    interpreter's ABI and the ptxas version (the CUDA backend's part of the key): a kernel cache built elsewhere can only be hit where these are equal
-    (bench/results/README.md, "Triton cache")."""
+    interpreter's ABI and the ptxas version (the CUDA backend's part of the key): a kernel cache built
+    elsewhere can only be hit where these are equal (bench/results/README.md, "Triton cache")."""
     import hashlib
     import sysconfig
 
