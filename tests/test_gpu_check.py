@@ -495,8 +495,8 @@ def test_dry_run_shows_minimums_items_and_the_cold_cache_fit(capsys):
     assert [i.split(" batch")[0] for i in core["step"][1:]] == [
         "iMF-B/2 engine",
         "iMF-B/2 baseline_eager",
-        "iMF-B/2 baseline_compiled",
         "iMF-B/2 engine",
+        "iMF-B/2 baseline_compiled",
     ]
     assert core["kernels"] == [f"attention_jvp seq {s} head_dim 64" for s in (4096, 8192, 276)]
     assert plan_ends(stages)[-1] + 5 <= 420 and all(s.core_s() <= s.box_s for s in stages)
@@ -598,6 +598,27 @@ def test_fit_batch():
     assert fit_batch(0.9, 2.0, 79.0, (64, 32, 16, 8)) == 64
     assert fit_batch(0.9, 2.0, 40.0, (64, 32, 16, 8)) == 32
     assert fit_batch(0.9, 2.0, 5.0, (64, 32, 16, 8)) == 8  # none fits: the smallest (its row says OOM)
+
+
+def test_fit_shared_batch_reads_the_memory_line_from_two_probe_steps(monkeypatch):
+    """Peak memory 3.8 GiB at batch 2 and 5.6 at batch 4: 0.9 GiB per sample on 2 GiB fixed; with 40 GiB
+    free, 32 fits (2 + 28.8 <= 34) and 64 does not (2 + 57.6 > 34)."""
+    import torch
+
+    from bench import step_bench
+
+    calls = []
+
+    def probe(variant, preset, batch, **kw):
+        calls.append((variant, preset, batch, kw["warmup"], kw["iters"]))
+        return {"peak_mem_gb": 2.0 + 0.9 * batch}
+
+    monkeypatch.setattr(step_bench, "run_variant", probe)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
+    fit = step_bench.fit_shared_batch("iMF-B/2", (64, 32, 16, 8), dtype=torch.bfloat16, device="cuda")
+    assert calls == [("baseline_eager", "iMF-B/2", 2, 0, 1), ("baseline_eager", "iMF-B/2", 4, 0, 1)]
+    assert fit["batch"] == 32
+    assert fit["per_sample_gb"] == pytest.approx(0.9) and fit["fixed_gb"] == pytest.approx(2.0)
 
 
 # ---- provenance: the commit without .git ------------------------------------------------------------------------
