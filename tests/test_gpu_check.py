@@ -443,7 +443,10 @@ def test_smoke_correctness_records_every_test(tmp_path, monkeypatch):
     state = run_stages([s], tmp_path, budget_s=120, smoke=True, env={}, report=report, log=lambda m: None)
     data = state["stages"]["correctness"]
     assert data["status"] == "done", data.get("run")
-    assert test_counts(state) == {"passed": len(data["rows"]), "failed": 0, "skipped": 0} and len(data["rows"]) >= 2
+    n = len(data["rows"])
+    assert test_counts(state) == {"passed": n, "failed": 0, "skipped": 0, "collected": n, "never started": 0}
+    assert n >= 2 and sum(data["result"]["collected_by_tier"].values()) == n
+    assert [t for t, _ in data["result"]["order"]] == [r["test"] for r in data["rows"]]
     assert all(r["outcome"] == "passed" and "::" in r["test"] for r in data["rows"])
     assert "## Correctness" in (tmp_path / REPORT_MD).read_text()
 
