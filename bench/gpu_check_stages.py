@@ -92,7 +92,8 @@ CORRECTNESS_NEEDS = (
     ("the rest", 90),
 )
 
-PYTEST_OPTIONS = ("-q", "-p", "no:cacheprovider")
+# A test module that fails to import is a failed row (see _Recorder), not the end of the session.
+PYTEST_OPTIONS = ("-q", "-p", "no:cacheprovider", "--continue-on-collection-errors")
 
 
 PROBE_ITEM = "batch fit (two probe steps)"

@@ -548,6 +548,29 @@ def test_correctness_order_puts_the_training_step_kernels_first():
     assert [tiers[i.nodeid] for i in items] == [0, 1, 1, 2, 2, 2]
 
 
+def test_correctness_stage_runs_on_past_a_module_that_does_not_import(tmp_path, monkeypatch):
+    """The correctness stage as the runner runs it, on two test modules of which one fails to import: the
+    other's tests still run, the broken one is a failed row, and the verdict is not met."""
+    from bench.gpu_check_report import test_counts, verdict
+
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / "test_ok.py").write_text("def test_a():\n    pass\n\n\ndef test_b():\n    pass\n")
+    (tests / "test_broken.py").write_text("import a_module_that_is_not_there\n")
+    s = Stage("correctness", "c", "c", 60, "bench.gpu_check_stages:correctness", {"pytest_args": [str(tests)]})
+    out = tmp_path / "out"
+    state = run_stages([s], out, budget_s=90, smoke=True, env={}, report=lambda st: ({}, ""), log=lambda m: None)
+    rows = state["stages"]["correctness"]["rows"]
+    assert sorted((r["test"].split("/")[-1], r["outcome"]) for r in rows) == [
+        ("test_broken.py", "failed"),
+        ("test_ok.py::test_a", "passed"),
+        ("test_ok.py::test_b", "passed"),
+    ]
+    assert test_counts(state)["failed"] == 1
+    row = _by_target(verdict({**state, "smoke": False}))
+    assert row["GPU correctness: every kernel, bf16 + fp16 vs fp64 (gpu-check stage 2)"]["verdict"] == "not met"
+
+
 def _corr_state(outcomes, collected, tiers=None):
     rows = [
         {"test": f"tests/test_x.py::t{i}", "when": "call", "outcome": o, "tier": (tiers or {}).get(i)}
