@@ -81,7 +81,7 @@ def _bare_python(root: Path) -> Path:
     return py
 
 
-def _bare_tree(dest: Path) -> None:
+def _bare_tree(dest: Path) -> dict:
     """The files the device tool sends (``git ls-files -co --exclude-standard``), without ``.git``, and the
     commit stamp written from this checkout."""
     from bench.provenance import stamp, tree_files
@@ -92,7 +92,7 @@ def _bare_tree(dest: Path) -> None:
     for name in files:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, dest / name)
-    stamp(REPO, path=dest / "bench" / ".commit")
+    return stamp(REPO, path=dest / "bench" / ".commit")
 
 
 def _env(py: Path, **extra) -> dict[str, str]:
@@ -109,7 +109,7 @@ def _imports(py: Path, env, *modules) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_gpu_window_smoke_on_a_bare_tree(tmp_path):
     tree, out = tmp_path / "tree", tmp_path / "out"
-    _bare_tree(tree)
+    stamped = _bare_tree(tree)
     py = _bare_python(tmp_path)
     env = _env(py, OUT=str(out))
     have = _imports(py, env, "torch", "triton", "numpy", "pytest", "setuptools")
@@ -140,8 +140,8 @@ def test_gpu_window_smoke_on_a_bare_tree(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["verdict"] and {s["status"] for s in summary["stages"].values()} == {"done"}, summary["stages"]
     env_info = summary["stages"]["env"]["result"]["env"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    assert env_info["git_commit"] == head and env_info["commit_source"].startswith("stamp")
+    assert env_info["git_commit"] == stamped["git_commit"] and env_info["commit_source"].startswith("stamp")
+    assert env_info["git_dirty"] is stamped["git_dirty"]
     assert env_info["stamp_matches_tree"] is True
     assert (out / "gpu_check.md").read_text().rstrip().splitlines()[-1].startswith("| scaling to 8 GPUs")
 
