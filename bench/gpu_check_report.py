@@ -250,6 +250,12 @@ def verdict(state: dict) -> list[dict]:
     return out
 
 
+def _compiles(stage: dict) -> int | None:
+    """New entries in the Triton cache during the stage (its kernel and launcher compiles: cache misses)."""
+    cache = stage.get("triton_cache")
+    return cache["entries_now"] - cache["entries_at_start"] if cache else None
+
+
 KERNEL_COLUMNS = (
     "op mode impl dtype batch heads seq head_dim ms tflops pct_matmul_peak imf_speedup peak_mem_mb error"
 ).split()
@@ -290,10 +296,11 @@ def report(state: dict) -> tuple[dict, str]:
             "wall_s": stages.get(p["stage"], {}).get("run", {}).get("wall_s"),
             "rows": len(stages.get(p["stage"], {}).get("rows", [])),
             "left out": len(stages.get(p["stage"], {}).get("skipped", [])),
+            "compiles": _compiles(stages.get(p["stage"], {})),
         }
         for p in state["plan"]
     ]
-    md += [markdown_table(table, ["#", "stage", "title", "box_s", "status", "wall_s", "rows", "left out"])]
+    md += [markdown_table(table, ["#", "stage", "title", "box_s", "status", "wall_s", "rows", "left out", "compiles"])]
     if env_res.get("matmul_peak"):
         mm = env_res["matmul_peak"]
         ceil = [

@@ -617,6 +617,16 @@ def test_step_ratios_use_rows_at_one_batch_and_images_per_s_the_largest():
     assert got["MFU iMF-B/2 (counted FLOPs / measured bf16 matmul peak)"]["detail"] == "batch 256"
 
 
+def test_report_counts_each_stage_s_compiles():
+    from bench.gpu_check_report import report
+
+    state = _state()
+    state["plan"] = [{"#": 1, "stage": "kernels", "title": "k", "box_s": 80}]
+    state["stages"]["kernels"]["triton_cache"] = {"dir": "/c", "entries_at_start": 12, "entries_now": 19}
+    _, md = report(state)
+    assert "| 1 | kernels | k | 80 | done |  | 0 | 0 | 7 |" in md
+
+
 def test_fit_batch():
     from bench.step_bench import fit_batch
 
