@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from bench.provenance import describe, provenance
 from imf.markdown import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,7 +200,8 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def env_info(device) -> dict:
-    """Device, driver, CUDA, torch, triton, Python, git commit (+ dirty flag), date (UTC), host."""
+    """Device, driver, CUDA, torch, triton, Python, git commit and dirty state (:func:`bench.provenance.provenance`:
+    also on a tree without ``.git``, ``"unknown"`` when nothing says), date (UTC), host."""
     import triton
 
     dev = torch.device(device)
@@ -213,8 +215,7 @@ def env_info(device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": _run(["git", "rev-parse", "HEAD"]),
-        "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
+        **provenance(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
     }
     if is_cuda(dev):
@@ -294,7 +295,7 @@ def write_results(
         md += ["**Smoke run on a CPU: checks the harness; the timings are not performance numbers.**", ""]
     md += [
         f"{env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
-        f"driver {env.get('driver')}; commit {env.get('git_commit')}{' (dirty)' if env.get('git_dirty') else ''}; "
+        f"driver {env.get('driver')}; {describe(env)}; "
         f"{env.get('date_utc')}",
         "",
     ]

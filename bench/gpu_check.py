@@ -4,8 +4,11 @@
     python -m bench gpu-check --budget-s 420 --out DIR  # on a GPU node: the first thing to run
 
 The stages (:mod:`bench.gpu_check_stages`), in priority order, each in a child process with its own
-time box (:mod:`bench.gpu_check_runner`): environment and ceilings, correctness on the GPU, attention
-kernels, the iMF-B/2 training step, more steps while time remains. The children run with
+time box plus what the stages before it left (:mod:`bench.gpu_check_runner`): environment and ceilings,
+correctness on the GPU (the training step's kernels first), the iMF-B/2 training step (engine and both
+baselines at one batch that fits), the attention kernels, more steps while time remains. On a machine
+that has torch and triton but not this project, ``bash bench/gpu_window.sh`` installs the tree offline
+and runs this (see bench/results/README.md). The children run with
 ``IMF_KERNELS_PINNED=1`` unless the environment sets it (one kernel config per shape class, no timing
 of candidates; ``--configs`` passes a saved cache as ``IMF_KERNELS_CONFIGS``, which takes precedence) and
 ``TRITON_INTERPRET=0`` (the GPU tests skip under the interpreter). ``DIR`` gets ``gpu_check.json`` (everything),
@@ -95,8 +98,17 @@ def _main(argv: list[str]) -> int:
         f"gpu-check plan{' (smoke)' if args.smoke else ''}: {len(stages)} stages, each in its own process "
         f"with its time box; children run with {' '.join(f'{k}={v}' for k, v in env.items())}"
     )
-    print(markdown_table(plan_rows(stages), ["#", "stage", "box_s", "title", "runs"]), end="")
     print(
+        markdown_table(
+            plan_rows(stages),
+            ["#", "stage", "box_s", "min_s", "core_s", "ends_by_s", "items (s needed, cold cache)"],
+        ),
+        end="",
+    )
+    core = sum(s.core_s() for s in stages)
+    print(
+        f"sized for a cold Triton cache: the core items (before '|') need {core:.0f} s and fit their boxes; "
+        f"a stage starts only with its min_s, an item only with its need; unused time carries forward\n"
         f"estimated total {total:.0f} s (every box used in full + {KILL_GRACE_S:g} s kill grace per stage + "
         f"{RUNNER_OVERHEAD_S:g} s) for --budget-s {args.budget_s:g}: {'fits' if fits else 'does NOT fit'}"
     )

@@ -9,6 +9,8 @@ ceilings, failed tests, the kernel and step rows, what the time boxes left out, 
 
 from __future__ import annotations
 
+from bench.provenance import describe
+
 MET, NOT_MET, NOT_MEASURED, SMOKE = "met", "not met", "not measured", "smoke: no claim"
 
 
@@ -74,55 +76,82 @@ def _jvp_memory(state):
     ], f"seq {sel[0]['seq']} -> {sel[-1]['seq']} (quadratic: {sel[-1]['seq'] / sel[0]['seq']:.0f})"
 
 
-def _step_row(state, preset, variant):
-    return next(
-        (
-            r
-            for r in _rows(state, "step", "step_more")
-            if r["preset"] == preset and r["variant"] == variant and "ms" in r
-        ),
-        None,
-    )
+def _step_rows(state, preset, variant) -> list[dict]:
+    """The timed rows of ``preset`` / ``variant``, largest batch first."""
+    rows = [
+        r for r in _rows(state, "step", "step_more") if r["preset"] == preset and r["variant"] == variant and "ms" in r
+    ]
+    return sorted(rows, key=lambda r: -r["batch"])
+
+
+def _same_batch(state, preset, a, b):
+    """The rows of variants ``a`` and ``b`` at the largest batch both were timed at, or None."""
+    rows_b = {r["batch"]: r for r in _step_rows(state, preset, b)}
+    return next(((r, rows_b[r["batch"]]) for r in _step_rows(state, preset, a) if r["batch"] in rows_b), None)
 
 
 def _step_speedup(state, baseline):
-    eng, base = _step_row(state, "iMF-B/2", "engine"), _step_row(state, "iMF-B/2", baseline)
-    if not (eng and base) or eng["batch"] != base["batch"]:
+    pair = _same_batch(state, "iMF-B/2", "engine", baseline)
+    if pair is None:
         return _missing(state, "step", f"timed engine and {baseline} rows at one batch")
+    eng, base = pair
     return base["ms"] / eng["ms"], f"batch {eng['batch']}"
 
 
 def _step_value(state, preset, key, scale=1.0):
-    eng = _step_row(state, preset, "engine")
-    if eng is None or eng.get(key) is None:
+    """``key`` of the engine row at the largest batch timed (the training batch when it ran)."""
+    eng = next((r for r in _step_rows(state, preset, "engine") if r.get(key) is not None), None)
+    if eng is None:
         return _missing(state, "step" if preset == "iMF-B/2" else "step_more", f"{key} of a timed {preset} engine row")
     return eng[key] * scale, f"batch {eng['batch']}"
 
 
 def _efficiency(state):
-    eng, fm = _step_row(state, "iMF-B/2", "engine"), _step_row(state, "iMF-B/2", "fm_compiled")
-    if not (eng and fm):
-        return _missing(state, "step", "timed engine and fm_compiled rows")
+    pair = _same_batch(state, "iMF-B/2", "engine", "fm_compiled")
+    if pair is None:
+        return _missing(state, "step_more", "timed engine and fm_compiled rows at one batch")
+    eng, fm = pair
     time_ratio, flop_ratio = eng["ms"] / fm["ms"], eng["flops_per_step"] / fm["flops_per_step"]
-    return time_ratio / flop_ratio, f"time ratio {time_ratio:.2f} / FLOP ratio {flop_ratio:.2f}"
+    return time_ratio / flop_ratio, f"batch {eng['batch']}: time ratio {time_ratio:.2f} / FLOP ratio {flop_ratio:.2f}"
 
 
 def test_counts(state: dict) -> dict[str, int]:
-    """Passed / failed / skipped tests of the correctness stage, from its rows (so a cut stage counts too)."""
-    rows = _rows(state, "correctness")
-    return {o: sum(r["outcome"] == o for r in rows) for o in ("passed", "failed", "skipped")}
+    """Tests of the correctness stage by outcome, from its rows (so a cut stage counts too), plus
+    ``collected`` and ``never started`` (collected, with no row: the stage was cut or failed first)."""
+    data = state["stages"].get("correctness", {})
+    rows = data.get("rows", [])
+    n = {o: sum(r["outcome"] == o for r in rows) for o in ("passed", "failed", "skipped")}
+    collected = data.get("result", {}).get("collected")
+    ran = {r["test"] for r in rows if r.get("when") != "collect"}
+    n["collected"] = collected if collected is not None else len(ran)
+    n["never started"] = max(n["collected"] - len(ran), 0)
+    return n
 
 
 def _correctness(state):
+    """The failed tests; met only when every collected test ran and passed (see :func:`verdict`)."""
     n = test_counts(state)
     if not n["passed"] and not n["failed"]:
         return _missing(state, "correctness", "passed or failed test")
-    return n["failed"], f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped"
+    data = state["stages"]["correctness"]
+    tier = {}
+    for r in data.get("rows", []):
+        if r.get("tier") and r["outcome"] == "passed":
+            tier[r["tier"]] = tier.get(r["tier"], 0) + 1
+    by_tier = data.get("result", {}).get("collected_by_tier", {})
+    tiers = ", ".join(f"{t} {tier.get(t, 0)}/{c}" for t, c in by_tier.items())
+    detail = (
+        f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped, {n['never started']} never started "
+        f"of {n['collected']} collected{'; passed by tier: ' + tiers if tiers else ''}"
+    )
+    complete = n["passed"] == n["collected"] and not n["skipped"] and not n["never started"]
+    return n["failed"], detail, complete
 
 
 def verdict(state: dict) -> list[dict]:
     """One row per target: ``target``, ``goal``, ``measured``, ``detail``, ``verdict`` (met / not met / not
-    measured; a smoke run makes no claim)."""
+    measured; a smoke run makes no claim). Correctness is met only when every collected test ran and
+    passed: a failure is not met, anything else (skipped, never started, the stage cut) not measured."""
     flash = ((256, 4096), (64, 72))
     checks = [
         (
@@ -204,18 +233,27 @@ def verdict(state: dict) -> list[dict]:
         ("scaling to 8 GPUs per node", None, None, "", (None, "python -m bench scaling (a model, not measured)")),
     ]
     out = []
-    for target, op, threshold, unit, (value, detail) in checks:
+    for target, op, threshold, unit, (value, detail, *complete) in checks:
         sep = "" if unit == "x" else " "
         goal = f"{op} {threshold:g}{sep}{unit}" if op else "outside gpu-check"
+        met = value is not None and (value >= threshold if op == ">=" else value <= threshold)
         if value is None:
             status = NOT_MEASURED
         elif state.get("smoke"):
             status = SMOKE
+        elif met and complete and not complete[0]:  # nothing failed, but not everything ran
+            status = NOT_MEASURED
         else:
-            status = MET if (value >= threshold if op == ">=" else value <= threshold) else NOT_MET
+            status = MET if met else NOT_MET
         measured = None if value is None else f"{value:.3g}{sep}{unit}"
         out.append({"target": target, "goal": goal, "measured": measured, "verdict": status, "detail": detail})
     return out
+
+
+def _compiles(stage: dict) -> int | None:
+    """New entries in the Triton cache during the stage (its kernel and launcher compiles: cache misses)."""
+    cache = stage.get("triton_cache")
+    return cache["entries_now"] - cache["entries_at_start"] if cache else None
 
 
 KERNEL_COLUMNS = (
@@ -241,8 +279,8 @@ def report(state: dict) -> tuple[dict, str]:
     if env:
         md += [
             f"{env.get('device')}; driver {env.get('driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
-            f"torch {env.get('torch')}, triton {env.get('triton')}; commit {env.get('git_commit')}"
-            f"{' (dirty)' if env.get('git_dirty') else ''}; kernel settings {env.get('kernel_env')}",
+            f"torch {env.get('torch')}, triton {env.get('triton')}; {describe(env)} from {env.get('commit_source')}; "
+            f"kernel settings {env.get('kernel_env')}",
             "",
         ]
     md += [
@@ -258,10 +296,11 @@ def report(state: dict) -> tuple[dict, str]:
             "wall_s": stages.get(p["stage"], {}).get("run", {}).get("wall_s"),
             "rows": len(stages.get(p["stage"], {}).get("rows", [])),
             "left out": len(stages.get(p["stage"], {}).get("skipped", [])),
+            "compiles": _compiles(stages.get(p["stage"], {})),
         }
         for p in state["plan"]
     ]
-    md += [markdown_table(table, ["#", "stage", "title", "box_s", "status", "wall_s", "rows", "left out"])]
+    md += [markdown_table(table, ["#", "stage", "title", "box_s", "status", "wall_s", "rows", "left out", "compiles"])]
     if env_res.get("matmul_peak"):
         mm = env_res["matmul_peak"]
         ceil = [
@@ -280,8 +319,9 @@ def report(state: dict) -> tuple[dict, str]:
         md += [
             "## Correctness",
             "",
-            f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped of "
-            f"{corr.get('result', {}).get('collected', '?')} collected.",
+            f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped, {n['never started']} never "
+            f"started of {n['collected']} collected (in the order run: training-step kernels in bf16, odd "
+            f"shapes, the rest; by tier: {corr.get('result', {}).get('collected_by_tier')}).",
             "",
         ]
         if bad:

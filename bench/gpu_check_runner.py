@@ -17,8 +17,15 @@ those two and one JSON per stage; anything else that appears there during a run 
 in the run record. A directory holding files gpu-check did not write is refused; the files of an
 earlier run (``known`` names, e.g. the stages a ``--stages`` subset leaves out) are replaced.
 
-The overall budget: each stage gets ``min(box, budget left)``; a stage with under :data:`MIN_BOX_S`
-left (less than its box) is recorded ``not run``. :func:`plan_total` is the worst case (every box used in full).
+**Time is carried forward.** Stage *i* may run until the plan's end of stage *i* (the sum of the boxes
+and kill graces up to it, from the start), so it gets its own box plus whatever the stages before it left
+unused, never more than what is left of the budget. A stage whose time is below its ``min_s`` (the least
+in which it yields its first result from a cold Triton cache: process start, imports, the first compiles
+and timing) is recorded ``not run`` instead of being started and cut with nothing. Inside a stage the
+same rule holds per item: a stage lists its items with the seconds each needs (``needs``), and
+:meth:`StageContext.begin` refuses, and records as left out, an item that would not fit in the time left.
+:func:`plan_total` is the worst case (every box used in full); :func:`plan_rows` shows the boxes, the
+minimum of each stage, when each ends at the latest, and the items with their needs.
 """
 
 from __future__ import annotations
@@ -42,13 +49,14 @@ REPORT_MD = "gpu_check.md"
 FILES_MAX = 8
 KILL_GRACE_S = 3.0  # after SIGTERM, before SIGKILL
 RUNNER_OVERHEAD_S = 5.0  # writing the report, verdict, process bookkeeping
-MIN_BOX_S = 5.0
+MIN_BOX_S = 5.0  # the default min_s: a child process cannot do anything in less
 
 
 @dataclass(frozen=True)
 class Stage:
     """One stage: ``name`` (its file is ``<name>.json``), a title, what it runs (for the plan), its time
-    box in seconds, the ``"module:function"`` the child calls with a :class:`StageContext`, and options."""
+    box in seconds, the ``"module:function"`` the child calls with a :class:`StageContext`, options, and
+    the items it runs with the seconds each needs from a cold cache (the first ``core`` must fit the box)."""
 
     name: str
     title: str
@@ -56,6 +64,16 @@ class Stage:
     box_s: float
     target: str
     options: dict = field(default_factory=dict)
+    needs: tuple[tuple[str, float], ...] = ()  # (item, seconds it needs from a cold cache), in run order
+    core: int = 0  # how many of the first ``needs`` items the stage is sized for (its box holds them)
+
+    @property
+    def min_s(self) -> float:
+        """The least time worth starting the stage with: its first item's need (or :data:`MIN_BOX_S`)."""
+        return max(MIN_BOX_S, self.needs[0][1]) if self.needs else MIN_BOX_S
+
+    def core_s(self) -> float:
+        return sum(s for _, s in self.needs[: self.core])
 
 
 def allowed_files(stages: Sequence[Stage]) -> set[str]:
@@ -72,6 +90,10 @@ def check_plan(stages: Sequence[Stage]) -> None:
             raise ValueError(f"stage name must be letters, digits and '_', got {s.name!r}")
         if s.box_s <= 0:
             raise ValueError(f"stage {s.name!r}: box_s must be > 0, got {s.box_s}")
+        if s.core_s() > s.box_s:
+            raise ValueError(
+                f"stage {s.name!r}: its {s.core} core items need {s.core_s():g} s, its box is {s.box_s:g} s"
+            )
     if len(allowed_files(stages)) > FILES_MAX:
         raise ValueError(f"{len(stages)} stages need {len(stages) + 2} files; the output folder holds {FILES_MAX}")
 
@@ -81,9 +103,36 @@ def plan_total(stages: Sequence[Stage]) -> float:
     return sum(s.box_s + KILL_GRACE_S for s in stages) + RUNNER_OVERHEAD_S
 
 
+def plan_ends(stages: Sequence[Stage]) -> list[float]:
+    """Seconds from the start by which each stage has ended at the latest: its box and kill grace plus
+    those of every stage before it (what :func:`run_stages` lets it run until)."""
+    ends, t = [], 0.0
+    for s in stages:
+        t += s.box_s + KILL_GRACE_S
+        ends.append(t)
+    return ends
+
+
+def _needs_text(s: Stage) -> str:
+    core = "; ".join(f"{item} {sec:g}" for item, sec in s.needs[: s.core])
+    more = "; ".join(f"{item} {sec:g}" for item, sec in s.needs[s.core :])
+    return f"{core}{' | then, with time carried: ' + more if more else ''}"
+
+
 def plan_rows(stages: Sequence[Stage]) -> list[dict]:
     return [
-        {"#": i, "stage": s.name, "title": s.title, "runs": s.runs, "box_s": s.box_s} for i, s in enumerate(stages, 1)
+        {
+            "#": i,
+            "stage": s.name,
+            "title": s.title,
+            "runs": s.runs,
+            "box_s": s.box_s,
+            "min_s": s.min_s,
+            "core_s": s.core_s(),
+            "ends_by_s": end,
+            "items (s needed, cold cache)": _needs_text(s),
+        }
+        for i, (s, end) in enumerate(zip(stages, plan_ends(stages), strict=True), 1)
     ]
 
 
@@ -137,8 +186,11 @@ class StageContext:
     :meth:`add_row` and :meth:`skip`. :meth:`earlier` reads the result of a stage that ran before.
     """
 
-    def __init__(self, name: str, out: Path, deadline: float, smoke: bool, options: dict):
+    def __init__(self, name: str, out: Path, deadline: float, smoke: bool, options: dict, needs=()):
         self.name, self.out, self.deadline, self.smoke, self.options = name, Path(out), deadline, smoke, options
+        self.needs = {item: float(sec) for item, sec in needs}
+        self.cache = triton_cache_dir()
+        entries = cache_entries(self.cache)
         self.path = self.out / f"{name}.json"
         self.data = {
             "stage": name,
@@ -150,6 +202,7 @@ class StageContext:
             "result": {},
             "rows": [],
             "skipped": [],
+            "triton_cache": {"dir": str(self.cache), "entries_at_start": entries, "entries_now": entries},
         }
         self.save()
 
@@ -163,6 +216,7 @@ class StageContext:
         kernels = sys.modules.get("imf_kernels")  # the kernel configs this stage ran, once it used them
         if kernels is not None:
             self.data["kernel_configs"] = kernels.tuned_configs()
+        self.data["triton_cache"]["entries_now"] = cache_entries(self.cache)  # less at start: compiles so far
         write_json(self.path, self.data)
 
     def update(self, **result) -> None:
@@ -172,6 +226,16 @@ class StageContext:
     def add_row(self, row: dict) -> None:
         self.data["rows"].append(row)
         self.save()
+
+    def begin(self, item: str, need_s: float | None = None) -> bool:
+        """True if ``item`` fits in the time left (``need_s``, else its entry in the stage's needs, else 0);
+        otherwise records it as left out, with both numbers, and returns False."""
+        need = self.needs.get(item, 0.0) if need_s is None else need_s
+        left = self.time_left()
+        if left > 0 and left >= need:
+            return True
+        self.skip(item, f"needs {need:.0f} s (cold compile + first timing), {max(left, 0.0):.0f} s left")
+        return False
 
     def skip(self, item: str, reason: str = "time box reached") -> None:
         """Record an item the stage did not run."""
@@ -183,11 +247,24 @@ class StageContext:
         return json.loads(path.read_text()).get("result", {}) if path.exists() else {}
 
 
+def triton_cache_dir() -> Path:
+    """Where Triton caches compiled kernels: ``TRITON_CACHE_DIR``, else its default ``~/.triton/cache``."""
+    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+
+
+def cache_entries(cache: Path) -> int:
+    """Entries of the Triton cache (one folder per compiled kernel or launcher): the difference over a
+    stage is how many compiles it made, the cache misses of a cold machine."""
+    return sum(1 for _ in cache.iterdir()) if cache.is_dir() else 0
+
+
 def child_main(argv: Sequence[str]) -> int:
     """Entry of the child process: ``argv[0]`` is the JSON spec the parent wrote (see :func:`run_stage`)."""
     spec = json.loads(argv[0])
     signal.alarm(int(spec["hard_s"] + 2 * KILL_GRACE_S) + 1)  # backstop if the parent is gone
-    ctx = StageContext(spec["stage"], Path(spec["out"]), spec["deadline"], spec["smoke"], spec["options"])
+    ctx = StageContext(
+        spec["stage"], Path(spec["out"]), spec["deadline"], spec["smoke"], spec["options"], spec["needs"]
+    )
     module, _, function = spec["target"].partition(":")
     try:
         getattr(importlib.import_module(module), function)(ctx)
@@ -233,6 +310,7 @@ def run_stage(stage: Stage, out: Path, box: float, *, smoke: bool, env: dict[str
         "smoke": smoke,
         "deadline": time.time() + box - _reserve(box),
         "options": stage.options,
+        "needs": [list(n) for n in stage.needs],
     }
     child_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "bench.gpu_check_runner", json.dumps(spec)]
@@ -327,12 +405,16 @@ def run_stages(
     write()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        for i, stage in enumerate(stages, 1):
+        for i, (stage, end) in enumerate(zip(stages, plan_ends(stages), strict=True), 1):
             tag = f"[gpu-check {i}/{len(stages)}] {stage.name}"
-            left = budget_s - (time.monotonic() - t0) - RUNNER_OVERHEAD_S - KILL_GRACE_S
-            box = min(stage.box_s, left)
-            if box < min(stage.box_s, MIN_BOX_S):
-                reason = f"budget spent ({max(left, 0.0):.0f} s left of --budget-s {budget_s:g})"
+            elapsed = time.monotonic() - t0
+            left = budget_s - elapsed - RUNNER_OVERHEAD_S - KILL_GRACE_S
+            box = min(end - KILL_GRACE_S - elapsed, left)  # its box plus what the stages before it left
+            if box < stage.min_s:
+                reason = (
+                    f"needs {stage.min_s:.0f} s to yield a first result, {max(box, 0.0):.0f} s left "
+                    f"({max(left, 0.0):.0f} s of --budget-s {budget_s:g})"
+                )
                 write_json(
                     out / f"{stage.name}.json",
                     {
@@ -347,7 +429,7 @@ def run_stages(
                 log(f"{tag}: not run, {reason}")
                 write()
                 continue
-            log(f"{tag}: {stage.title} (box {box:.0f} s)")
+            log(f"{tag}: {stage.title} (box {stage.box_s:g} s + {box - stage.box_s:+.0f} s carried = {box:.0f} s)")
             try:
                 record = run_stage(stage, out, box, smoke=smoke, env=env)
             finally:

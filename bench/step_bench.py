@@ -109,19 +109,21 @@ class SDPAOps(ReferenceOps):
 
 
 def build(preset_name: str, backend: str, device, overrides: dict, seed: int = 0) -> torch.nn.Module:
-    """The preset on ``backend`` ("triton", "reference" or "sdpa"), parameters randomised so that the
-    zero-initialised gates and output heads do not make the step trivial."""
-    model = build_model(preset_name, backend="reference" if backend == "sdpa" else backend, **overrides)
+    """The preset on ``backend`` ("triton", "reference" or "sdpa"), built on the meta device and
+    initialised on ``device`` itself (``init_weights``: iMF-XL/2 takes seconds on a GPU, not half a
+    minute on the CPU), parameters randomised there so that the zero-initialised gates and output heads
+    do not make the step trivial."""
+    model = build_model(preset_name, backend="reference" if backend == "sdpa" else backend, device=device, **overrides)
     if backend == "sdpa":
         ops = SDPAOps()
         for m in model.modules():
             if isinstance(m, DualModule):
                 m.ops = ops
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    return model.to(device)
+            p.add_(0.02 * torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype))
+    return model
 
 
 def make_inputs(model_cfg, loss_cfg: LossConfig, batch: int, device, rotations: int, seed: int = 0) -> list[tuple]:
@@ -328,6 +330,42 @@ def run_variant(
         datasheet = flops.peak_flops(device)
         row["mfu_datasheet"] = row["tflops"] * 1e12 / datasheet if datasheet else None
     return row
+
+
+def fit_batch(per_sample_gb: float, fixed_gb: float, free_gb: float, choices, headroom: float = 0.85) -> int:
+    """The largest of ``choices`` whose memory, ``fixed_gb + batch * per_sample_gb``, stays within
+    ``headroom`` of ``free_gb``; the smallest choice when none does (its row then says out of memory)."""
+    fitting = [b for b in choices if fixed_gb + b * per_sample_gb <= headroom * free_gb]
+    return max(fitting) if fitting else min(choices)
+
+
+def fit_shared_batch(preset_name: str, choices, *, variant: str = "baseline_eager", probes=(2, 4), **kw) -> dict:
+    """The batch at which the engine and both baselines of ``preset_name`` can all run on this GPU:
+    one timed step of ``variant`` (the eager baseline: every sample with a tangent, math attention, the
+    most memory per sample) at each of the two ``probes`` batches gives its peak memory as
+    ``fixed + batch * per_sample`` (a line through the two points); :func:`fit_batch` then picks from
+    ``choices`` against ``torch.cuda.mem_get_info`` measured after the probes. Returns the fit and the
+    probe numbers."""
+    peaks = []
+    for b in probes:
+        row = run_variant(variant, preset_name, b, warmup=0, iters=1, rotations=1, **kw)
+        if row.get("peak_mem_gb") is None:
+            raise RuntimeError(f"probe step {variant} batch {b} gave no peak memory: {row.get('error')}")
+        peaks.append(row["peak_mem_gb"])
+    per_sample = max((peaks[1] - peaks[0]) / (probes[1] - probes[0]), 1e-3)
+    fixed = max(peaks[0] - probes[0] * per_sample, 0.0)
+    free_gb = torch.cuda.mem_get_info(kw["device"])[0] / 2**30
+    batch = fit_batch(per_sample, fixed, free_gb, choices)
+    return {
+        "batch": batch,
+        "probe_variant": variant,
+        "probe_batches": list(probes),
+        "probe_peak_gb": peaks,
+        "per_sample_gb": per_sample,
+        "fixed_gb": fixed,
+        "free_gb": free_gb,
+        "choices": list(choices),
+    }
 
 
 def _summary(rows: list[dict], batch: int) -> dict:

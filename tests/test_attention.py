@@ -452,7 +452,9 @@ def test_attention_gpu(dtype, seq, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("seq, head_dim, n", [(256, 64, 3), (276, 72, 2), (1024, 64, 4), (4096, 64, 1)])
+@pytest.mark.parametrize(
+    "seq, head_dim, n", [(256, 64, 3), (276, 64, 3), (276, 72, 2), (1024, 64, 4), (4096, 64, 1)]
+)  # 276 x 64: iMF-B/2's training shape (256 image + 20 condition tokens, tangents on a prefix)
 def test_attention_jvp_gpu(dtype, seq, head_dim, n):
     batch, heads = (4, 6) if seq <= 1024 else (1, 4)
     q, k, v = (make((batch, heads, seq, head_dim), dtype, grad=True, device="cuda") for _ in range(3))

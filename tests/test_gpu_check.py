@@ -103,7 +103,7 @@ def assert_folder_rule(out: Path):
 
 def test_runner_cuts_a_hung_stage_and_keeps_what_every_stage_wrote(tmp_path, monkeypatch):
     stages = [
-        stage("fast", "fake_fast"),
+        stage("fast", "fake_fast", box=6.0),
         stage("hang", "fake_hang", box=2.0),
         stage("coop", "fake_cooperative", 4.0),
         stage("reader", "fake_reads_summary"),
@@ -114,16 +114,20 @@ def test_runner_cuts_a_hung_stage_and_keeps_what_every_stage_wrote(tmp_path, mon
     st = state["stages"]
     assert [st[n]["status"] for n in ("fast", "hang", "coop", "reader")] == ["done", "cut", "done", "done"]
     assert st["fast"]["result"] == {"answer": 42} and st["fast"]["rows"] == [{"value": 1}]
-    # the hung stage cost its box (plus the kill), not the sleep; its row from before the hang survives
-    assert 2.0 <= st["hang"]["run"]["wall_s"] <= 2.0 + KILL_GRACE_S + 1.0
+    # the hung stage cost its box plus what "fast" left of its own (time carried forward) and the kill,
+    # not the sleep; its row from before the hang survives
+    box = st["hang"]["run"]["box_s"]
+    planned = 6.0 + KILL_GRACE_S + 2.0  # the hang stage may run until the plan's end of its own box
+    assert planned - st["fast"]["run"]["wall_s"] - 1.0 <= box <= planned
+    assert box - 0.1 <= st["hang"]["run"]["wall_s"] <= box + KILL_GRACE_S + 1.0  # box_s is rounded to 0.1 s
     assert st["hang"]["rows"] == [{"value": "before the hang"}]
     with pytest.raises(ProcessLookupError):
         os.kill(st["hang"]["pid"], 0)
     # the cooperative stage stopped at its soft deadline, before the box, and said what it left out
-    assert st["coop"]["run"]["wall_s"] < 4.0 and st["coop"]["rows"] and st["coop"]["skipped"]
+    assert st["coop"]["run"]["wall_s"] < st["coop"]["run"]["box_s"] and st["coop"]["rows"] and st["coop"]["skipped"]
     # the parent had written the summary after each earlier stage
     assert st["reader"]["result"]["seen"] == {"fast": "done", "hang": "cut", "coop": "done", "reader": None}
-    assert wall < 30
+    assert wall < 45
     summary = json.loads((tmp_path / SUMMARY_JSON).read_text())
     assert summary["n_stages"] == 4 and summary["stages"]["hang"]["status"] == "cut"
     assert (tmp_path / REPORT_MD).read_text() == "# fake report\n"
@@ -163,7 +167,10 @@ def test_runner_keeps_to_the_budget(tmp_path, monkeypatch):
     state = run(tmp_path, stages, budget=14.0, monkeypatch=monkeypatch)
     assert time.monotonic() - t0 < 14.0
     assert state["stages"]["coop"]["status"] in ("done", "cut") and state["stages"]["coop"]["rows"]
-    assert state["stages"]["late"]["status"] == "not run" and "budget spent" in state["stages"]["late"]["reason"]
+    assert (
+        state["stages"]["late"]["status"] == "not run"
+        and "needs 5 s to yield a first result" in state["stages"]["late"]["reason"]
+    )
 
 
 def test_a_killed_run_leaves_what_it_finished(tmp_path):
@@ -363,7 +370,7 @@ needs_interpreter = pytest.mark.skipif(
 
 
 def _ctx(tmp_path, s):
-    return StageContext(s.name, tmp_path, time.time() + s.box_s, True, s.options)
+    return StageContext(s.name, tmp_path, time.time() + s.box_s, True, s.options, s.needs)
 
 
 def test_stage_file_records_the_kernel_configs_used(tmp_path, monkeypatch):
@@ -397,7 +404,8 @@ def test_smoke_environment_kernels_and_step(tmp_path):
     assert peak["matmul_peak"]["tflops"] > 0 and peak["copy_bandwidth"]["gbps"] > 0
     assert {"device", "torch", "triton", "git_commit"} <= set(peak["env"])
 
-    kernels = replace(plan["kernels"], options={**plan["kernels"].options, "shapes": [[17, 72, 2]]})
+    items = [["attention_jvp", 17, 72, 2, 1], ["attention", 17, 72, 2, 1]]
+    kernels = replace(plan["kernels"], options={**plan["kernels"].options, "items": items})
     ctx = _ctx(tmp_path, kernels)
     stages.kernels(ctx)
     rows = ctx.data["rows"]
@@ -406,11 +414,11 @@ def test_smoke_environment_kernels_and_step(tmp_path):
     }
     assert all("error" not in r and r["head_dim"] == 72 and r["pct_matmul_peak"] > 0 for r in rows), rows
 
-    runs = [["iMF-B/2", "engine", 2], ["iMF-B/2", "baseline_eager", 2]]
+    runs = [["iMF-B/2", "engine", 2, 1], ["iMF-B/2", "baseline_eager", "shared", 1]]
     step = replace(plan["step"], options={**plan["step"].options, "runs": runs})
     ctx = _ctx(tmp_path, step)
     stages.training_step(ctx)
-    assert [r["variant"] for r in ctx.data["rows"]] == ["engine", "baseline_eager"]
+    assert [(r["variant"], r["batch"]) for r in ctx.data["rows"]] == [("engine", 2), ("baseline_eager", 4)]
     assert all(r["images_per_s"] > 0 and r["mfu"] > 0 and r["ms_backward"] > 0 for r in ctx.data["rows"]), ctx.data
 
 
@@ -418,9 +426,10 @@ def test_smoke_stage_time_box_leaves_items_out(tmp_path):
     from bench import gpu_check_stages as stages
 
     kernels = next(s for s in stages.plan(smoke=True) if s.name == "kernels")
-    ctx = StageContext("kernels", tmp_path, time.time() - 1, True, kernels.options)  # deadline already past
+    ctx = StageContext("kernels", tmp_path, time.time() - 1, True, kernels.options, kernels.needs)  # deadline past
     stages.kernels(ctx)
-    assert not ctx.data["rows"] and len(ctx.data["skipped"]) == 2 * len(kernels.options["shapes"])
+    assert not ctx.data["rows"] and len(ctx.data["skipped"]) == len(kernels.options["items"])
+    assert all(s["reason"].startswith("needs 1 s") for s in ctx.data["skipped"]), ctx.data["skipped"]
 
 
 @pytest.mark.slow
@@ -434,6 +443,256 @@ def test_smoke_correctness_records_every_test(tmp_path, monkeypatch):
     state = run_stages([s], tmp_path, budget_s=120, smoke=True, env={}, report=report, log=lambda m: None)
     data = state["stages"]["correctness"]
     assert data["status"] == "done", data.get("run")
-    assert test_counts(state) == {"passed": len(data["rows"]), "failed": 0, "skipped": 0} and len(data["rows"]) >= 2
+    n = len(data["rows"])
+    assert test_counts(state) == {"passed": n, "failed": 0, "skipped": 0, "collected": n, "never started": 0}
+    assert n >= 2 and sum(data["result"]["collected_by_tier"].values()) == n
+    assert [t for t, _ in data["result"]["order"]] == [r["test"] for r in data["rows"]]
     assert all(r["outcome"] == "passed" and "::" in r["test"] for r in data["rows"])
     assert "## Correctness" in (tmp_path / REPORT_MD).read_text()
+
+
+# ---- time carried forward, minimum times, the plan ------------------------------------------------------------
+
+
+def fake_time_left(ctx):
+    ctx.update(time_left=ctx.time_left(), begin_big=ctx.begin("big item", 1e6), begin_small=ctx.begin("small", 0.1))
+
+
+def test_unused_time_carries_forward_and_a_stage_needs_its_minimum(tmp_path, monkeypatch):
+    """A stage that finishes early leaves its time to the next (box 30 + ~40 carried); a stage whose
+    first item needs more than the budget left is not started; ``begin`` refuses an item that would not fit."""
+    stages = [
+        stage("quick", "fake_fast", box=40.0),
+        stage("late", "fake_time_left", box=30.0),
+        replace(stage("never", "fake_fast", box=30.0), needs=(("a compile and a timing", 500.0),)),
+    ]
+    state = run(tmp_path, stages, budget=200.0, monkeypatch=monkeypatch)
+    st = state["stages"]
+    assert st["late"]["run"]["box_s"] > 30.0 + 40.0 - st["quick"]["run"]["wall_s"] - 1.0
+    assert st["late"]["result"]["time_left"] > 30.0 and st["late"]["result"]["begin_small"] is True
+    assert st["late"]["result"]["begin_big"] is False
+    assert st["late"]["skipped"] == [{"item": "big item", "reason": st["late"]["skipped"][0]["reason"]}]
+    assert st["late"]["skipped"][0]["reason"].startswith("needs 1000000 s")
+    assert st["never"]["status"] == "not run" and st["never"]["reason"].startswith("needs 500 s")
+
+
+def test_plan_core_items_must_fit_their_box():
+    ok = replace(stage("a", "fake_fast", box=10.0), needs=(("x", 4.0), ("y", 6.0), ("z", 50.0)), core=2)
+    check_plan([ok])
+    assert ok.min_s == 5.0 and ok.core_s() == 10.0  # min_s: the first need, at least the runner's floor
+    with pytest.raises(ValueError, match="3 core items need 60 s"):
+        check_plan([replace(ok, core=3)])
+
+
+def test_dry_run_shows_minimums_items_and_the_cold_cache_fit(capsys):
+    """The window's plan: correctness (training-step kernels), the iMF-B/2 step with both baselines at one
+    batch, and the JVP headline shapes are core items, sized for a cold cache, within 420 s."""
+    from bench.gpu_check import main
+    from bench.gpu_check_runner import plan_ends
+    from bench.gpu_check_stages import plan
+
+    stages = plan()
+    assert [s.name for s in stages] == ["env", "correctness", "step", "kernels", "step_more"]
+    core = {s.name: [item for item, _ in s.needs[: s.core]] for s in stages}
+    assert core["correctness"] == ["training-step kernels (bf16, iMF-B/2 and MF-B/2 shapes)"]
+    assert [i.split(" batch")[0] for i in core["step"][1:]] == [
+        "iMF-B/2 engine",
+        "iMF-B/2 baseline_eager",
+        "iMF-B/2 engine",
+        "iMF-B/2 baseline_compiled",
+    ]
+    assert core["kernels"] == [f"attention_jvp seq {s} head_dim 64" for s in (4096, 8192, 276)]
+    assert plan_ends(stages)[-1] + 5 <= 420 and all(s.core_s() <= s.box_s for s in stages)
+    assert main(["--dry-run", "--budget-s", "420"]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 | step | 170 | 20 | 170 | " in out and "baseline_compiled batch shared 75" in out
+    assert "sized for a cold Triton cache" in out and out.rstrip().endswith("fits")
+
+
+# ---- correctness: order and verdict -----------------------------------------------------------------------------
+
+
+def test_correctness_order_puts_the_training_step_kernels_first():
+    import torch
+
+    from bench.gpu_check_stages import _training_dims, order_items, tier_of
+
+    dims, head_dims = _training_dims()
+    assert {276, 256, 768, 12, 64, 2048, 3072, 2304} <= dims and head_dims == {64}
+    bf16, fp16 = torch.bfloat16, torch.float16
+    assert tier_of("tests/test_dual_ops.py", {"shape": (16, 276, 768), "dtype": bf16}, dims) == 0
+    assert tier_of("tests/test_dual_ops.py", {"shape": (16, 276, 768), "dtype": fp16}, dims) == 1  # seq 276
+    assert tier_of("tests/test_dual_ops.py", {"shape": (4, 276, 1152), "dtype": bf16}, dims) == 1
+    assert tier_of("tests/test_dual_ops.py", {"shape": (8, 276, 16, 72), "dtype": bf16}, dims) == 1
+    assert tier_of("tests/test_dual_ops.py", {"dtype": bf16, "mode": "full"}, dims) == 0  # linear at B/2
+    assert tier_of("tests/test_attention.py", {"seq": 1024, "head_dim": 128, "dtype": bf16}, dims) == 2
+    assert tier_of("tests/test_attention_bwd_atomic.py", {"seq": 256, "head_dim": 64, "dtype": bf16}, dims) == 2
+    assert tier_of("tests/test_attention.py", {}, dims) == 2
+
+    class Item:
+        def __init__(self, nodeid, **params):
+            self.nodeid, self.callspec = nodeid, type("CallSpec", (), {"params": params})()
+
+    items = [
+        Item(
+            "tests/test_attention.py::m",
+        ),
+        Item("tests/test_attention.py::a[fp16]", seq=256, head_dim=64, dtype=fp16),
+        Item("tests/test_attention.py::a[1024]", seq=1024, head_dim=64, dtype=bf16),
+        Item("tests/test_attention.py::a[72]", seq=276, head_dim=72, dtype=fp16),
+        Item("tests/test_attention.py::a[72b]", seq=276, head_dim=72, dtype=bf16),
+        Item("tests/test_attention.py::a[bf16]", seq=256, head_dim=64, dtype=bf16),
+    ]
+    tiers = order_items(items)
+    assert [i.nodeid.split("::")[1] for i in items] == ["a[bf16]", "a[72b]", "a[72]", "a[1024]", "m", "a[fp16]"]
+    assert [tiers[i.nodeid] for i in items] == [0, 1, 1, 2, 2, 2]
+
+
+def test_correctness_stage_runs_on_past_a_module_that_does_not_import(tmp_path, monkeypatch):
+    """The correctness stage as the runner runs it, on two test modules of which one fails to import: the
+    other's tests still run, the broken one is a failed row, and the verdict is not met."""
+    from bench.gpu_check_report import test_counts, verdict
+
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / "test_ok.py").write_text("def test_a():\n    pass\n\n\ndef test_b():\n    pass\n")
+    (tests / "test_broken.py").write_text("import a_module_that_is_not_there\n")
+    s = Stage("correctness", "c", "c", 60, "bench.gpu_check_stages:correctness", {"pytest_args": [str(tests)]})
+    out = tmp_path / "out"
+    state = run_stages([s], out, budget_s=90, smoke=True, env={}, report=lambda st: ({}, ""), log=lambda m: None)
+    rows = state["stages"]["correctness"]["rows"]
+    assert sorted((r["test"].split("/")[-1], r["outcome"]) for r in rows) == [
+        ("test_broken.py", "failed"),
+        ("test_ok.py::test_a", "passed"),
+        ("test_ok.py::test_b", "passed"),
+    ]
+    assert test_counts(state)["failed"] == 1
+    row = _by_target(verdict({**state, "smoke": False}))
+    assert row["GPU correctness: every kernel, bf16 + fp16 vs fp64 (gpu-check stage 2)"]["verdict"] == "not met"
+
+
+def _corr_state(outcomes, collected, tiers=None):
+    rows = [
+        {"test": f"tests/test_x.py::t{i}", "when": "call", "outcome": o, "tier": (tiers or {}).get(i)}
+        for i, o in enumerate(outcomes)
+    ]
+    return {"stages": {"correctness": {"status": "done", "rows": rows, "result": {"collected": collected}}}}
+
+
+@pytest.mark.parametrize(
+    "outcomes, collected, expect",
+    [
+        (["passed"] * 5, 5, "met"),
+        (["passed"] * 5, 93, "not measured"),  # 88 never started: the stage was cut
+        (["passed"] * 4 + ["skipped"], 5, "not measured"),  # skipped by the time box
+        (["passed"] * 4 + ["failed"], 93, "not met"),
+    ],
+)
+def test_correctness_is_met_only_when_every_collected_test_ran_and_passed(outcomes, collected, expect):
+    from bench.gpu_check_report import test_counts, verdict
+
+    state = {**_corr_state(outcomes, collected), "smoke": False}
+    row = _by_target(verdict(state))["GPU correctness: every kernel, bf16 + fp16 vs fp64 (gpu-check stage 2)"]
+    assert row["verdict"] == expect, row
+    n = test_counts(state)
+    assert n["never started"] == collected - len(outcomes)
+    assert f"{n['never started']} never started of {collected} collected" in row["detail"]
+
+
+def test_step_ratios_use_rows_at_one_batch_and_images_per_s_the_largest():
+    from bench.gpu_check_report import verdict
+
+    eng = {"preset": "iMF-B/2", "variant": "engine", "batch": 32, "ms": 40.0, "mfu": 0.3, "images_per_s": 800.0}
+    steps = [
+        eng,
+        {**eng, "batch": 256, "ms": 200.0, "mfu": 0.45, "images_per_s": 1280.0},
+        {**eng, "variant": "baseline_eager", "ms": 160.0},
+        {**eng, "variant": "baseline_compiled", "batch": 16, "ms": 30.0},  # no engine row at 16
+    ]
+    got = _by_target(verdict(_state(step_rows=steps)))
+    assert got["iMF-B/2 step vs plain-PyTorch reference, eager (same batch)"]["measured"] == "4x"
+    assert got["iMF-B/2 step vs plain-PyTorch reference, eager (same batch)"]["detail"] == "batch 32"
+    assert got["iMF-B/2 step vs plain-PyTorch reference, compiled (same batch)"]["verdict"] == "not measured"
+    assert got["iMF-B/2 images/s per GPU (target set for an H100)"]["measured"] == "1.28e+03 img/s"
+    assert got["MFU iMF-B/2 (counted FLOPs / measured bf16 matmul peak)"]["detail"] == "batch 256"
+
+
+def test_report_counts_each_stage_s_compiles():
+    from bench.gpu_check_report import report
+
+    state = _state()
+    state["plan"] = [{"#": 1, "stage": "kernels", "title": "k", "box_s": 80}]
+    state["stages"]["kernels"]["triton_cache"] = {"dir": "/c", "entries_at_start": 12, "entries_now": 19}
+    _, md = report(state)
+    assert "| 1 | kernels | k | 80 | done |  | 0 | 0 | 7 |" in md
+
+
+def test_fit_batch():
+    from bench.step_bench import fit_batch
+
+    # iMF-B/2's eager reference: ~0.9 GiB per sample; an H100 with ~79 GiB free, ~2 GiB of weights and state
+    assert fit_batch(0.9, 2.0, 79.0, (64, 32, 16, 8)) == 64
+    assert fit_batch(0.9, 2.0, 40.0, (64, 32, 16, 8)) == 32
+    assert fit_batch(0.9, 2.0, 5.0, (64, 32, 16, 8)) == 8  # none fits: the smallest (its row says OOM)
+
+
+def test_fit_shared_batch_reads_the_memory_line_from_two_probe_steps(monkeypatch):
+    """Peak memory 3.8 GiB at batch 2 and 5.6 at batch 4: 0.9 GiB per sample on 2 GiB fixed; with 40 GiB
+    free, 32 fits (2 + 28.8 <= 34) and 64 does not (2 + 57.6 > 34)."""
+    import torch
+
+    from bench import step_bench
+
+    calls = []
+
+    def probe(variant, preset, batch, **kw):
+        calls.append((variant, preset, batch, kw["warmup"], kw["iters"]))
+        return {"peak_mem_gb": 2.0 + 0.9 * batch}
+
+    monkeypatch.setattr(step_bench, "run_variant", probe)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
+    fit = step_bench.fit_shared_batch("iMF-B/2", (64, 32, 16, 8), dtype=torch.bfloat16, device="cuda")
+    assert calls == [("baseline_eager", "iMF-B/2", 2, 0, 1), ("baseline_eager", "iMF-B/2", 4, 0, 1)]
+    assert fit["batch"] == 32
+    assert fit["per_sample_gb"] == pytest.approx(0.9) and fit["fixed_gb"] == pytest.approx(2.0)
+
+
+# ---- provenance: the commit without .git ------------------------------------------------------------------------
+
+
+def _git_tree(path: Path) -> str:
+    (path / "bench").mkdir(parents=True)
+    (path / "a.txt").write_text("one\n")
+    (path / "b.txt").write_text("two\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t"}
+    env["GIT_COMMITTER_EMAIL"] = "t@x"
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "x"]):
+        subprocess.run(["git", *cmd], cwd=path, check=True, env=env)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True).stdout.strip()
+
+
+def test_provenance_from_git_stamp_env_or_unknown(tmp_path):
+    import shutil
+
+    from bench.provenance import UNKNOWN, describe, provenance, stamp
+
+    src = tmp_path / "src"
+    commit = _git_tree(src)
+    assert provenance(src, environ={}) == {"git_commit": commit, "git_dirty": False, "commit_source": "git"}
+    stamp(src)
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare, ignore=shutil.ignore_patterns(".git"))
+    got = provenance(bare, environ={})
+    assert (got["git_commit"], got["git_dirty"], got["stamp_matches_tree"]) == (commit, False, True)
+    (bare / "b.txt").write_text("changed\n")
+    got = provenance(bare, environ={})
+    assert (got["git_dirty"], got["changed_since_stamp"]) == (True, ["b.txt"])
+    env = {"IMF_GIT_COMMIT": "abc123"}
+    assert provenance(bare, environ=env)["git_commit"] == "abc123"  # the environment wins over a stamp
+    assert provenance(bare, environ=env)["git_dirty"] == UNKNOWN
+    (bare / "bench" / ".commit").unlink()
+    got = provenance(bare, environ={})
+    assert (got["git_commit"], got["git_dirty"]) == (UNKNOWN, UNKNOWN)
+    assert describe(got) == "commit unknown (dirty state unknown)"
+    with pytest.raises(ValueError, match="not a git work tree"):
+        stamp(bare)
