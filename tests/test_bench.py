@@ -170,7 +170,7 @@ def test_cli_refuses_full_run_without_gpu(capsys):
 def test_cli_argument_error_is_one_line(capsys):
     assert main(["step", "--batch", "many"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("python -m bench: error: argument --batch: invalid int value") and "\n" not in err
+    assert err.startswith("bench: error: argument --batch: invalid int value") and "\n" not in err
 
 
 def test_summarize_and_table(benchmark):

@@ -301,6 +301,7 @@ def test_latent_errors(latent_run, tmp_path, capsys):
     base = ["--ckpt", str(export), "--num", "6", "--out", str(tmp_path), "--no-progress"]
     for extra, match in [
         ([], "needs --vae PATH"),
+        (["--metrics", "digits"], "this checkpoint is a latent model (4x"),
         (["--vae", str(tmp_path / "nope")], "nope does not exist"),
         (["--vae", str(root / "vae"), "--data", str(tmp_path)], "manifest.json is missing"),
         (["--vae", str(root / "vae")], "needs --ref-stats PATH"),

@@ -1,0 +1,150 @@
+"""What a user sees and keeps: output that fails, reruns into an existing run folder, ``--out`` checks,
+``--help`` from the truth, one-line messages (issue 23).
+
+* Output can fail; training cannot lose work: a consumer that exits early (``| head -1``) and a killed
+  ``tee`` followed by SIGINT (real processes) leave the checkpoint, exit with the code that says what
+  happened, and the run resumes bitwise.
+* A run folder records what trained it: a rerun with another setting is refused with one line naming
+  the fields; more steps are accepted and recorded in ``config_history.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import TINY_CLI, tiny_config
+
+import imf.train.checkpoint as ckpt
+from bench.common import one_cpu_thread
+from imf.train import main, run
+from imf.train.record import HISTORY
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+# TINY_CLI with the progress bar on: it writes to stderr at every update, the write that fails
+SHOWN = [*TINY_CLI, "--log.progress", "true"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with one_cpu_thread():
+        yield
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / HISTORY).read_text().splitlines()]
+
+
+# --- item 1: output can fail ---------------------------------------------------------------------------
+
+
+def test_consumer_that_exits_early_does_not_stop_training(tmp_path):
+    """``imf.train ... 2>&1 | head -1``: the first line arrives, every later write hits a closed pipe; the run
+    still trains all its steps, writes its checkpoint and exits 0."""
+    out = tmp_path / "run"
+    train = " ".join([sys.executable, "-m", "imf.train", *SHOWN, "--steps", "4", "--out", str(out)])
+    proc = subprocess.run(
+        ["bash", "-c", f'{train} 2>&1 | head -1; exit "${{PIPESTATUS[0]}}"'],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("imf.train: demo (imf, dim 32") and proc.stdout.count("\n") == 1, proc.stdout
+    assert ckpt.latest(out / "checkpoints").name == "step_000000004"
+    assert len(_losses(out)) == 4
+
+
+def test_killed_tee_then_sigint_keeps_the_checkpoint(tmp_path):
+    """The issue's case: ``imf.train ... 2>&1 | tee LOG``, then Ctrl-C kills ``tee`` first. Here the reader of
+    the process's output closes its end after the first line, then SIGINT arrives: the run writes its
+    checkpoint and exits 130 (128 + SIGINT); resumed to two steps more, it equals an uninterrupted run bitwise,
+    and the changed run length is recorded."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "imf.train", *SHOWN, "--steps", "100000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+    first = proc.stdout.readline().decode()
+    assert first.startswith("imf.train: demo"), first
+    proc.stdout.close()  # tee is gone: every later write of the process fails with EPIPE
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, f"the run died with exit code {proc.returncode} after its output closed"
+        assert time.time() < deadline, "no training steps within 120 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    step = ckpt.read_meta(ckpt.latest(out / "checkpoints"))["step"]
+    assert 3 <= step < 100000
+
+    run(tiny_config(out, steps=step + 2, checkpoint={"every_steps": 0, "resume": "auto"}))
+    reference = tmp_path / "reference"
+    run(tiny_config(reference, steps=step + 2))
+    assert _losses(out) == _losses(reference)  # bitwise, each step once
+    assert _history(out)[-1]["changed"]["steps"] == {"was": 100000, "now": step + 2}
+
+
+# --- item 2: a run folder records what trained it ------------------------------------------------------
+
+
+def test_rerun_with_another_setting_is_refused(tmp_path, capsys):
+    """Rerunning into a finished run with another learning rate and seed names both fields, the options
+    that continue the run and how to start anew; nothing in the run folder changes."""
+    out = tmp_path / "run"
+    argv = [*TINY_CLI, "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    before = (out / "config.yaml").read_text(), (out / HISTORY).read_text()
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--lr", "5e-4", "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0] == (
+        f"imf.train: error: the run in {out} was trained with optim.lr 0.001, seed 0; this command asks for "
+        "optim.lr 0.0005, seed 3. To continue that run, drop those options or pass --optim.lr 0.001 --seed 0; "
+        "to start a new run, use another --out"
+    )
+    assert ((out / "config.yaml").read_text(), (out / HISTORY).read_text()) == before
+
+
+def test_more_steps_on_resume_are_recorded(tmp_path, capsys):
+    """A longer run length is a legitimate change: the run continues, says so, and the history keeps both
+    sessions; config.yaml holds the current session's settings."""
+    out = tmp_path / "run"
+    argv = [*TINY_CLI, "--out", str(out)]
+    assert main([*argv, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--steps", "3", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "imf.train: resuming at step 2 with steps 2 -> 3 (config_history.jsonl)" in err
+    assert "imf.train: trained 1 steps (to step 3) in " in err and f"metrics {out / 'metrics.jsonl'}" in err
+    first, second = _history(out)
+    assert (first["start_step"], first["resumed_from"], first["changed"]) == (0, None, {})
+    assert second["start_step"] == 2 and second["resumed_from"].endswith("step_000000002")
+    assert second["changed"] == {"steps": {"was": 2, "now": 3}}
+    assert "steps: 3" in (out / "config.yaml").read_text()
+
+
+def test_demo_rerun_with_another_lr_is_refused(tmp_path, capsys):
+    """The issue's ``imf.demo --out runs/demo_rerun --lr 5e-4`` on a finished run: refused before any work."""
+    from imf.demo import main as demo_main
+
+    out = tmp_path / "demo"
+    run(tiny_config(out, steps=2, model={}, data={"batch_size": 32}, optim={"lr": 1e-3}))
+    capsys.readouterr()
+    assert demo_main(["--out", str(out), "--lr", "5e-4", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"imf.demo: error: the run in {out} was trained with ") and "\n" not in err
+    assert "optim.lr 0.001" in err and "to start a new run, use another --out" in err
