@@ -33,6 +33,7 @@ from pathlib import Path
 from types import ModuleType
 
 DEBUG_ENV = "IMF_DEBUG"
+DEBUG_HELP = "also print the traceback of a user error (or IMF_DEBUG=1); the exit code stays the same"
 
 
 class UserError(ValueError):
@@ -189,6 +190,7 @@ def run_cli(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[s
 
 __all__ = [
     "DEBUG_ENV",
+    "DEBUG_HELP",
     "ArgumentParser",
     "MissingDependencyError",
     "QuietStream",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from imf.cli import ArgumentParser, run_cli
+from imf.cli import DEBUG_HELP, ArgumentParser, run_cli
 from imf.data.digits import NUM_CLASSES, DigitsJudge
 from imf.sample import generate, save_grid
 from imf.train.args import add_config_options, build_config, normalise, overrides_of
@@ -61,6 +61,7 @@ def parser() -> ArgumentParser:
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     add_config_options(p, build_config(DEMO_RUN), TRAIN_OPTIONS)
     e = p.add_argument_group("evaluation options")
     e.add_argument("--omegas", default="1.0,1.25,1.5,2.0", help="guidance scales to evaluate, comma-separated, >= 1")

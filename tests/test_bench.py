@@ -160,6 +160,43 @@ def test_cli_subprocess_step(tmp_path):
     assert json.loads(out.stdout[out.stdout.index("{") :])["written"]["step"]["json"] == str(tmp_path / "step.json")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke default")
+def test_cli_kernels_smoke_without_the_variable(tmp_path):
+    """``python -m bench kernels`` on a CPU, TRITON_INTERPRET unset: the CLI sets it before the kernels load;
+    every row is timed (none is an error row)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "kernels", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = _load(tmp_path, "kernels")["rows"]
+    assert rows and all(_timed(r) for r in rows), [r.get("error") for r in rows]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke default")
+def test_cli_runs_again_when_the_kernels_loaded_without_the_variable(tmp_path, monkeypatch, capfd):
+    """Called in a process that already imported the kernels (as tests do), without the variable: it runs
+    itself again with it instead of sending CPU tensors to compiled kernels."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "imf_kernels" in sys.modules
+    assert main(["scaling", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "scaling.json").is_file()
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("kernels", "block", "step", "loader", "scaling", "all", "gpu-check", "compile"):
+        assert f"\n    {command} " in out, command
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_cli_refuses_full_run_without_gpu(capsys):
     assert main(["step", "--no-smoke"]) == 2

@@ -148,3 +148,71 @@ def test_demo_rerun_with_another_lr_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"imf.demo: error: the run in {out} was trained with ") and "\n" not in err
     assert "optim.lr 0.001" in err and "to start a new run, use another --out" in err
+
+
+# --- item 6: help from the truth -----------------------------------------------------------------------
+
+
+def _help(capsys, entry, argv) -> str:
+    assert entry(argv) == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("name", ["demo", "iMF-B/2", "MF-B/2"])
+def test_train_help_shows_the_chosen_presets_defaults(capsys, name):
+    """``--preset NAME --help``: the defaults of that preset (from its resolved config), a line of help and a
+    default for every model and loss field, and --debug."""
+    import dataclasses
+
+    from imf.train.args import build_config
+
+    cfg = build_config(overrides={"preset": name})
+    out = _help(capsys, main, ["--preset", name, "--help"])
+    assert f"Defaults shown are those of --preset {name};" in out
+    assert f"--lr FLOAT peak learning rate (default: {cfg.optim.lr})" in out
+    assert f"micro-batches) (default: {cfg.data.batch_size})" in out
+    assert f"or 'digits' (default: {cfg.data.source})" in out
+    for section, resolved in (("model", cfg.model_config()), ("loss", cfg.loss_config())):
+        for f in dataclasses.fields(resolved):
+            if f.name == "method":
+                continue
+            value = getattr(resolved, f.name)
+            value = list(value) if isinstance(value, tuple) else value
+            entry = out[out.index(f"--{section}.{f.name} ") :].split(" --", 1)[0]
+            if value is None:  # "(default: none)" or the field's help says what None means
+                assert "default" in entry, entry
+            else:
+                assert f"(default: {value})" in entry, entry
+            assert "(default: the preset's)" not in entry and "field (default" not in entry, entry
+    assert "--debug also print the traceback of a user error" in out
+    assert "(default: from epochs) (default:" not in out
+
+
+def test_demo_help_says_each_default_once(capsys):
+    from imf.demo import main as demo_main
+
+    out = _help(capsys, demo_main, ["--help"])
+    assert "--steps INT | NONE optimizer steps (default: 5000)" in out or "optimizer steps (default: " in out
+    assert out.count("(default: from epochs)") == 0 and "--resume" in out and "--debug" in out
+
+
+def test_evaluate_help_documents_every_option(capsys):
+    from imf.evaluate.cli import main as evaluate_main
+    from imf.evaluate.cli import parser
+
+    undocumented = [a.option_strings for a in parser()._actions if not a.help]
+    assert not undocumented, undocumented
+    with pytest.raises(SystemExit):
+        evaluate_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT output folder: results.md, results.json, one .npz per cell (default: runs/eval)" in out
+    assert "--seed SEED seed of the sampling noise (default: 0)" in out
+    assert "--progress, --no-progress progress bar per cell (default: on)" in out
+
+
+def test_debug_keeps_the_exit_code(capsys):
+    """--debug adds the traceback; the one line and the exit code are those without it."""
+    assert main(["--preset", "nope", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("imf.train: error: unknown preset 'nope'")

@@ -363,7 +363,9 @@ def test_digits_sweep(demo_run, tmp_path, capsys):
     dcp, st = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("dcp", "st"))
     assert st["scorer"] == "digits" and dcp["checkpoint"]["source"] == str(step_dir)
     assert [c["metrics"] for c in dcp["cells"]] == [c["metrics"] for c in st["cells"]]  # same EMA either way
-    assert len(st["cells"]) == 4 and "| 2 | 2 | [0, 1] |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert len(st["cells"]) == 4 and "| 2 | 2 | [0, 1] |" in printed.out
+    assert f"imf.evaluate: results in {tmp_path / 'latest'} (results.md, results.json)" in printed.err
 
     # the metrics are DigitsJudge's on the sample set
     model = load_exported(export)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from imf.cli import ArgumentParser, check_out_file, require
+from imf.cli import DEBUG_HELP, ArgumentParser, check_out_file, require
 from imf.config import ModelConfig
 from imf.model import build_model
 from imf.train.checkpoint import CheckpointError, read_meta, read_sharded, resolve_checkpoint, verify
@@ -115,6 +115,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ckpt", required=True, help="a step directory, a checkpoint root or its 'latest' file")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--decay", type=float, default=None, help="EMA decay (default: the first of the run)")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = p.parse_args(argv)
     check_out_file(args.out)
     ckpt = resolve_checkpoint(args.ckpt)
