@@ -387,6 +387,7 @@ def test_digits_sweep(demo_run, tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_digits_two_ranks(demo_run, tmp_path):
     """torchrun with 2 gloo ranks writes the same sample set and metrics as one process."""
     _, _, export = demo_run

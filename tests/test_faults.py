@@ -371,6 +371,7 @@ def test_crash_at_every_point_of_a_save(tmp_path, monkeypatch, reference, fn, wh
     _assert_like_reference(out, reference)
 
 
+@pytest.mark.slow  # real processes killed at random moments
 def test_kill_9_at_random_moments(tmp_path, reference):
     """SIGKILL of a real process that saves every 2 steps, at random moments (a few tries, seeded, printed)."""
     rng = random.Random(1234)
