@@ -10,7 +10,7 @@ must match (the file or field it names and what is wrong):
   :func:`imf.cli.run_cli` like the console entry): exit code 2 (3 for a missing dependency), exactly one line on
   stderr, no traceback; two of them also as real subprocesses.
 
-The counts of these tables are what the README's reliability section reports.
+The counts of these tables are what docs/reliability.md reports.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
   its losses equal an uninterrupted run's bitwise and ``metrics.jsonl`` holds each step exactly once, or the
   fault is reported as one clear line (exit code 4) naming the damaged file.
 
-The README's Reliability section reports the counts of these tables.
+docs/reliability.md reports the counts of these tables.
 """
 
 from __future__ import annotations
