@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -216,3 +217,39 @@ def test_debug_keeps_the_exit_code(capsys):
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err
     assert err.strip().splitlines()[-1].startswith("imf.train: error: unknown preset 'nope'")
+
+
+# --- item 7: messages ----------------------------------------------------------------------------------
+
+
+def test_demo_reports_an_interruption_not_an_error(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C during the demo's training: one line saying where it stopped and how to resume, exit 130."""
+    import imf.demo as demo
+
+    out = tmp_path / "demo"
+
+    def ctrl_c_at_step_3(cfg):  # the run as the trainer returns it after a SIGINT during step 3
+        result = run(tiny_config(out, steps=8, debug={"interrupt_at_step": 3}))
+        result.stopped = "signal SIGINT"
+        return result
+
+    monkeypatch.setattr(demo, "run", ctrl_c_at_step_3)
+    assert demo.main(["--out", str(out), "--threads", "1"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("imf.train: demo (imf, ")  # the line before the bar
+    assert len(err) == 2 and err[1].startswith("imf.demo: interrupted at step 3 (signal SIGINT); checkpoint "), err
+    assert err[1].endswith("run the same command again to resume") and "error" not in err[1], err
+
+
+def test_progress_bar_follows_the_headline_error():
+    """The bar shows the method's unweighted error averaged since its last update (not the adaptively
+    weighted loss, which stays near its fixed point), images/s, and skipped steps only when there are any."""
+    from imf.train.metrics import HeadlineError, progress_postfix
+
+    shown = HeadlineError()
+    for v in (0.5, 0.3, float("nan"), 0.1):
+        shown.add({"loss": 0.99, "loss_V": 0.99, "mse_V": v, "mse_v": 9.0})
+    assert shown.mean() == pytest.approx(0.3) and math.isnan(shown.mean())
+    shown.add({"loss": 0.98, "mse_u": 0.25})
+    assert progress_postfix(shown.mean(), 123.4, 0) == {"mse": "0.25", "img/s": "123"}
+    assert progress_postfix(0.5, 10.0, 2)["skipped"] == 2

@@ -1,10 +1,14 @@
 """``run(cfg)``: the training loop around a :class:`~imf.train.trainer.Trainer` (resume, logging, grids, saves).
 
-Start-up (rank 0 first repairs the checkpoint root, :func:`imf.train.checkpoint.recover`): a fresh run
-refuses a checkpoint root that already holds checkpoints; ``checkpoint.resume`` "auto" continues from
-``latest`` (or starts fresh when there is none), a path resumes from that checkpoint, and checkpoints
-newer than it are moved aside (:func:`imf.train.checkpoint.supersede`). Then every step: the trainer's
-:meth:`~imf.train.trainer.Trainer.train_step`, a metrics record every ``log.every_steps``
+Start-up (``--out`` and the checkpoint root checked first, :func:`imf.cli.check_out_dir`; then rank 0
+repairs the checkpoint root, :func:`imf.train.checkpoint.recover`): a fresh run refuses a checkpoint root
+that already holds checkpoints; ``checkpoint.resume`` "auto" continues from ``latest`` (or starts fresh
+when there is none), a path resumes from that checkpoint, and checkpoints newer than it are moved aside
+(:func:`imf.train.checkpoint.supersede`). A resume must keep the settings the checkpoint was trained
+with; accepted changes (more steps, ...) are recorded (:mod:`imf.train.record`). One line before the
+progress bar says what trains where; the bar follows the headline error
+(:class:`imf.train.metrics.HeadlineError`); one line at the end says where the results are. Then every
+step: the trainer's :meth:`~imf.train.trainer.Trainer.train_step`, a metrics record every ``log.every_steps``
 (:mod:`imf.train.metrics`), sample grids every ``log.sample_every``, a checkpoint every
 ``checkpoint.every_steps`` and at the end. After ``max_nonfinite`` non-finite steps in a row the run
 writes a checkpoint and stops with :class:`NonFiniteError`. SIGTERM/SIGINT end the current step, write
