@@ -293,8 +293,11 @@ def _run(argv: list[str]) -> int:
 
         raise UserError("full benchmarks need a CUDA device; run with --smoke on a CPU")
     from bench.common import default_out_dir, env_info
+    from imf.cli import check_out_dir
 
     device = "cuda" if cuda and not args.smoke else "cpu"
+    if args.out is not None:
+        check_out_dir(args.out)
     args.out = Path(args.out) if args.out is not None else default_out_dir(args.smoke)
     env = env_info(device)
     commands = COMMANDS if args.command == "all" else (args.command,)

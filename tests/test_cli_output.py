@@ -253,3 +253,35 @@ def test_progress_bar_follows_the_headline_error():
     shown.add({"loss": 0.98, "mse_u": 0.25})
     assert progress_postfix(shown.mean(), 123.4, 0) == {"mse": "0.25", "img/s": "123"}
     assert progress_postfix(0.5, 10.0, 2)["skipped"] == 2
+
+
+# --- items 3-4: --out checked before work in every CLI ----------------------------------------------------
+
+
+def _entry_points():
+    from bench.__main__ import main as bench_main
+    from imf.demo import main as demo_main
+    from imf.evaluate import main as evaluate_main
+    from imf.prepare import main as prepare_main
+
+    return {
+        "imf.train": (main, [*TINY_CLI, "--steps", "1", "--out", "{out}"]),
+        "imf.train export": (main, ["export", "--ckpt", "/no/ckpt", "--out", "{out}/m.safetensors"]),
+        "imf.demo": (demo_main, ["--out", "{out}"]),
+        "imf.evaluate": (evaluate_main, ["--ckpt", "/no/ckpt", "--out", "{out}"]),
+        "imf.prepare": (prepare_main, ["--images", "/no/images", "--vae", "/no/vae", "--out", "{out}"]),
+        "bench": (bench_main, ["scaling", "--out", "{out}"]),
+    }
+
+
+@pytest.mark.parametrize("prog", list(_entry_points()))
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_every_cli_checks_out_before_work(tmp_path, capsys, prog, where):
+    """An --out below a file or where nothing can be created: one line naming it, exit 2, nothing done."""
+    (tmp_path / "a_file").write_text("x")
+    out = str(tmp_path / "a_file" / "x") if where == "under a file" else "/proc/imf_out"
+    entry, argv = _entry_points()[prog]
+    assert entry([a.format(out=out) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: --out '{out}"), err
+    assert ("a_file' is a file, not a directory" if where == "under a file" else "cannot be created in") in err[0]
