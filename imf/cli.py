@@ -71,7 +71,8 @@ def _first_existing(path: Path) -> Path:
 
 def check_out_dir(path: str | os.PathLike, arg: str = "--out") -> Path:
     """Raise :class:`UserError` unless directory ``path`` exists or can be created and written: no file in
-    the way, no parent that is a file, write permission where it would be created. Creates nothing."""
+    the way, no parent that is a file, a folder can be made where it would be (tried with a trial folder,
+    removed at once). Leaves nothing behind; returns ``path``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{arg} {str(path)!r} is a file, not a directory; pass a directory")
