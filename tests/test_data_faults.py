@@ -437,7 +437,7 @@ PREPARE_FAULTS = [
     ("vae-empty", {"vae": "vae_empty"}, r"--vae .*vae_empty is not a loadable AutoencoderKL directory: .*config\.json"),
     ("vae-truncated", {"vae": "vae_trunc"}, r"--vae .*vae_trunc is not a loadable AutoencoderKL directory"),
     ("vae-bad-config", {"vae": "vae_badcfg"}, r"--vae .*vae_badcfg is not a loadable AutoencoderKL.*not a valid JSON"),
-    ("out-is-file", {"out": "a_file"}, r"--out .*a_file is a file"),
+    ("out-is-file", {"out": "a_file"}, r"--out .*a_file'? is a file"),
     ("resolution-zero", {"resolution": 0}, r"--resolution must be positive"),
     ("resolution-odd", {"resolution": 9}, r"--resolution 9 is not divisible by the VAE's downsampling factor 2"),
     ("batch-zero", {"batch_size": 0}, r"--batch-size must be positive"),
