@@ -5,8 +5,8 @@ with settings that change what is trained (the optimizer, schedule, loss, seed, 
 preset, data flips) is refused with one line that names the differing fields, the options that
 continue the run as it was and how to start a new one; the model and the EMA decays are checked when
 the checkpoint is loaded (:func:`imf.train.checkpoint.load`). Settings that may change on resume
-(:data:`RESUMABLE`: the run length, logging, checkpointing, parallelism, threads, device, kernel
-backend, data location and loader tuning) are accepted, and each session appends one entry to
+(:data:`RESUMABLE`: the run length, logging, checkpointing, profiling, parallelism, threads, device,
+kernel backend, data location and loader tuning) are accepted, and each session appends one entry to
 ``config_history.jsonl``: the step it started from, the checkpoint it resumed and what it changed. So
 ``config.yaml`` (the current session's settings) together with the history never claims a setting
 that the checkpoints were not trained with.
@@ -34,6 +34,7 @@ RESUMABLE = (
     "log.",
     "parallel.",
     "debug.",
+    "profile.",
     "data.source",
     "data.grad_accum",
     "data.backend",
