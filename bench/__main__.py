@@ -18,10 +18,12 @@
               (``--arch 90,80 --out bench/results/compile``; see :mod:`bench.compile.cli`)
 
 ``--smoke`` (the default without a GPU) runs tiny CPU versions that check the harness, not speed;
-it sets ``TRITON_INTERPRET=1`` when no GPU is present, and writes to a fresh temp dir unless
+it sets ``TRITON_INTERPRET=1`` before the kernels load (or, called after they did, runs itself
+again with it), so it works with or without the variable; and it writes to a fresh temp dir unless
 ``--out`` is given: smoke numbers are never performance results. On a GPU the default output is
 ``bench/results/<gpu name>``; the committed H100 results come from ``python -m bench all --out
-bench/results/h100``.
+bench/results/h100``. ``gpu-check`` and ``compile`` take their own options (``python -m bench compile
+--help``).
 
 A bad option, or a full run asked for without a CUDA device, is one line on stderr and exit code 2
 (:func:`imf.cli.run_cli`; ``--debug`` shows the traceback).
@@ -29,24 +31,28 @@ A bad option, or a full run asked for without a CUDA device, is one line on stde
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from imf.cli import ArgumentParser, UserError, run_cli
+# Nothing from imf or imf_kernels is imported at the top: a smoke run must set TRITON_INTERPRET first.
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMMANDS = ("kernels", "block", "step", "loader", "scaling")
 PROG = "python -m bench"
 
 
-def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=(*COMMANDS, "all"))
+def _parser():
+    from imf.cli import DEBUG_HELP, ArgumentParser
+
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=(*COMMANDS, "all", "gpu-check", "compile"), help="what to run (above)")
     p.add_argument(
         "--preset",
         action="append",
@@ -71,6 +77,7 @@ def _parser() -> ArgumentParser:
         action="store_true",
         help="step: profile each variant's step phase by phase (traces + side-by-side table) instead of timing it",
     )
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
 
@@ -274,6 +281,11 @@ def _write(args, name, rows, env, **kw) -> dict:
     return {k: str(v) for k, v in paths.items()}
 
 
+def _smoke_requested(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for a smoke run (``--smoke``, or no ``--no-smoke`` and no GPU)."""
+    return "--smoke" in argv or ("--no-smoke" not in argv and not torch.cuda.is_available())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gpu-check"]:  # its own options and error path
@@ -284,6 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         from bench.compile.cli import main as compile_report
 
         return compile_report(argv[1:])
+    helping = "-h" in argv or "--help" in argv
+    if _smoke_requested(argv) and os.environ.get("TRITON_INTERPRET") != "1" and not helping:
+        # CPU tensors through the kernels need the Triton interpreter, chosen when imf_kernels is imported
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        if "imf_kernels" in sys.modules:  # too late in this process: run again with it
+            return subprocess.run([sys.executable, "-m", "bench", *argv], env=env).returncode
+        os.environ["TRITON_INTERPRET"] = "1"
+    from imf.cli import run_cli
+
     return run_cli(PROG, _run, argv)
 
 
@@ -293,12 +314,15 @@ def _run(argv: list[str]) -> int:
     if args.smoke is None:
         args.smoke = not cuda
     if not args.smoke and not cuda:
+        from imf.cli import UserError
+
         raise UserError("full benchmarks need a CUDA device; run with --smoke on a CPU")
-    if args.smoke and "imf_kernels" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors through the kernels; read when they load
     from bench.common import default_out_dir, env_info
+    from imf.cli import check_out_dir
 
     device = "cuda" if cuda and not args.smoke else "cpu"
+    if args.out is not None:
+        check_out_dir(args.out)
     args.out = Path(args.out) if args.out is not None else default_out_dir(args.smoke)
     env = env_info(device)
     commands = COMMANDS if args.command == "all" else (args.command,)

@@ -12,9 +12,9 @@ The loss is MeanFlow's u-loss (Geng et al., 2025) as py-meanflow writes it: ``(u
 ``sg(v - (t - r) du/dt)``, adaptive weighting (so the loss itself stays near 1; the script prints the
 mean squared error per element). No guidance (omega = 1), to keep it short.
 
-Run (CPU, Triton interpreter; a few seconds per step)::
+Run (CPU, Triton interpreter, which the script turns on itself; a few seconds per step)::
 
-    TRITON_INTERPRET=1 python examples/meanflow_func_jvp.py --steps 5
+    python examples/meanflow_func_jvp.py --steps 5
 
 On a GPU: ``python examples/meanflow_func_jvp.py --device cuda --dim 384 --depth 6 --steps 200``.
 The data are synthetic: ``--classes`` fixed random 8x8 images plus noise, so the loss has something
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 
 import torch
 from imf_kernels import scaled_dot_product_attention
@@ -143,8 +145,7 @@ def meanflow_loss(model, x, y, gen):
     return (sq / (sq.detach() + 1e-3)).mean(), sq.mean() / x[0].numel()
 
 
-def main(argv=None) -> list[float]:
-    """Train ``--steps`` steps; returns the per-step mean squared errors."""
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
@@ -155,7 +156,20 @@ def main(argv=None) -> list[float]:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def on_cpu_without_interpreter(device: str) -> bool:
+    """CPU tensors run the kernels in the Triton interpreter, which is chosen when ``imf_kernels`` is imported."""
+    return torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def main(argv=None) -> list[float]:
+    """Train ``--steps`` steps; returns the per-step mean squared errors."""
+    p = parser()
     args = p.parse_args(argv)
+    if on_cpu_without_interpreter(args.device):
+        p.error("--device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1 before importing")
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -176,4 +190,6 @@ def main(argv=None) -> list[float]:
 
 
 if __name__ == "__main__":
+    if on_cpu_without_interpreter(parser().parse_args().device):  # too late for this process: run again with it
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
     main()

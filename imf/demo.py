@@ -4,10 +4,13 @@
     python -m imf.demo --steps 200 --out runs/quick
 
 Training is :func:`imf.train.run` (the same as ``python -m imf.train --preset demo --data digits``); a
-rerun with the same ``--out`` resumes from its latest checkpoint. The training options are the trainer's
-own fields (``--steps``, ``--batch`` = the global batch of one optimizer step, ``--lr``, ``--warmup``,
-``--ema``, ``--seed``, ``--backend``, ``--threads``, ``--out``), with the demo preset's values as defaults;
-every argument is validated before training. Writes to ``--out``: ``checkpoints/`` (resumable training
+rerun with the same ``--out`` resumes from its latest checkpoint (``--resume DIR/step_N``: from an
+earlier one), with the settings that trained it: another ``--lr`` (or seed, batch, ...) is refused,
+more ``--steps`` continue the run and are recorded in ``config_history.jsonl``. The training options
+are the trainer's own fields (``--steps``, ``--batch`` = the global batch of one optimizer step,
+``--lr``, ``--warmup``, ``--ema``, ``--seed``, ``--backend``, ``--threads``, ``--out``, ``--resume``),
+with the demo preset's values as defaults; every argument is validated before training. Ctrl-C (or
+SIGTERM) writes a checkpoint and exits 130 (143). Writes to ``--out``: ``checkpoints/`` (resumable training
 state), ``model.safetensors`` (EMA weights, :func:`imf.train.export.load_exported`), ``metrics.jsonl``
 (training curve), ``samples_1nfe.png`` and ``samples_2nfe.png`` (one row per class), and ``metrics.json``
 (class accuracy and Frechet distance of 1- and 2-NFE samples, per guidance scale, plus wall time).
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from imf.cli import ArgumentParser, UserError, run_cli
+from imf.cli import DEBUG_HELP, ArgumentParser, run_cli
 from imf.data.digits import NUM_CLASSES, DigitsJudge
 from imf.sample import generate, save_grid
 from imf.train.args import add_config_options, build_config, normalise, overrides_of
@@ -44,6 +47,7 @@ TRAIN_OPTIONS = [
     "backend",
     "threads",
     "out_dir",
+    "checkpoint.resume",
 ]
 MIN_EVAL_SAMPLES = 100  # the sample grids show 10 per class
 
@@ -57,6 +61,7 @@ def parser() -> ArgumentParser:
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     add_config_options(p, build_config(DEMO_RUN), TRAIN_OPTIONS)
     e = p.add_argument_group("evaluation options")
     e.add_argument("--omegas", default="1.0,1.25,1.5,2.0", help="guidance scales to evaluate, comma-separated, >= 1")
@@ -121,10 +126,7 @@ def run_demo(argv: list[str] | None = None) -> dict:
     out = Path(cfg.out_dir)
     result = run(cfg)
     if result.stopped is not None:
-        raise _Stopped(
-            f"training stopped at step {result.step} ({result.stopped}); run the same command again to resume",
-            exit_code(result.stopped),
-        )
+        raise Interrupted(result)
     weights = export_ema(result.checkpoint, out / "model.safetensors")
     model = load_exported(weights, backend="triton" if cfg.backend == "triton" else "reference")  # CPU sampling
     results = evaluate(model, omegas, n, cfg.seed, out)
@@ -145,10 +147,12 @@ def run_demo(argv: list[str] | None = None) -> dict:
     return summary
 
 
-class _Stopped(UserError):
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.exit_code = code
+class Interrupted(Exception):
+    """Training stopped early (a signal): the checkpoint is written; the same command resumes it."""
+
+    def __init__(self, result):
+        super().__init__(f"interrupted at step {result.step} ({result.stopped})")
+        self.result = result
 
 
 def _main(argv: list[str]) -> int:
@@ -156,6 +160,14 @@ def _main(argv: list[str]) -> int:
         run_demo(argv)
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    except Interrupted as e:
+        r = e.result
+        print(
+            f"imf.demo: interrupted at step {r.step} ({r.stopped}); checkpoint {r.checkpoint}; run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        return exit_code(r.stopped)
     return 0
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imf.cli import ArgumentParser, run_cli
+from imf.cli import ArgumentParser, check_out_dir, run_cli
 from imf.data import MANIFEST, DataError, ShardWriter
 from imf.vae import LatentEncoder, load_vae
 
@@ -237,6 +237,7 @@ def _prepare(argv: list[str]) -> int:
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     options = vars(ap.parse_args(argv))
     del options["debug"]  # run_cli's; every other option is the encode_folder argument of the same name
+    check_out_dir(options["out"])
     man = encode_folder(**options)
     print(
         f"imf.prepare: wrote {man['count']} samples ({len(man['shards'])} shards, "

@@ -144,20 +144,49 @@ def test_loader_and_scaling_smoke(benchmark, tmp_path):
     assert "a model, not a measurement" in (tmp_path / "scaling.md").read_text()
 
 
+def _bench_process(*argv: str, interpreter: bool = True) -> subprocess.CompletedProcess:
+    """``python -m bench ARGV`` in a fresh process, with or without ``TRITON_INTERPRET=1`` set."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    env |= {"TRITON_INTERPRET": "1"} if interpreter else {}
+    cmd = [sys.executable, "-m", "bench", *argv]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_cli_subprocess_step(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "step", "--smoke", "--preset", "iMF-B/2", "--out", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _bench_process("step", "--smoke", "--preset", "iMF-B/2", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     data = _load(tmp_path, "step")
     assert {r["preset"] for r in data["rows"]} == {"iMF-B/2"}
     assert json.loads(out.stdout[out.stdout.index("{") :])["written"]["step"]["json"] == str(tmp_path / "step.json")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke default")
+def test_cli_kernels_smoke_without_the_variable(tmp_path):
+    """``python -m bench kernels`` on a CPU, TRITON_INTERPRET unset: the CLI sets it before the kernels load;
+    every row is timed (none is an error row)."""
+    out = _bench_process("kernels", "--out", str(tmp_path), interpreter=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = _load(tmp_path, "kernels")["rows"]
+    assert rows and all(_timed(r) for r in rows), [r.get("error") for r in rows]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke default")
+def test_cli_runs_again_when_the_kernels_loaded_without_the_variable(tmp_path, monkeypatch):
+    """Called in a process that already imported the kernels (as tests do), without the variable: it runs
+    itself again with it instead of sending CPU tensors to compiled kernels."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "imf_kernels" in sys.modules
+    assert main(["scaling", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "scaling.json").is_file()
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("kernels", "block", "step", "loader", "scaling", "all", "gpu-check", "compile"):
+        assert f"\n    {command} " in out, command
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -170,7 +199,7 @@ def test_cli_refuses_full_run_without_gpu(capsys):
 def test_cli_argument_error_is_one_line(capsys):
     assert main(["step", "--batch", "many"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("python -m bench: error: argument --batch: invalid int value") and "\n" not in err
+    assert err.startswith("bench: error: argument --batch: invalid int value") and "\n" not in err
 
 
 def test_summarize_and_table(benchmark):

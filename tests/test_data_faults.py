@@ -10,7 +10,7 @@ must match (the file or field it names and what is wrong):
   :func:`imf.cli.run_cli` like the console entry): exit code 2 (3 for a missing dependency), exactly one line on
   stderr, no traceback; two of them also as real subprocesses.
 
-The counts of these tables are what the README's reliability section reports.
+The counts of these tables are what docs/reliability.md reports.
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ def test_verify_fault(tmp_path, capsys, inject, pattern):
         inject(out)
     capsys.readouterr()
     assert main(["verify", str(out)]) == 2
-    _check_one_line(capsys.readouterr().err, "python -m imf.data verify", pattern)
+    _check_one_line(capsys.readouterr().err, "imf.data verify", pattern)
 
 
 # (id, imf.prepare argument overrides, message pattern); exit code 2
@@ -437,7 +437,7 @@ PREPARE_FAULTS = [
     ("vae-empty", {"vae": "vae_empty"}, r"--vae .*vae_empty is not a loadable AutoencoderKL directory: .*config\.json"),
     ("vae-truncated", {"vae": "vae_trunc"}, r"--vae .*vae_trunc is not a loadable AutoencoderKL directory"),
     ("vae-bad-config", {"vae": "vae_badcfg"}, r"--vae .*vae_badcfg is not a loadable AutoencoderKL.*not a valid JSON"),
-    ("out-is-file", {"out": "a_file"}, r"--out .*a_file is a file"),
+    ("out-is-file", {"out": "a_file"}, r"--out .*a_file'? is a file"),
     ("resolution-zero", {"resolution": 0}, r"--resolution must be positive"),
     ("resolution-odd", {"resolution": 9}, r"--resolution 9 is not divisible by the VAE's downsampling factor 2"),
     ("batch-zero", {"batch_size": 0}, r"--batch-size must be positive"),
@@ -456,7 +456,7 @@ def test_prepare_fault(assets, tmp_path, capsys, overrides, pattern):
 
     capsys.readouterr()
     assert prepare(_prep(assets, tmp_path / "out", **overrides)) == 2
-    _check_one_line(capsys.readouterr().err, "python -m imf.prepare", pattern)
+    _check_one_line(capsys.readouterr().err, "imf.prepare", pattern)
 
 
 def test_prepare_fault_other_settings_and_no_diffusers(assets, tmp_path, capsys, monkeypatch):
@@ -466,15 +466,18 @@ def test_prepare_fault_other_settings_and_no_diffusers(assets, tmp_path, capsys,
     assert prepare(_prep(assets, tmp_path / "out")) == 0
     capsys.readouterr()
     assert prepare(_prep(assets, tmp_path / "out", resolution=4)) == 2
-    _check_one_line(capsys.readouterr().err, "python -m imf.prepare", r"holds shards made from other inputs/settings")
+    _check_one_line(capsys.readouterr().err, "imf.prepare", r"holds shards made from other inputs/settings")
     monkeypatch.setitem(sys.modules, "diffusers", None)
     assert prepare(_prep(assets, tmp_path / "other")) == 3
-    _check_one_line(capsys.readouterr().err, "python -m imf.prepare", r"needs diffusers.*pip install -e \"\.\[data\]\"")
+    _check_one_line(capsys.readouterr().err, "imf.prepare", r"needs diffusers.*pip install -e \"\.\[data\]\"")
 
 
-def test_cli_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        main(["verify", str(tmp_path / "nope"), "--debug"])
+def test_cli_debug_shows_the_traceback(tmp_path, capsys):
+    """--debug adds the traceback; the one line and the exit code stay."""
+    assert main(["verify", str(tmp_path / "nope"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "DataError" in err
+    assert err.strip().splitlines()[-1].endswith("does not exist")
 
 
 @pytest.mark.parametrize("module", ["imf.data", "imf.prepare"])
@@ -483,10 +486,10 @@ def test_cli_fault_subprocess(tmp_path, module):
     if module == "imf.data":
         _dataset(tmp_path / "d")
         _truncate(1, 0)(tmp_path / "d")
-        argv, prog, pattern = ["verify", str(tmp_path / "d")], "python -m imf.data verify", r"is truncated"
+        argv, prog, pattern = ["verify", str(tmp_path / "d")], "imf.data verify", r"is truncated"
     else:
         argv = ["--images", str(tmp_path / "nope"), "--vae", str(tmp_path), "--out", str(tmp_path / "o")]
-        prog, pattern = "python -m imf.prepare", r"--images .*nope does not exist"
+        prog, pattern = "imf.prepare", r"--images .*nope does not exist"
     r = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     _check_one_line(r.stderr, prog, pattern)

@@ -301,6 +301,7 @@ def test_latent_errors(latent_run, tmp_path, capsys):
     base = ["--ckpt", str(export), "--num", "6", "--out", str(tmp_path), "--no-progress"]
     for extra, match in [
         ([], "needs --vae PATH"),
+        (["--metrics", "digits"], "this checkpoint is a latent model (4x"),
         (["--vae", str(tmp_path / "nope")], "nope does not exist"),
         (["--vae", str(root / "vae"), "--data", str(tmp_path)], "manifest.json is missing"),
         (["--vae", str(root / "vae")], "needs --ref-stats PATH"),
@@ -362,7 +363,9 @@ def test_digits_sweep(demo_run, tmp_path, capsys):
     dcp, st = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("dcp", "st"))
     assert st["scorer"] == "digits" and dcp["checkpoint"]["source"] == str(step_dir)
     assert [c["metrics"] for c in dcp["cells"]] == [c["metrics"] for c in st["cells"]]  # same EMA either way
-    assert len(st["cells"]) == 4 and "| 2 | 2 | [0, 1] |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert len(st["cells"]) == 4 and "| 2 | 2 | [0, 1] |" in printed.out
+    assert f"imf.evaluate: results in {tmp_path / 'latest'} (results.md, results.json)" in printed.err
 
     # the metrics are DigitsJudge's on the sample set
     model = load_exported(export)
@@ -384,6 +387,7 @@ def test_digits_sweep(demo_run, tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_digits_two_ranks(demo_run, tmp_path):
     """torchrun with 2 gloo ranks writes the same sample set and metrics as one process."""
     _, _, export = demo_run

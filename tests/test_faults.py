@@ -10,7 +10,7 @@
   its losses equal an uninterrupted run's bitwise and ``metrics.jsonl`` holds each step exactly once, or the
   fault is reported as one clear line (exit code 4) naming the damaged file.
 
-The README's Reliability section reports the counts of these tables.
+docs/reliability.md reports the counts of these tables.
 """
 
 from __future__ import annotations
@@ -206,7 +206,16 @@ def _bad_inputs(tmp: Path, good_ckpt: Path) -> list[tuple[str, list[str], dict, 
             2,
             "argument --decay: invalid float value: 'abc'",
         ),
-        ("export out is a dir", ["export", "--ckpt", str(good_ckpt), "--out", str(tmp)], {}, 4, "is a directory"),
+        ("export out is a dir", ["export", "--ckpt", str(good_ckpt), "--out", str(tmp)], {}, 2, "is a directory"),
+        (
+            "export out under a file",
+            ["export", "--ckpt", str(good_ckpt), "--out", str(tmp / "a_file" / "m.safetensors")],
+            {},
+            2,
+            "its folder",
+        ),
+        ("out under a file", [*CLI, "--out", str(tmp / "a_file" / "run")], {}, 2, "a_file' is a file, not a directory"),
+        ("out in /proc", [*CLI, "--out", "/proc/imf_run"], {}, 2, "--out '/proc/imf_run' cannot be created in '/proc'"),
     ]
 
 
@@ -222,6 +231,7 @@ DEMO_BAD = [
     ("bad EMA decay", ["--ema", "1.0"], "ema_decays must be one or more values in [0, 1)"),
     ("triton on cpu", ["--backend", "triton"], "backend 'triton' needs a CUDA device"),
     ("unknown option", ["--stepz", "5"], "unrecognized arguments: --stepz"),
+    ("resume a missing checkpoint", ["--resume", "/no/such/ckpt"], "checkpoint.resume '/no/such/ckpt' does not"),
 ]
 
 
@@ -255,6 +265,8 @@ def test_bad_command_lines_give_one_clear_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("x")
     assert demo_main(["--out", str(tmp_path / "a_file")]) == 2
     _one_line_error(capsys, "imf.demo", "is an existing file")
+    assert demo_main(["--out", str(tmp_path / "a_file" / "demo")]) == 2
+    _one_line_error(capsys, "imf.demo", "a_file' is a file, not a directory")
     print(f"bad inputs: {len(cases) + len(DEMO_BAD) + 1} tried, all one clear line")
 
 
@@ -359,6 +371,7 @@ def test_crash_at_every_point_of_a_save(tmp_path, monkeypatch, reference, fn, wh
     _assert_like_reference(out, reference)
 
 
+@pytest.mark.slow  # real processes killed at random moments
 def test_kill_9_at_random_moments(tmp_path, reference):
     """SIGKILL of a real process that saves every 2 steps, at random moments (a few tries, seeded, printed)."""
     rng = random.Random(1234)
@@ -430,6 +443,23 @@ def test_damaged_checkpoint(tmp_path, capsys, reference, what, target, damage, s
         assert rc == 4
         line = _one_line_error(capsys, "imf.train", "step_000000004")
         assert "damaged" in line or "corrupt" in line or "incomplete" in line, line
+
+
+def test_export_and_evaluate_name_a_truncated_file(tmp_path, capsys, reference):
+    """A truncated shard: export and evaluate name the file and its size mismatch, as a resumed run does."""
+    from imf.evaluate import main as evaluate_main
+
+    out = tmp_path / "run"
+    run(_cfg(out, debug={"interrupt_at_step": 4}))
+    step = out / "checkpoints" / "step_000000004"
+    _truncate(step / "__0_0.distcp")
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(step), "--out", str(tmp_path / "m.safetensors")]) == 4
+    line = _one_line_error(capsys, "imf.train export", f"checkpoint {step} is damaged: __0_0.distcp has ")
+    assert "were written (truncated?)" in line
+    argv = ["--ckpt", str(step), "--num", "10", "--out", str(tmp_path / "eval"), "--no-progress"]
+    assert evaluate_main(argv) == 2
+    line = _one_line_error(capsys, "imf.evaluate", f"checkpoint {step} is damaged: __0_0.distcp has ")
 
 
 def test_resume_from_an_earlier_step(tmp_path, capsys, reference):

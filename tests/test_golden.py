@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -62,6 +63,7 @@ def test_first_steps_match_the_original_trainer(tmp_path):
     assert set(meta) - set(GOLDEN["checkpoint"]["meta_keys"]) == {"files"}  # added: size + sha256 per file
 
 
+@pytest.mark.slow  # the full 5000-step demo: about 7.5 minutes on 2 cores
 def test_full_demo_reaches_its_published_quality(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(

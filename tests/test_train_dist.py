@@ -108,6 +108,7 @@ def _torchrun(out: Path, *extra: str) -> tuple[list[dict], str]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc.stderr
 
 
+@pytest.mark.slow  # torchrun, 2 processes, several runs
 def test_fsdp_two_processes(tmp_path):
     torch.set_num_threads(1)
     two, _ = _torchrun(tmp_path / "two")

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from imf import dist
+from imf.cli import check_out_dir
 from imf.config import ModelConfig
 from imf.evaluate.loading import Loaded, check_preset, load_checkpoint
 from imf.evaluate.options import (
@@ -107,8 +108,7 @@ def run(args, scorer=None) -> dict | None:
     by ``--metrics``)."""
     env = dist.describe(args.device, arg="--device")
     check_positive(batch=args.batch, vae_batch=args.vae_batch)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise EvalError(f"--out {args.out} exists and is not a directory")
+    check_out_dir(args.out)
     steps = parse_steps(args.steps)  # bad strings fail before the model loads
     omegas = parse_omegas(args.omega) if args.omega else None
     intervals = parse_intervals(args.interval) if args.interval else None
@@ -133,12 +133,19 @@ def run(args, scorer=None) -> dict | None:
         or args.metrics == "auto"
         and (loaded.train_config.get("data", {}).get("source") == "digits" or loaded.preset == "demo")
     )
+    side = f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_classes} classes"
+    pixel = (cfg.in_channels, cfg.input_size, cfg.num_classes) == (1, 8, 10)  # the digits demo's images
+    if digits and not pixel:
+        raise EvalError(
+            f"--metrics digits scores the 8x8 pixel-space digits model (the demo preset); this checkpoint is a "
+            f"latent model ({side}): use --metrics inception (FID/IS of VAE-decoded images, with --vae)"
+        )
+    if not digits and pixel:
+        raise EvalError(
+            f"--metrics inception scores VAE-decoded images of a latent model; this checkpoint is the pixel-space "
+            f"digits model ({side}): use --metrics digits (or auto)"
+        )
     if digits:
-        if (cfg.in_channels, cfg.input_size, cfg.num_classes) != (1, 8, 10):
-            raise EvalError(
-                f"digits metrics need an 8x8, 1-channel, 10-class model (the demo preset); the checkpoint "
-                f"is {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_classes} classes"
-            )
         if args.vae or args.ref_stats or args.prc:
             raise EvalError("the digits demo is in pixel space: --vae, --ref-stats and --prc do not apply")
         decode = None

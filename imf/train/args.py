@@ -17,13 +17,14 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
 
 import yaml
 
-from imf.cli import ArgumentParser
+from imf.cli import DEBUG_HELP, ArgumentParser
 from imf.train.config import PRESET_DEFAULTS, ConfigError, TrainConfig
 
 
@@ -175,18 +176,35 @@ def _leaves(cls, prefix: str = ""):
             yield path, hints[f.name], f
 
 
-def _default_of(cfg, path: str):
-    node = cfg
-    for part in path.split("."):
-        if isinstance(node, dict):
-            return node.get(part, "the preset's")
-        node = getattr(node, part)
+def _default_of(cfg: TrainConfig, path: str):
+    """The value ``path`` takes under ``cfg``; a model/loss field's is the resolved one (preset and overrides)."""
+    section, _, name = path.partition(".")
+    if section in ("model", "loss") and name:
+        try:
+            resolved = cfg.model_config() if section == "model" else cfg.loss_config()
+        except (ConfigError, ValueError, KeyError):  # an unknown preset: the error comes when parsing
+            return "per preset"
+        node = getattr(resolved, name)
+    else:
+        node = cfg
+        for part in path.split("."):
+            node = getattr(node, part)
     return list(node) if isinstance(node, tuple) else node
+
+
+def _help_of(path: str, f: dataclasses.Field) -> str:
+    """A field's one line of help (its metadata), or what it is when it has none."""
+    if f.metadata.get("help"):
+        return f.metadata["help"]
+    section = path.split(".")[0]
+    schema = {"model": "imf.config.ModelConfig", "loss": "imf.config.LossConfig"}.get(section)
+    return f"{schema}.{f.name}" if schema else f"{section} field"
 
 
 def add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, paths: list[str] | None = None) -> None:
     """Add ``--path`` (and its alias) for every schema field, or only those in ``paths``; help shows
-    ``defaults``' value. Parsed values land in the namespace under their dotted path."""
+    ``defaults``' value (the resolved preset's for model and loss fields). Parsed values land in the
+    namespace under their dotted path."""
     groups = {}
     for path, tp, f in _leaves(TrainConfig):
         if paths is not None and path not in paths:
@@ -200,11 +218,31 @@ def add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig, p
             kw.update(nargs="?", const="true")
         if path == "checkpoint.resume":
             kw.update(nargs="?", const="auto")
-        help_text = f.metadata.get("help") or f"{path.split('.')[0]} field"
-        value = _default_of(defaults, path)
-        if not ("default" in help_text and value is None):  # the help says what None means
-            help_text = f"{help_text} (default: {value})"
-        groups[section].add_argument(*names, help=help_text, **kw)
+        help_text, value = _help_of(path, f), _default_of(defaults, path)
+        if value is not None:  # the value replaces what the help says the default is ("from epochs")
+            help_text = f"{re.sub(r' ?[(]default: [^)]*[)]', '', help_text)} (default: {value})"
+        elif "default" not in help_text:  # the help of a None default says what None means
+            help_text = f"{help_text} (default: none)"
+        groups[section].add_argument(*names, help=help_text.replace("%", "%%"), **kw)
+
+
+def preset_of(argv: list[str]) -> str:
+    """The ``--preset`` an (unparsed) command line asks for, else its ``--config`` file's, else the default;
+    what ``--help`` shows the defaults of."""
+    argv = normalise(list(argv))
+    found = {"preset": TrainConfig().preset}
+    for key in ("config", "preset"):  # the option wins over the file
+        for i, tok in enumerate(argv):
+            if tok.startswith(f"--{key}="):
+                found[key] = tok.split("=", 1)[1]
+            elif tok == f"--{key}" and i + 1 < len(argv):
+                found[key] = argv[i + 1]
+        if key == "config" and "config" in found:
+            try:
+                found["preset"] = str(read_file(found["config"]).get("preset", found["preset"]))
+            except ConfigError:  # reported when the command line is parsed
+                pass
+    return found["preset"]
 
 
 def normalise(argv: list[str]) -> list[str]:
@@ -235,18 +273,24 @@ def overrides_of(namespace: argparse.Namespace, paths: list[str] | None = None) 
     return nested
 
 
-def train_parser(prog: str = "python -m imf.train", description: str | None = None) -> ArgumentParser:
-    """The trainer's parser (argparse errors are :class:`ConfigError`): ``--config FILE`` and every schema field."""
+def train_parser(
+    prog: str = "python -m imf.train", description: str | None = None, preset: str | None = None
+) -> ArgumentParser:
+    """The trainer's parser (argparse errors are :class:`ConfigError`): ``--config FILE``, ``--debug`` and every
+    schema field, with the defaults of ``preset`` in the help (default: the schema's)."""
+    preset = preset or TrainConfig().preset
     p = ArgumentParser(
         error_type=ConfigError,
         prog=prog,
         description=description,
+        epilog=f"Defaults shown are those of --preset {preset}; --preset NAME --help shows another preset's.",
         allow_abbrev=False,
         usage=f"{prog} [--config FILE] [--OPTION VALUE ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", help="a .yaml/.yml/.json/.toml file with the same nested fields")
-    add_config_options(p, TrainConfig())
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    add_config_options(p, build_config(overrides={"preset": preset}))
     return p
 
 
@@ -272,6 +316,7 @@ __all__ = [
     "merge",
     "normalise",
     "overrides_of",
+    "preset_of",
     "read_file",
     "train_parser",
 ]

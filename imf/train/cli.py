@@ -12,8 +12,11 @@
 Every node runs the same ``torchrun`` line; the process group is nccl on GPU, gloo on CPU; without
 torchrun the run is one plain process. Settings: dataclass defaults, then the preset's, then
 ``--config FILE``, then the options below (validated before any work). A user error prints one line and
-exits non-zero (2 config, 3 non-finite stop, 4 checkpoint); ``--debug`` or ``IMF_DEBUG=1`` shows the
-traceback. A run stopped by SIGTERM/SIGINT writes a checkpoint and exits 128 + signal.
+exits non-zero (2 config, 3 non-finite stop, 4 checkpoint); ``--debug`` or ``IMF_DEBUG=1`` adds the
+traceback (same exit code). A run stopped by SIGTERM/SIGINT (Ctrl-C) writes a checkpoint and exits 128 +
+signal (130 for Ctrl-C, 143 for SIGTERM); output that fails (``| head``, a closed terminal) never stops it.
+A rerun into an existing run folder continues it with the settings that trained it (other settings are
+refused; more steps are recorded in ``config_history.jsonl``).
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import sys
 
 import imf.train.export as export
 from imf.cli import run_cli
-from imf.train.args import load_config, train_parser
+from imf.train.args import load_config, preset_of, train_parser
 from imf.train.loop import NonFiniteError, run
 from imf.train.signals import exit_code
 
 
 def _train(argv: list[str]) -> int:
     try:
-        cfg = load_config(argv, int(os.environ.get("WORLD_SIZE", "1")), parser=train_parser(description=__doc__))
+        parser = train_parser(description=__doc__, preset=preset_of(argv))
+        cfg = load_config(argv, int(os.environ.get("WORLD_SIZE", "1")), parser=parser)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     rank = int(os.environ.get("RANK", "0"))

@@ -367,7 +367,7 @@ PRESET_DEFAULTS: dict[str, dict] = {
     # decay, EMA 0.999, 5000 steps, and two departures from the published iMF (t, r) sampler: no r = t samples
     # (fm_fraction 0; the v-head's loss still learns the instantaneous velocity) and a wider logit-normal
     # (p_std 1.6), which puts more pairs near (t, r) = (1, 0), the one-step jump. The measurements behind
-    # these choices, and the settings tried before them, are in the README's main-job section.
+    # these choices, and the settings tried before them, are in docs/demo.md.
     "demo": {
         "data": {"source": "digits", "batch_size": 32},
         "optim": {"lr": 1e-3, "grad_clip": 1.0},

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from imf.cli import ArgumentParser, require
+from imf.cli import DEBUG_HELP, ArgumentParser, check_out_file, require
 from imf.config import ModelConfig
 from imf.model import build_model
-from imf.train.checkpoint import CheckpointError, read_meta, read_sharded, resolve_checkpoint
+from imf.train.checkpoint import CheckpointError, read_meta, read_sharded, resolve_checkpoint, verify
 
 
 def load_ema(
@@ -34,6 +34,9 @@ def load_ema(
     CPU, then moved to ``device``."""
     ckpt = resolve_checkpoint(ckpt)
     meta = read_meta(ckpt)
+    problem = verify(ckpt, meta)  # a truncated or altered file, named with its size or digest mismatch
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}")
     decays = meta["ema_decays"]
     decay = decays[0] if decay is None else decay
     if decay not in decays:
@@ -119,7 +122,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ckpt", required=True, help="a step directory, a checkpoint root or its 'latest' file")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--decay", type=float, default=None, help="EMA decay (default: the first of the run)")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = p.parse_args(argv)
+    check_out_file(args.out)
     ckpt = resolve_checkpoint(args.ckpt)
     out = export_ema(ckpt, args.out, args.decay)
     print(f"wrote {out} (EMA of {ckpt})")

@@ -1,10 +1,14 @@
 """``run(cfg)``: the training loop around a :class:`~imf.train.trainer.Trainer` (resume, logging, grids, saves).
 
-Start-up (rank 0 first repairs the checkpoint root, :func:`imf.train.checkpoint.recover`): a fresh run
-refuses a checkpoint root that already holds checkpoints; ``checkpoint.resume`` "auto" continues from
-``latest`` (or starts fresh when there is none), a path resumes from that checkpoint, and checkpoints
-newer than it are moved aside (:func:`imf.train.checkpoint.supersede`). Then every step: the trainer's
-:meth:`~imf.train.trainer.Trainer.train_step`, a metrics record every ``log.every_steps``
+Start-up (``--out`` and the checkpoint root checked first, :func:`imf.cli.check_out_dir`; then rank 0
+repairs the checkpoint root, :func:`imf.train.checkpoint.recover`): a fresh run refuses a checkpoint root
+that already holds checkpoints; ``checkpoint.resume`` "auto" continues from ``latest`` (or starts fresh
+when there is none), a path resumes from that checkpoint, and checkpoints newer than it are moved aside
+(:func:`imf.train.checkpoint.supersede`). A resume must keep the settings the checkpoint was trained
+with; accepted changes (more steps, ...) are recorded (:mod:`imf.train.record`). One line before the
+progress bar says what trains where; the bar follows the headline error
+(:class:`imf.train.metrics.HeadlineError`); one line at the end says where the results are. Then every
+step: the trainer's :meth:`~imf.train.trainer.Trainer.train_step`, a metrics record every ``log.every_steps``
 (:mod:`imf.train.metrics`), sample grids every ``log.sample_every``, a checkpoint every
 ``checkpoint.every_steps`` and at the end. After ``max_nonfinite`` non-finite steps in a row the run
 writes a checkpoint and stops with :class:`NonFiniteError`. SIGTERM/SIGINT end the current step, write
@@ -27,8 +31,9 @@ from tqdm import tqdm
 import imf.train.checkpoint as checkpoint
 import imf.train.metrics as metrics
 import imf.train.profile as profile
+import imf.train.record as record
 from imf import dist
-from imf.cli import UserError
+from imf.cli import UserError, check_out_dir
 from imf.phases import phase
 from imf.train.args import dump_config
 from imf.train.config import ConfigError, TrainConfig
@@ -84,6 +89,8 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
 def run(cfg: TrainConfig) -> TrainResult:
     """Train per ``cfg`` (validated here against the world size); collective under torchrun."""
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    check_out_dir(cfg.out_dir)
+    check_out_dir(cfg.checkpoint_dir, "--checkpoint.dir")
     env = dist.describe(cfg.device, arg="device")
     threads = cfg.torch_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if threads is not None:
@@ -95,8 +102,17 @@ def run(cfg: TrainConfig) -> TrainResult:
         dist.destroy(env)
 
 
-def _start(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | None) -> None:
-    """Load the resume checkpoint, move newer ones aside, and prepare ``out_dir`` (config, metrics)."""
+def _resume_changes(cfg: TrainConfig, resume: Path) -> dict:
+    """The accepted setting changes against the checkpoint's own config (:func:`imf.train.record.check_resume`)."""
+    resume = checkpoint.resolve_checkpoint(resume)
+    own = resume.parent.resolve() == cfg.checkpoint_dir.resolve()
+    where = f"the run in {cfg.out_dir}" if own else f"checkpoint {resume}"
+    return record.check_resume(cfg, checkpoint.read_meta(resume)["config"], where)
+
+
+def _start(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | None, changed: dict) -> None:
+    """Load the resume checkpoint, move newer ones aside, and prepare ``out_dir`` (config and its history,
+    metrics)."""
     root = cfg.checkpoint_dir
     if resume is not None:
         checkpoint.load(resume, trainer)
@@ -104,10 +120,12 @@ def _start(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path |
             moved, dest = checkpoint.supersede(root, trainer.step)
             if moved:
                 _note(env, f"resumed from step {trainer.step}; moved the newer checkpoints {moved} to {dest}")
+            if changed:
+                _note(env, f"resuming at step {trainer.step} with {record.describe(changed)} ({record.HISTORY})")
     if env.is_main:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        record.write(out, dump_config(cfg), step=trainer.step, resumed_from=resume, changed=changed)
         metrics.truncate_after(out, trainer.step)
     dist.barrier()
 
@@ -118,12 +136,34 @@ def _train(cfg: TrainConfig, env: dist.DistEnv) -> TrainResult:
             _note(env, f"checkpoint recovery: {note}")
     dist.barrier()
     resume = _resume_path(cfg)
+    changed = _resume_changes(cfg, resume) if resume is not None else {}
     trainer = Trainer(cfg, env)
     try:
-        _start(cfg, env, trainer, resume)
+        _start(cfg, env, trainer, resume, changed)
         return _loop(cfg, env, trainer, resume)
     finally:
         trainer.close()
+
+
+def _headline(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer) -> str:
+    """The line before the progress bar: model and size, data, world size, steps, output folder."""
+    m = trainer.model_cfg
+    params = sum(p.numel() for p in trainer.model.parameters())
+    procs = f"{env.world} processes" if env.world > 1 else "1 process"
+    return (
+        f"{cfg.preset} ({m.arch}, dim {m.dim}, depth {m.depth}, {params / 1e6:.2f} M parameters, {trainer.backend} "
+        f"ops) on {cfg.data.source}, batch {cfg.data.batch_size}, {procs} on {env.device.type}; steps "
+        f"{trainer.step + 1}-{trainer.total}; out {cfg.out_dir}"
+    )
+
+
+def _summary(cfg: TrainConfig, result: TrainResult, grids: bool) -> str:
+    """The line at the end of a run: steps, time, where the checkpoint, metrics and samples are."""
+    done = result.step - result.first_step + 1
+    where = [f"checkpoint {result.checkpoint}", f"metrics {Path(cfg.out_dir) / metrics.METRICS}"]
+    if grids:
+        where.append(f"samples {Path(cfg.out_dir) / 'samples'}")
+    return f"trained {done} steps (to step {result.step}) in {result.train_seconds:.0f} s; " + ", ".join(where)
 
 
 def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | None) -> TrainResult:
@@ -152,6 +192,8 @@ def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | 
     profiler = profile.open_session(
         cfg.profile, cfg.profile_dir, rank=env.rank, device=env.device, first_step=trainer.step
     )  # None without --profile.*
+    _note(env, _headline(cfg, env, trainer))
+    shown = metrics.HeadlineError()
     start = time.perf_counter()
     bar = tqdm(
         total=trainer.total,
@@ -167,13 +209,14 @@ def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | 
                 interrupt = cfg.debug.interrupt_at_step == trainer.step + 1
                 r = trainer.train_step(stop=signals.requested is not None or interrupt)
                 losses.append(r.metrics["loss"])
+                shown.add(r.metrics)
                 window.add(r.seconds, r.data_seconds)
                 bar.update(1)
                 last = r.step == trainer.total
                 if r.step % cfg.log.every_steps == 0 or last or r.stop or trainer.in_a_row:
                     img_s = window.images_per_s()
                     log.write(window.record(r, epoch=trainer.epoch, skipped=trainer.skipped, in_a_row=trainer.in_a_row))
-                    bar.set_postfix(metrics.progress_postfix(r.metrics, img_s, trainer.skipped))
+                    bar.set_postfix(metrics.progress_postfix(shown.mean(), img_s, trainer.skipped))
                 if trainer.in_a_row >= cfg.max_nonfinite:
                     ckpt_path = save()
                     raise NonFiniteError(
@@ -199,7 +242,7 @@ def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | 
     finally:
         bar.close()
         log.close()
-    return TrainResult(
+    result = TrainResult(
         step=trainer.step,
         first_step=first_step,
         losses=losses,
@@ -211,6 +254,9 @@ def _loop(cfg: TrainConfig, env: dist.DistEnv, trainer: Trainer, resume: Path | 
         ema=trainer.ema,
         rank=env.rank,
     )
+    if stopped is None:
+        _note(env, _summary(cfg, result, grids is not None))
+    return result
 
 
 __all__ = ["NonFiniteError", "TrainResult", "run"]

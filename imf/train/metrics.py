@@ -138,11 +138,44 @@ class Window:
         return rec
 
 
-def progress_postfix(metrics: dict, img_s: float, skipped: int) -> dict:
-    """What the progress bar shows: the unweighted errors (``mse_V``/``mse_v`` for iMF, ``mse_u`` for MF),
-    which fall as the model learns (the adaptively weighted loss sits near its fixed point)."""
-    shown = {k: f"{metrics[k]:.4f}" for k in ("mse_V", "mse_v", "mse_u") if k in metrics}
-    return {**(shown or {"loss": f"{metrics['loss']:.4f}"}), "img_s": f"{img_s:.0f}", "skipped": skipped}
+class HeadlineError:
+    """The one number the progress bar follows: the method's unweighted error (``mse_V`` for iMF, ``mse_u`` for
+    MF; the adaptively weighted ``loss`` sits near its fixed point and does not show progress), averaged
+    over the steps since the bar last showed it, so its slow fall is not hidden by step-to-step noise.
+    The other terms (``mse_v``, ``loss_V``, ...) are in ``metrics.jsonl``."""
+
+    KEYS = ("mse_V", "mse_u")
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, step_metrics: dict) -> None:
+        key = next((k for k in self.KEYS if k in step_metrics), "loss")
+        value = float(step_metrics[key])
+        if math.isfinite(value):
+            self.total, self.count = self.total + value, self.count + 1
+
+    def mean(self) -> float:
+        """The average since the last call (NaN when no step was finite); starts a new average."""
+        value = self.total / self.count if self.count else float("nan")
+        self.total, self.count = 0.0, 0
+        return value
 
 
-__all__ = ["METRICS", "SUPERSEDED", "MetricsLog", "Window", "peak_memory_gib", "progress_postfix", "truncate_after"]
+def progress_postfix(error: float, img_s: float, skipped: int) -> dict:
+    """What the progress bar shows after the count: the headline error (:class:`HeadlineError`), images/s,
+    and the skipped (non-finite) steps when there are any."""
+    shown = {"mse": f"{error:.4g}", "img/s": f"{img_s:.0f}"}
+    return {**shown, "skipped": skipped} if skipped else shown
+
+
+__all__ = [
+    "METRICS",
+    "SUPERSEDED",
+    "HeadlineError",
+    "MetricsLog",
+    "Window",
+    "peak_memory_gib",
+    "progress_postfix",
+    "truncate_after",
+]
