@@ -1,8 +1,8 @@
 """Flash attention backward in one kernel with an atomic ``dq`` (FlashAttention-2's 5 matmuls), opt-in.
 
-Selected per backward call by ``IMF_KERNELS_ATTN_BWD`` (:func:`backward_path`): ``deterministic``
-(default: the two kernels of :mod:`imf_kernels.attention_bwd_op`, 7 matmuls, bitwise reproducible)
-or ``atomic`` (this module). The math is that of :mod:`imf_kernels.attention_bwd_op`, per
+Selected per backward call by ``IMF_KERNELS_ATTN_BWD`` (:func:`imf_kernels.attention_bwd.backward_path`):
+``deterministic`` (default: the two kernels of :mod:`imf_kernels.attention_bwd_op`, 7 matmuls, bitwise
+reproducible) or ``atomic`` (this module). The math is that of :mod:`imf_kernels.attention_bwd_op`, per
 (batch, head), ``s = scale``, ``delta = rowsum(o * do)`` from the same preprocess kernel::
 
     dP = do v^T        dS = P * (dP - delta)
@@ -52,37 +52,12 @@ flushed to zero).
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 import triton
 
 from . import _tuning
 from .attention_bwd_op import dkdv_kernel
-from .attention_common import SMEM_SLACK, drop_sm8x_spills, head_columns, tile_configs
-
-BWD_ENV = "IMF_KERNELS_ATTN_BWD"
-BWD_PATHS = ("deterministic", "atomic")
-
-
-def backward_path() -> str:
-    """The backward ``IMF_KERNELS_ATTN_BWD`` asks for (unset or empty: ``deterministic``), read at each
-    call. ``ValueError`` for any other value; ``RuntimeError`` for ``atomic`` while
-    ``torch.are_deterministic_algorithms_enabled()`` (a warning instead under ``warn_only=True``)."""
-    path = os.environ.get(BWD_ENV) or "deterministic"
-    if path not in BWD_PATHS:
-        raise ValueError(f"{BWD_ENV}: got {path!r}, expected one of {', '.join(map(repr, BWD_PATHS))}")
-    if path == "atomic" and torch.are_deterministic_algorithms_enabled():
-        message = (
-            f"{BWD_ENV}=atomic: the atomic flash-attention backward accumulates dq with fp32 atomic adds "
-            "and is not deterministic, but torch.use_deterministic_algorithms(True) is set; unset "
-            f"{BWD_ENV} (or set it to 'deterministic') or turn deterministic algorithms off"
-        )
-        if not torch.is_deterministic_algorithms_warn_only_enabled():
-            raise RuntimeError(message)
-        warnings.warn(message, stacklevel=3)
-    return path
+from .attention_common import SMEM_SLACK, drop_sm8x_spills, head_columns, row_grid, tile_configs
 
 
 def _atomic_smem(meta: dict, num_stages: int) -> int:
@@ -128,15 +103,15 @@ _attn_bwd_atomic = _tuning.autotune(
 )(dkdv_kernel)
 
 
-def atomic_backward(inputs: tuple, strides: tuple, scalars: tuple, dq, dk, dv, grid, split: dict) -> None:
-    """Fill ``dq, dk, dv`` with the dk/dv kernel in ``ATOMIC_DQ`` mode (called by ``flash_backward`` with its
-    ``(q, k, v, do, lse, delta)``, their strides, ``(heads, scale * log2(e), scale)``, the key-block
-    grid and the launch meta, whose ``ALIGN`` was checked on ``dq``: the fp32 accumulator has its strides)."""
+def atomic_backward(inputs: tuple, strides: tuple, scalars: tuple, dq, dk, dv, split: dict) -> None:
+    """Fill ``dq, dk, dv`` with the dk/dv kernel in ``ATOMIC_DQ`` mode (one program per key block), given
+    ``flash_backward``'s ``(q, k, v, do, lse_pad, delta)``, their strides, ``(heads, scale * log2(e), scale)``
+    and the launch meta, whose ``ALIGN`` was checked on ``dq``: the fp32 accumulator has its strides."""
     acc = dq if dq.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
     assert acc.stride() == dq.stride(), (acc.stride(), dq.stride())  # ALIGN holds for acc's strides
     acc.zero_()
-    seq = inputs[0].shape[2]
-    _attn_bwd_atomic[grid](
+    batch, heads, seq, _ = inputs[0].shape
+    _attn_bwd_atomic[row_grid("BLOCK_N", seq, batch * heads)](
         *inputs,
         dk,
         dv,

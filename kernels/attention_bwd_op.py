@@ -1,4 +1,7 @@
-"""Flash attention backward: the Triton kernels and their launcher :func:`flash_backward`.
+"""Flash attention backward, deterministic path: the Triton kernels, the preprocess launch
+(:func:`backward_stats`) and the two-kernel launch (:func:`deterministic_backward`).
+:func:`imf_kernels.attention_bwd.flash_backward` runs the preprocess, then this path or the atomic one
+(:mod:`imf_kernels.attention_bwd_atomic_op`, which reuses the dk/dv kernel of this module).
 
 The math (per (batch, head), ``S = s q k^T``, ``P = softmax_rows(S)``, ``o = P v``; see
 :mod:`imf_kernels.attention_op`), given ``do = dLoss/do`` and the forward's log-sum-exp ``lse``
@@ -32,17 +35,14 @@ import triton.language as tl
 from . import _tuning
 from ._layout import add_rows, aligned, load_rows, tile_ptrs
 from .attention_common import (
-    LOG2E,
     SMEM_SLACK,
     alloc,
     drop_sm8x_spills,
     head_columns,
-    kernel_meta,
     least_padding,
     program_ids,
     program_offsets,
     row_grid,
-    split_meta,
     tile_configs,
 )
 
@@ -383,14 +383,11 @@ def _attn_bwd_dq(
                 stride_dqb, stride_dqh, stride_dql, stride_dqd, SEQ, SPLIT, ALIGN)  # fmt: skip
 
 
-def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` from the saved forward (shared with :mod:`imf_kernels.attention_jvp_op`)."""
-    batch, heads, seq, _ = q.shape
-    dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    if q.numel() == 0:
-        return dq, dk, dv
-    meta = kernel_meta(q, k, v, do, o, dq, dk, dv)  # the preprocess reads whole (padded) rows
-    split = split_meta(q, k, v, do, o, dq, dk, dv)
+def backward_stats(o, do, lse, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse_pad, delta)``: the forward's ``lse`` copied into fp32 buffers of :func:`padded_seq` rows per
+    (batch, head) (``+inf`` past the end) and ``delta = rowsum(o * do)`` (``0`` past the end), which the
+    main kernels read without masks; ``meta`` from :func:`imf_kernels.attention_common.kernel_meta`."""
+    batch, heads, seq, _ = o.shape
     stats_shape = (batch, heads, padded_seq(seq))
     lse_pad, delta = alloc(lse, stats_shape, torch.float32), alloc(lse, stats_shape, torch.float32)
     _attn_bwd_preprocess[row_grid("BLOCK_M", padded_seq(seq), batch * heads)](
@@ -407,16 +404,15 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
         BLOCK_D=meta["BLOCK_D"],
         ALIGN=meta["ALIGN"],
     )
-    inputs = (q, k, v, do, lse_pad, delta)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    scalars = (heads, scale * LOG2E, scale)
-    grid_n, grid_m = row_grid("BLOCK_N", seq, batch * heads), row_grid("BLOCK_M", seq, batch * heads)
-    from .attention_bwd_atomic_op import atomic_backward, backward_path  # here: that module imports this one
+    return lse_pad, delta
 
-    if backward_path() == "atomic":  # IMF_KERNELS_ATTN_BWD, read at each call (default: deterministic)
-        atomic_backward(inputs, strides, scalars, dq, dk, dv, grid_n, split)
-        return dq, dk, dv
-    deterministic_dkdv[grid_n](  # DQ (= dk) unused without ATOMIC_DQ
+
+def deterministic_backward(inputs: tuple, strides: tuple, scalars: tuple, dq, dk, dv, split: dict) -> None:
+    """Fill ``dq, dk, dv`` with the dk/dv kernel (one program per key block) and the dq kernel (one per
+    query block), given ``flash_backward``'s ``(q, k, v, do, lse_pad, delta)``, their strides,
+    ``(heads, scale * log2(e), scale)`` and the launch meta (:func:`imf_kernels.attention_common.split_meta`)."""
+    batch, heads, seq, _ = inputs[0].shape
+    deterministic_dkdv[row_grid("BLOCK_N", seq, batch * heads)](  # DQ (= dk) unused without ATOMIC_DQ
         *inputs,
         dk,
         dv,
@@ -430,5 +426,6 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
         ATOMIC_DQ=False,
         **split,
     )
-    _attn_bwd_dq[grid_m](*inputs, dq, *strides, *dq.stride(), *scalars, SEQ=seq, **split)
-    return dq, dk, dv
+    _attn_bwd_dq[row_grid("BLOCK_M", seq, batch * heads)](
+        *inputs, dq, *strides, *dq.stride(), *scalars, SEQ=seq, **split
+    )

@@ -112,7 +112,7 @@ import triton.language as tl
 from . import _tuning
 from ._checks import check_float, check_like
 from ._layout import aligned, load_rows, tile_ptrs
-from .attention_bwd_op import flash_backward
+from .attention_bwd import flash_backward
 from .attention_common import (
     LOG2E,
     SMEM_SLACK,

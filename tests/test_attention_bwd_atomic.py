@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from imf_kernels import _tuning, attention, attention_bwd_atomic_op, attention_common
+from imf_kernels import _tuning, attention, attention_bwd, attention_bwd_atomic_op, attention_common
 from numerics import rel_err
 from test_attention import F16, F32, H100_SMEM, check_attention_grads, make
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("poisoned", "seeded")]
-ENV = attention_bwd_atomic_op.BWD_ENV
+ENV = attention_bwd.BWD_ENV
 
 ATOMIC_CASES = [
     (F32, (2, 3, 17, 72), "blhd"),
@@ -69,14 +69,14 @@ def test_default_is_deterministic(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the atomic backward ran")
 
-    monkeypatch.setattr(attention_bwd_atomic_op, "atomic_backward", refuse)
+    monkeypatch.setattr(attention_bwd, "atomic_backward", refuse)
     q, k, v = (make((1, 2, 17, 16), F32, grad=True) for _ in range(3))
     for value in (None, "", "deterministic"):
         if value is None:
             monkeypatch.delenv(ENV, raising=False)
         else:
             monkeypatch.setenv(ENV, value)
-        assert attention_bwd_atomic_op.backward_path() == "deterministic"
+        assert attention_bwd.backward_path() == "deterministic"
         torch.autograd.grad(attention(q, k, v).sum(), (q, k, v))
 
 
