@@ -238,14 +238,15 @@ def _bwd_dkdv_inner(
     return dk, dk2, dv, dv2
 
 
-def bwd_autotune(candidates: list, smem_bytes, interpret_config: triton.Config, kernel: str, resident: str):
+def bwd_autotune(candidates: list, smem_bytes, interpret_config: triton.Config, kernel: str, resident: str, rule=None):
     """:func:`imf_kernels._tuning.autotune` for a backward tile kernel: keyed on ``SEQ, HEAD_DIM``,
-    configs pruned by the sm_8x spill table (``kernel``'s entry of :data:`SM8X_SPILLS`) and their shared
-    memory (``smem_bytes``, for ``Q``'s dtype); pinned: the first surviving config whose ``resident``
-    tile (``BLOCK_N`` for a key-block program, ``BLOCK_M`` for a query-block one) pads the fewest rows."""
+    configs pruned by their shared memory (``smem_bytes``, for ``Q``'s dtype), the kernel's own ``rule``
+    (``rule(configs, meta)``, optional) and the sm_8x spill table (``kernel``'s entry of
+    :data:`SM8X_SPILLS`); pinned: the first surviving config whose ``resident`` tile (``BLOCK_N`` for a
+    key-block program, ``BLOCK_M`` for a query-block one) pads the fewest rows."""
 
     def prune(configs: list, meta: dict) -> list:
-        return drop_sm8x_spills(kernel, configs, meta)
+        return drop_sm8x_spills(kernel, rule(configs, meta) if rule else configs, meta)
 
     return _tuning.autotune(
         candidates=candidates,
@@ -264,11 +265,19 @@ def _dkdv_smem(meta: dict, num_stages: int) -> int:
     return tile * (2 * meta["BLOCK_N"] + num_stages * 2 * meta["BLOCK_M"]) + SMEM_SLACK
 
 
-# Rule (sm_90 compiles, as for the forward): BLOCK_N (resident k, v, dk, dv rows) 128 -> 8 warps
-# (on 4 warps: 246-255 registers, 0.7-1.1 KB spilled); 64 -> 8 warps, or 4 warps with BLOCK_M 32
-# (64x64 on 4 warps spills 128-136 B at d128); BLOCK_M 32 or 64; 2 or 3 stages (a 4th only adds
-# shared memory).
+# Rule (sm_90 compiles, as for the forward, and head_dim 8-128 in steps of 8 at seq 1000 and 4096): BLOCK_N
+# (resident k, v, dk, dv rows) 128 -> 8 warps (on 4 warps: 246-255 registers, 0.7-1.1 KB spilled); 64 ->
+# 8 warps, or 4 warps with BLOCK_M 32 (64x64 on 4 warps spills 128-136 B at d128); BLOCK_M 32 or 64; 2 or
+# 3 stages (a 4th only adds shared memory); 64x128 only up to 96 head-tile columns (:func:`_dkdv_rule`).
 DKDV_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (32, 64, 4), (64, 64, 8)), num_stages=(3, 2))
+
+
+def _dkdv_rule(configs: list, meta: dict) -> list:
+    """No 64 x 128 tile above 96 head-tile columns (d104-d128: 128): it needs all 255 registers there and
+    spills 4 B on 2 stages at a masked head dim and a ragged length (d104/112/120, seq 1000); up to 96
+    columns it needs 193-235."""
+    wide = head_columns(meta) > 96
+    return [c for c in configs if not (wide and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 64 * 128)]
 
 
 @triton.jit
@@ -309,7 +318,7 @@ def _attn_bwd_dkdv(
 # (:mod:`imf_kernels.attention_bwd_atomic_op`), and as the deterministic backward tunes it.
 dkdv_kernel = _attn_bwd_dkdv
 deterministic_dkdv = bwd_autotune(
-    DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}), "dkdv", "BLOCK_N"
+    DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}), "dkdv", "BLOCK_N", _dkdv_rule
 )(dkdv_kernel)
 
 

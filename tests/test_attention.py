@@ -350,6 +350,12 @@ def test_forward_configs_follow_their_rule():
     d128 = {"BLOCK_D": 128, "BLOCK_D2": 16, "SPLIT": False, "WITH_TANGENT": True}
     wide = attention_op.fwd_mode_configs(attention_op.FWD_CONFIGS, d128)
     assert wide == [c for c in tangent if c.kwargs["BLOCK_N"] == 32]  # the clean ones at d128
+    d96 = {"BLOCK_D": 64, "BLOCK_D2": 32, "SPLIT": True, "WITH_TANGENT": True}  # d88, d96: 64 + 32 columns
+    split = attention_op.fwd_mode_configs(attention_op.FWD_CONFIGS, d96)
+    assert split == [c for c in tangent if c.kwargs["BLOCK_N"] == 32 or c.num_warps == 8]
+    dkdv = attention_bwd_op.DKDV_CONFIGS
+    assert attention_bwd_op._dkdv_rule(dkdv, d96) == dkdv
+    assert attention_bwd_op._dkdv_rule(dkdv, d128) == [c for c in dkdv if _tile(c)[:2] != (64, 128)]
     for configs in (primal, tangent, attention_bwd_op.DKDV_CONFIGS, attention_bwd_op.DQ_CONFIGS):
         assert 6 <= len(configs) <= 12 and all(c.num_stages in (2, 3) for c in configs)
     assert all(c.num_warps == 8 for c in primal + tangent + attention_bwd_op.DQ_CONFIGS if c.kwargs["BLOCK_M"] == 128)
