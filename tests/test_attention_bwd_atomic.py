@@ -115,7 +115,8 @@ def test_deterministic_algorithms_refuse_atomic(monkeypatch, deterministic_algor
 
 def test_configs_follow_their_rule(monkeypatch):
     """8 warps, 2-3 stages; the 64x128 tile only up to 80 head-dim columns, 32x128 not at 96 (sm_90); every
-    kept config's shared-memory estimate fits an H100 at d128 in fp16 (and the pruner keeps exactly the fitting ones)."""
+    kept config's shared-memory estimate fits an H100 at d128 in fp16 (and the pruner keeps exactly the
+    fitting ones)."""
     monkeypatch.setattr(attention_common, "device_arch", lambda _t: 90)
     configs = attention_bwd_atomic_op.ATOMIC_CONFIGS
     assert 6 <= len(configs) <= 12 and all(c.num_warps == 8 and c.num_stages in (2, 3) for c in configs)
