@@ -48,9 +48,9 @@ def default_shapes() -> list[str]:
 # :func:`imf_kernels.attention_common.split_meta`), each either full or masked.
 SWEEP_SEQS = (1000, 4096)
 SWEEP_HEAD_DIMS = tuple(range(8, 129, 8))
-# The CI gate's sample of that sweep: the masked head dim of each width above 64 columns, where the prune
-# rules draw their lines (80 / 96 / 128 columns) and every spill the sweep found lies, at the ragged length
-# (masked columns and ragged rows both add predicates; every spill of the sweep was there, one only there).
+# The CI gate's sample of that sweep (why it suffices: docs/compile.md): the masked head dim of each width
+# above 64 columns, where the prune rules draw their lines (80 / 96 / 128) and every spill the sweep found
+# lies, at the ragged length (masked columns and ragged rows add predicates: the sweep's worst case).
 GATE_HEAD_DIMS = (72, 88, 120)
 
 
