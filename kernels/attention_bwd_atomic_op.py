@@ -1,8 +1,8 @@
 """Flash attention backward in one kernel with an atomic ``dq`` (FlashAttention-2's 5 matmuls), opt-in.
 
-Selected per backward call by ``IMF_KERNELS_ATTN_BWD`` (:func:`backward_path`): ``deterministic``
-(default: the two kernels of :mod:`imf_kernels.attention_bwd_op`, 7 matmuls, bitwise reproducible)
-or ``atomic`` (this module). The math is that of :mod:`imf_kernels.attention_bwd_op`, per
+Selected per backward call by ``IMF_KERNELS_ATTN_BWD`` (:func:`imf_kernels.attention_bwd.backward_path`):
+``deterministic`` (default: the two kernels of :mod:`imf_kernels.attention_bwd_op`, 7 matmuls, bitwise
+reproducible) or ``atomic`` (this module). The math is that of :mod:`imf_kernels.attention_bwd_op`, per
 (batch, head), ``s = scale``, ``delta = rowsum(o * do)`` from the same preprocess kernel::
 
     dP = do v^T        dS = P * (dP - delta)
@@ -52,37 +52,12 @@ flushed to zero).
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 import triton
 
 from . import _tuning
 from .attention_bwd_op import dkdv_kernel
-from .attention_common import SMEM_SLACK, drop_sm8x_spills, head_columns, tile_configs
-
-BWD_ENV = "IMF_KERNELS_ATTN_BWD"
-BWD_PATHS = ("deterministic", "atomic")
-
-
-def backward_path() -> str:
-    """The backward ``IMF_KERNELS_ATTN_BWD`` asks for (unset or empty: ``deterministic``), read at each
-    call. ``ValueError`` for any other value; ``RuntimeError`` for ``atomic`` while
-    ``torch.are_deterministic_algorithms_enabled()`` (a warning instead under ``warn_only=True``)."""
-    path = os.environ.get(BWD_ENV) or "deterministic"
-    if path not in BWD_PATHS:
-        raise ValueError(f"{BWD_ENV}: got {path!r}, expected one of {', '.join(map(repr, BWD_PATHS))}")
-    if path == "atomic" and torch.are_deterministic_algorithms_enabled():
-        message = (
-            f"{BWD_ENV}=atomic: the atomic flash-attention backward accumulates dq with fp32 atomic adds "
-            "and is not deterministic, but torch.use_deterministic_algorithms(True) is set; unset "
-            f"{BWD_ENV} (or set it to 'deterministic') or turn deterministic algorithms off"
-        )
-        if not torch.is_deterministic_algorithms_warn_only_enabled():
-            raise RuntimeError(message)
-        warnings.warn(message, stacklevel=3)
-    return path
+from .attention_common import SMEM_SLACK, drop_sm8x_spills, head_columns, row_grid, tile_configs
 
 
 def _atomic_smem(meta: dict, num_stages: int) -> int:
@@ -97,21 +72,29 @@ def _atomic_smem(meta: dict, num_stages: int) -> int:
 
 
 def _prune(configs: list, meta: dict) -> list:
-    """Drop the 64 x 128 tile above 80 head-dim columns (it spills at d128, see the rule below) and, on
-    sm_8x, the tiles :data:`imf_kernels.attention_common.SM8X_SPILLS` lists."""
-    kept = [c for c in configs if head_columns(meta) <= 80 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 128]
-    return drop_sm8x_spills("atomic", kept, meta)
+    """Drop the tiles that spill on sm_90 at this launch's head-tile columns (the rule below): above 80
+    columns the 64 x 128 tile, and at 81-96 (the split 64 + 32 tile of d88, d96) the 32 x 128 one too;
+    on sm_8x also the tiles :data:`imf_kernels.attention_common.SM8X_SPILLS` lists."""
+    columns = head_columns(meta)
+
+    def spills(c) -> bool:
+        area = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+        return columns > 80 and (area >= 64 * 128 or (columns <= 96 and c.kwargs["BLOCK_N"] == 128))
+
+    return drop_sm8x_spills("atomic", [c for c in configs if not spills(c)], meta)
 
 
 # Rule (sm_90 compiles, bf16: iMF-B/2 = seq 276 d64; MF-XL/2 = seq 256 d72; seq 4096 d64, d72 = 64 + 16,
-# d128): 8 warps throughout (on 4 warps 64x64 spills 4-12 B at d72 and 388-420 B at d128, 32x64 68-72 B at
-# d128); BLOCK_N (resident keys) 128 or 64, BLOCK_M (streamed queries) 32 or 64, 2 or 3 stages; 64x128 only
-# up to 80 columns (:func:`_prune`; it spills 76-84 B at d128); 16x128 dropped (scalar 16-bit loads at
-# d72). Kept, registers and shared bytes (s2-s3), no spills, 16-byte loads, wgmma, REDG.F32x4 adds:
-#   64x128  d64 220-224, 82,432-99,328    d72 237-238, 115,200-136,192   d128 pruned
-#   32x128  d64 157-161, 73,984-82,432    d72 246, 90,368-100,864        d128 216-218, 139,520-156,160
-#   64x64   d64 189-192, 66,048-82,944    d72 210-211, 86,528-107,520    d128 237-240, 131,584-164,864
-#   32x64   d64 113-117, 49,408-57,856    d72 224, 59,648-70,144         d128 168-171, 90,368-107,008
+# d128; and head_dim 8-128 in steps of 8 at seq 1000 and 4096): 8 warps throughout (on 4 warps 64x64 spills
+# 4-12 B at d72 and 388-420 B at d128, 32x64 68-72 B at d128); BLOCK_N (resident keys) 128 or 64, BLOCK_M
+# (streamed queries) 32 or 64, 2 or 3 stages; 64x128 only up to 80 columns (:func:`_prune`; it spills
+# 76-84 B at d128); 32x128 not at 81-96 columns (d88, d96 = 64 + 32: 255 registers, 4-8 B spilled at seq
+# 1000); 16x128 dropped (scalar 16-bit loads at d72). Kept, registers and shared bytes (s2-s3), no spills,
+# 16-byte loads, wgmma, REDG.F32x4 adds:
+#   64x128  d64 220-224, 82,432-99,328    d72 237-238, 115,200-136,192   d96, d128 pruned
+#   32x128  d64 157-161, 73,984-82,432    d72 246-255, 90,368-100,864    d96 pruned  d128 216-226, 139,520-156,160
+#   64x64   d64 189-192, 66,048-82,944    d72 210-214, 86,528-107,520    d96 226-234  d128 237-242, 131,584-164,864
+#   32x64   d64 113-117, 49,408-57,856    d72 224-228, 59,648-70,144     d96 230-244  d128 168-175, 90,368-107,008
 # First = the pinned default: the largest tile, i.e. the fewest dq adds per element (L / BLOCK_N).
 ATOMIC_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (64, 64, 8), (32, 64, 8)), num_stages=(3, 2))
 
@@ -128,15 +111,15 @@ _attn_bwd_atomic = _tuning.autotune(
 )(dkdv_kernel)
 
 
-def atomic_backward(inputs: tuple, strides: tuple, scalars: tuple, dq, dk, dv, grid, split: dict) -> None:
-    """Fill ``dq, dk, dv`` with the dk/dv kernel in ``ATOMIC_DQ`` mode (called by ``flash_backward`` with its
-    ``(q, k, v, do, lse, delta)``, their strides, ``(heads, scale * log2(e), scale)``, the key-block
-    grid and the launch meta, whose ``ALIGN`` was checked on ``dq``: the fp32 accumulator has its strides)."""
+def atomic_backward(inputs: tuple, strides: tuple, scalars: tuple, dq, dk, dv, split: dict) -> None:
+    """Fill ``dq, dk, dv`` with the dk/dv kernel in ``ATOMIC_DQ`` mode (one program per key block), given
+    ``flash_backward``'s ``(q, k, v, do, lse_pad, delta)``, their strides, ``(heads, scale * log2(e), scale)``
+    and the launch meta, whose ``ALIGN`` was checked on ``dq``: the fp32 accumulator has its strides."""
     acc = dq if dq.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
     assert acc.stride() == dq.stride(), (acc.stride(), dq.stride())  # ALIGN holds for acc's strides
     acc.zero_()
-    seq = inputs[0].shape[2]
-    _attn_bwd_atomic[grid](
+    batch, heads, seq, _ = inputs[0].shape
+    _attn_bwd_atomic[row_grid("BLOCK_N", seq, batch * heads)](
         *inputs,
         dk,
         dv,

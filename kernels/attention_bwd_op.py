@@ -1,4 +1,7 @@
-"""Flash attention backward: the Triton kernels and their launcher :func:`flash_backward`.
+"""Flash attention backward, deterministic path: the Triton kernels, the preprocess launch
+(:func:`backward_stats`) and the two-kernel launch (:func:`deterministic_backward`).
+:func:`imf_kernels.attention_bwd.flash_backward` runs the preprocess, then this path or the atomic one
+(:mod:`imf_kernels.attention_bwd_atomic_op`, which reuses the dk/dv kernel of this module).
 
 The math (per (batch, head), ``S = s q k^T``, ``P = softmax_rows(S)``, ``o = P v``; see
 :mod:`imf_kernels.attention_op`), given ``do = dLoss/do`` and the forward's log-sum-exp ``lse``
@@ -32,17 +35,14 @@ import triton.language as tl
 from . import _tuning
 from ._layout import add_rows, aligned, load_rows, tile_ptrs
 from .attention_common import (
-    LOG2E,
     SMEM_SLACK,
     alloc,
     drop_sm8x_spills,
     head_columns,
-    kernel_meta,
     least_padding,
     program_ids,
     program_offsets,
     row_grid,
-    split_meta,
     tile_configs,
 )
 
@@ -238,14 +238,15 @@ def _bwd_dkdv_inner(
     return dk, dk2, dv, dv2
 
 
-def bwd_autotune(candidates: list, smem_bytes, interpret_config: triton.Config, kernel: str, resident: str):
+def bwd_autotune(candidates: list, smem_bytes, interpret_config: triton.Config, kernel: str, resident: str, rule=None):
     """:func:`imf_kernels._tuning.autotune` for a backward tile kernel: keyed on ``SEQ, HEAD_DIM``,
-    configs pruned by the sm_8x spill table (``kernel``'s entry of :data:`SM8X_SPILLS`) and their shared
-    memory (``smem_bytes``, for ``Q``'s dtype); pinned: the first surviving config whose ``resident``
-    tile (``BLOCK_N`` for a key-block program, ``BLOCK_M`` for a query-block one) pads the fewest rows."""
+    configs pruned by their shared memory (``smem_bytes``, for ``Q``'s dtype), the kernel's own ``rule``
+    (``rule(configs, meta)``, optional) and the sm_8x spill table (``kernel``'s entry of
+    :data:`SM8X_SPILLS`); pinned: the first surviving config whose ``resident`` tile (``BLOCK_N`` for a
+    key-block program, ``BLOCK_M`` for a query-block one) pads the fewest rows."""
 
     def prune(configs: list, meta: dict) -> list:
-        return drop_sm8x_spills(kernel, configs, meta)
+        return drop_sm8x_spills(kernel, rule(configs, meta) if rule else configs, meta)
 
     return _tuning.autotune(
         candidates=candidates,
@@ -264,11 +265,19 @@ def _dkdv_smem(meta: dict, num_stages: int) -> int:
     return tile * (2 * meta["BLOCK_N"] + num_stages * 2 * meta["BLOCK_M"]) + SMEM_SLACK
 
 
-# Rule (sm_90 compiles, as for the forward): BLOCK_N (resident k, v, dk, dv rows) 128 -> 8 warps
-# (on 4 warps: 246-255 registers, 0.7-1.1 KB spilled); 64 -> 8 warps, or 4 warps with BLOCK_M 32
-# (64x64 on 4 warps spills 128-136 B at d128); BLOCK_M 32 or 64; 2 or 3 stages (a 4th only adds
-# shared memory).
+# Rule (sm_90 compiles, as for the forward, and head_dim 8-128 in steps of 8 at seq 1000 and 4096): BLOCK_N
+# (resident k, v, dk, dv rows) 128 -> 8 warps (on 4 warps: 246-255 registers, 0.7-1.1 KB spilled); 64 ->
+# 8 warps, or 4 warps with BLOCK_M 32 (64x64 on 4 warps spills 128-136 B at d128); BLOCK_M 32 or 64; 2 or
+# 3 stages (a 4th only adds shared memory); 64x128 only up to 96 head-tile columns (:func:`_dkdv_rule`).
 DKDV_CONFIGS = tile_configs(((64, 128, 8), (32, 128, 8), (32, 64, 4), (64, 64, 8)), num_stages=(3, 2))
+
+
+def _dkdv_rule(configs: list, meta: dict) -> list:
+    """No 64 x 128 tile above 96 head-tile columns (d104-d128: 128): it needs all 255 registers there and
+    spills 4 B on 2 stages at a masked head dim and a ragged length (d104/112/120, seq 1000); up to 96
+    columns it needs 193-235."""
+    wide = head_columns(meta) > 96
+    return [c for c in configs if not (wide and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 64 * 128)]
 
 
 @triton.jit
@@ -309,7 +318,7 @@ def _attn_bwd_dkdv(
 # (:mod:`imf_kernels.attention_bwd_atomic_op`), and as the deterministic backward tunes it.
 dkdv_kernel = _attn_bwd_dkdv
 deterministic_dkdv = bwd_autotune(
-    DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}), "dkdv", "BLOCK_N"
+    DKDV_CONFIGS, _dkdv_smem, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}), "dkdv", "BLOCK_N", _dkdv_rule
 )(dkdv_kernel)
 
 
@@ -383,14 +392,11 @@ def _attn_bwd_dq(
                 stride_dqb, stride_dqh, stride_dql, stride_dqd, SEQ, SPLIT, ALIGN)  # fmt: skip
 
 
-def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` from the saved forward (shared with :mod:`imf_kernels.attention_jvp_op`)."""
-    batch, heads, seq, _ = q.shape
-    dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    if q.numel() == 0:
-        return dq, dk, dv
-    meta = kernel_meta(q, k, v, do, o, dq, dk, dv)  # the preprocess reads whole (padded) rows
-    split = split_meta(q, k, v, do, o, dq, dk, dv)
+def backward_stats(o, do, lse, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse_pad, delta)``: the forward's ``lse`` copied into fp32 buffers of :func:`padded_seq` rows per
+    (batch, head) (``+inf`` past the end) and ``delta = rowsum(o * do)`` (``0`` past the end), which the
+    main kernels read without masks; ``meta`` from :func:`imf_kernels.attention_common.kernel_meta`."""
+    batch, heads, seq, _ = o.shape
     stats_shape = (batch, heads, padded_seq(seq))
     lse_pad, delta = alloc(lse, stats_shape, torch.float32), alloc(lse, stats_shape, torch.float32)
     _attn_bwd_preprocess[row_grid("BLOCK_M", padded_seq(seq), batch * heads)](
@@ -407,16 +413,15 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
         BLOCK_D=meta["BLOCK_D"],
         ALIGN=meta["ALIGN"],
     )
-    inputs = (q, k, v, do, lse_pad, delta)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    scalars = (heads, scale * LOG2E, scale)
-    grid_n, grid_m = row_grid("BLOCK_N", seq, batch * heads), row_grid("BLOCK_M", seq, batch * heads)
-    from .attention_bwd_atomic_op import atomic_backward, backward_path  # here: that module imports this one
+    return lse_pad, delta
 
-    if backward_path() == "atomic":  # IMF_KERNELS_ATTN_BWD, read at each call (default: deterministic)
-        atomic_backward(inputs, strides, scalars, dq, dk, dv, grid_n, split)
-        return dq, dk, dv
-    deterministic_dkdv[grid_n](  # DQ (= dk) unused without ATOMIC_DQ
+
+def deterministic_backward(inputs: tuple, strides: tuple, scalars: tuple, dq, dk, dv, split: dict) -> None:
+    """Fill ``dq, dk, dv`` with the dk/dv kernel (one program per key block) and the dq kernel (one per
+    query block), given ``flash_backward``'s ``(q, k, v, do, lse_pad, delta)``, their strides,
+    ``(heads, scale * log2(e), scale)`` and the launch meta (:func:`imf_kernels.attention_common.split_meta`)."""
+    batch, heads, seq, _ = inputs[0].shape
+    deterministic_dkdv[row_grid("BLOCK_N", seq, batch * heads)](  # DQ (= dk) unused without ATOMIC_DQ
         *inputs,
         dk,
         dv,
@@ -430,5 +435,6 @@ def flash_backward(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, tor
         ATOMIC_DQ=False,
         **split,
     )
-    _attn_bwd_dq[grid_m](*inputs, dq, *strides, *dq.stride(), *scalars, SEQ=seq, **split)
-    return dq, dk, dv
+    _attn_bwd_dq[row_grid("BLOCK_M", seq, batch * heads)](
+        *inputs, dq, *strides, *dq.stride(), *scalars, SEQ=seq, **split
+    )

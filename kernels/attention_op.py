@@ -112,7 +112,7 @@ import triton.language as tl
 from . import _tuning
 from ._checks import check_float, check_like
 from ._layout import aligned, load_rows, tile_ptrs
-from .attention_bwd_op import flash_backward
+from .attention_bwd import flash_backward
 from .attention_common import (
     LOG2E,
     SMEM_SLACK,
@@ -241,13 +241,20 @@ FWD_CONFIGS = list(dict.fromkeys(FWD_PRIMAL_CONFIGS + FWD_TANGENT_CONFIGS))
 
 
 def fwd_mode_configs(configs: list, meta: dict) -> list:
-    """The configs of the launch's mode (``WITH_TANGENT``) among ``configs``, in the mode's order; with
-    the tangent at a 128-column head tile only ``BLOCK_N = 32`` (``python -m bench compile``, d128:
-    128x64 on 8 warps spills 40 B, 64x64 on 4 warps 288 B; the 32-wide tiles are clean)."""
+    """The configs of the launch's mode (``WITH_TANGENT``) among ``configs``, in the mode's order. With
+    the tangent, by head-tile columns (``python -m bench compile``, sm_90, head_dim 8-128 in steps of 8):
+    above 96 (d104-d128: 128 columns) only ``BLOCK_N = 32`` (128x64 on 8 warps spills 40 B, 64x64 on 4
+    warps 288 B; the 32-wide tiles are clean); above 80 (d88, d96: 64 + 32 columns) no 64x64 on 4 warps
+    (255 registers, 16-28 B spilled; 128x64 on 8 warps: 230-232 registers, clean)."""
     if not meta["WITH_TANGENT"]:
         return [c for c in FWD_PRIMAL_CONFIGS if c in configs]
-    wide = head_columns(meta) > 96
-    return [c for c in FWD_TANGENT_CONFIGS if c in configs and not (wide and c.kwargs["BLOCK_N"] > 32)]
+    columns = head_columns(meta)
+
+    def spills(c) -> bool:
+        wide_keys = c.kwargs["BLOCK_N"] > 32
+        return wide_keys and (columns > 96 or (columns > 80 and c.num_warps == 4))
+
+    return [c for c in FWD_TANGENT_CONFIGS if c in configs and not spills(c)]
 
 
 def _fwd_prune(configs: list, meta: dict) -> list:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from imf_kernels import _tuning, attention, attention_bwd_atomic_op, attention_common
+from imf_kernels import _tuning, attention, attention_bwd, attention_bwd_atomic_op, attention_common
 from numerics import rel_err
 from test_attention import F16, F32, H100_SMEM, check_attention_grads, make
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("poisoned", "seeded")]
-ENV = attention_bwd_atomic_op.BWD_ENV
+ENV = attention_bwd.BWD_ENV
 
 ATOMIC_CASES = [
     (F32, (2, 3, 17, 72), "blhd"),
@@ -69,14 +69,14 @@ def test_default_is_deterministic(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the atomic backward ran")
 
-    monkeypatch.setattr(attention_bwd_atomic_op, "atomic_backward", refuse)
+    monkeypatch.setattr(attention_bwd, "atomic_backward", refuse)
     q, k, v = (make((1, 2, 17, 16), F32, grad=True) for _ in range(3))
     for value in (None, "", "deterministic"):
         if value is None:
             monkeypatch.delenv(ENV, raising=False)
         else:
             monkeypatch.setenv(ENV, value)
-        assert attention_bwd_atomic_op.backward_path() == "deterministic"
+        assert attention_bwd.backward_path() == "deterministic"
         torch.autograd.grad(attention(q, k, v).sum(), (q, k, v))
 
 
@@ -114,8 +114,9 @@ def test_deterministic_algorithms_refuse_atomic(monkeypatch, deterministic_algor
 
 
 def test_configs_follow_their_rule(monkeypatch):
-    """8 warps, 2-3 stages; the 64x128 tile only up to 80 head-dim columns (sm_90); every kept config's
-    shared-memory estimate fits an H100 at d128 in fp16 (and the pruner keeps exactly the fitting ones)."""
+    """8 warps, 2-3 stages; the 64x128 tile only up to 80 head-dim columns, 32x128 not at 96 (sm_90); every
+    kept config's shared-memory estimate fits an H100 at d128 in fp16 (and the pruner keeps exactly the
+    fitting ones)."""
     monkeypatch.setattr(attention_common, "device_arch", lambda _t: 90)
     configs = attention_bwd_atomic_op.ATOMIC_CONFIGS
     assert 6 <= len(configs) <= 12 and all(c.num_warps == 8 and c.num_stages in (2, 3) for c in configs)
@@ -124,6 +125,8 @@ def test_configs_follow_their_rule(monkeypatch):
     d72 = {"BLOCK_D": 64, "BLOCK_D2": 16, "SPLIT": True, "Q": q}
     d128 = {"BLOCK_D": 128, "BLOCK_D2": 16, "SPLIT": False, "Q": q}
     assert prune(configs, d72) == configs
+    d96 = {"BLOCK_D": 64, "BLOCK_D2": 32, "SPLIT": True, "Q": q}  # d88, d96
+    assert prune(configs, d96) == [c for c in configs if c.kwargs["BLOCK_N"] == 64]
     wide = prune(configs, d128)
     assert wide == [c for c in configs if c.kwargs != {"BLOCK_M": 64, "BLOCK_N": 128}] and wide
     meta = {**d128, "Q": torch.empty(0, dtype=F16)}

@@ -1,7 +1,10 @@
 """CI gate: every config the autotuner may choose compiles cleanly for sm_90 (H100), no GPU needed.
 
 Runs ``python -m bench compile`` (the static compile report, :mod:`bench.compile`) for the iMF-B/2
-and MF-XL/2 training steps and one long attention sequence, sm_90 only, in a subprocess without
+and MF-XL/2 training steps, one long attention sequence and a sample of the head-dim sweep
+(:data:`bench.compile.shapes.GATE_HEAD_DIMS`: d72, d88, d120 at the ragged length 1000, the masked head
+dim of each head-tile width above 64 columns; every spill the full sweep of head_dim 8-128 ever showed
+was at one of these widths), sm_90 only, in a subprocess without
 ``TRITON_INTERPRET`` (kernels must be compiled, not interpreted), and fails on any row with a
 problem: a compile error, shared memory over 232,448 B, any spill, a scalar 16-bit global load
 where the inputs are 16-byte aligned, mma.sync (or no tensor core) instead of wgmma, or a grid axis
@@ -20,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.compile.shapes import gate_head_dims
+
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = ("preset:iMF-B/2", "preset:MF-XL/2", "attn:bf16:s4096:d64")
+SHAPES = ("preset:iMF-B/2", "preset:MF-XL/2", "attn:bf16:s4096:d64", *gate_head_dims())
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +77,21 @@ def test_gate_reports_what_it_checked(report):
     assert sum("attn" in k for k in kernels) >= 3, kernels  # forward, dk/dv, dq
     assert all(any(op in k for k in kernels) for op in ("rms_norm", "rope", "swiglu")), kernels
     print(f"compile gate: {len(report['rows'])} rows in {report['elapsed_s']:.0f} s")
+
+
+def test_gate_samples_every_head_tile_width_above_64_columns():
+    """The gate's head dims (:data:`GATE_HEAD_DIMS`) are masked ones, one per head-tile width of the sweep
+    above 64 columns: the widths where the prune rules draw their lines."""
+    import torch
+    from imf_kernels.attention_common import head_columns, split_meta
+
+    from bench.compile.shapes import GATE_HEAD_DIMS, SWEEP_HEAD_DIMS
+
+    def width(d):
+        return head_columns(split_meta(torch.empty(1, 1, 8, d, dtype=torch.bfloat16)))
+
+    assert all(width(d) > d for d in GATE_HEAD_DIMS)  # masked columns
+    assert sorted(width(d) for d in GATE_HEAD_DIMS) == sorted({width(d) for d in SWEEP_HEAD_DIMS if width(d) > 64})
 
 
 # The parsers behind the checks, on hand-written compiler output (no compile needed).

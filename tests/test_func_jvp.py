@@ -35,8 +35,14 @@ TINY = {
 
 
 def models(arch: str, seed: int):
-    """``(reference fp32, reference fp64, triton fp32)`` with the same randomised weights."""
+    """``(reference fp32, reference fp64, triton fp32, generator)`` of the tiny ``arch`` model (:data:`TINY`)."""
     name, overrides = TINY[arch]
+    return build_models(name, seed, **overrides)
+
+
+def build_models(name: str, seed: int, **overrides):
+    """``(reference fp32, reference fp64, triton fp32, generator)``: preset ``name`` with ``overrides``, the
+    same weights randomised by a generator seeded with ``seed``, which draws the inputs next."""
     gen = torch.Generator().manual_seed(seed)
     ref = randomize_(imf.build_model(name, backend="reference", **overrides), generator=gen)
     tri = imf.build_model(name, backend="triton", **overrides)

@@ -41,6 +41,32 @@ def default_shapes() -> list[str]:
     return [f"preset:{p}" for p in PRESETS] + attn
 
 
+# The head-dim sweep (``--shapes head-dims``, committed as ``bench/results/compile/head_dims``): every
+# head_dim the launchers take in whole 16-byte rows (a multiple of 8, up to 128) at a length that is a
+# multiple of every block (4096) and at one that is ragged for every block (1000 = 62 x 16 + 8). A head
+# dim maps to one of 7 head-tile widths (16, 32, 48 = 32 + 16, 64, 80 = 64 + 16, 96 = 64 + 32, 128;
+# :func:`imf_kernels.attention_common.split_meta`), each either full or masked.
+SWEEP_SEQS = (1000, 4096)
+SWEEP_HEAD_DIMS = tuple(range(8, 129, 8))
+# The CI gate's sample of that sweep (why it suffices: docs/compile.md): the masked head dim of each width
+# above 64 columns, where the prune rules draw their lines (80 / 96 / 128) and every spill the sweep found
+# lies, at the ragged length (masked columns and ragged rows add predicates: the sweep's worst case).
+GATE_HEAD_DIMS = (72, 88, 120)
+
+
+def head_dim_sweep() -> list[str]:
+    return [f"attn:bf16:s{s}:d{d}" for d in SWEEP_HEAD_DIMS for s in SWEEP_SEQS]
+
+
+def gate_head_dims() -> list[str]:
+    return [f"attn:bf16:s{SWEEP_SEQS[0]}:d{d}" for d in GATE_HEAD_DIMS]
+
+
+def expand(shapes: list[str]) -> list[str]:
+    """``shapes`` with ``head-dims`` replaced by :func:`head_dim_sweep`."""
+    return [s for shape in shapes for s in (head_dim_sweep() if shape == "head-dims" else [shape])]
+
+
 def parse(shape: str) -> tuple[str, dict]:
     """``("preset", {"name": ...})`` or ``("attn", {"dtype", "seq", "head_dim"})``; ValueError otherwise."""
     kind, _, rest = shape.partition(":")
