@@ -19,7 +19,6 @@ def imf_loss_func_jvp(model, x, y, e, t, r, omega, t_min, t_max, drop, eps=0.01)
     tb = t.view(-1, 1, 1, 1)
     z = (1 - tb) * x + tb * e
     v_t = e - x
-    y = torch.where(drop, torch.full_like(y, null), y)
     inside = (t_min <= t) & (t <= t_max)
     w_eff = torch.where(inside, omega, torch.ones_like(omega))
     zeros, ones = torch.zeros_like(t), torch.ones_like(t)
@@ -28,6 +27,7 @@ def imf_loss_func_jvp(model, x, y, e, t, r, omega, t_min, t_max, drop, eps=0.01)
         v_u = model.velocity(z, t, t, torch.full_like(y, null), ones, zeros, ones)
         v_g = v_t + (1 - 1 / w_eff).view(-1, 1, 1, 1) * (v_c - v_u)
         v_g = torch.where(drop.view(-1, 1, 1, 1), v_t, v_g)
+    y = torch.where(drop, torch.full_like(y, null), y)  # after the guidance: v_c keeps the true label
     u, du = torch.func.jvp(lambda zz, tt: model(zz, tt, r, y, omega, t_min, t_max), (z, t), (v_c, ones))
     V = u + (t - r).view(-1, 1, 1, 1) * du.detach()
     sq_V = (V - v_g).pow(2).flatten(1).sum(1)
