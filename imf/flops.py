@@ -32,7 +32,7 @@ direction); in the MF DiT the condition moves along ``(dt, dh) = (1, 1)``, so bo
 every adaLN projection have a tangent too.
 
 **One training step** (:func:`train_step_breakdown`), as :mod:`imf.loss` executes it with batch
-``B``, ``n_fm = round(fm_fraction B)`` samples with ``r = t`` and ``n = B - n_fm`` with ``r < t``:
+``B``, ``n_fm = floor(fm_fraction B)`` samples with ``r = t`` and ``n = B - n_fm`` with ``r < t``:
 
 * iMF (:func:`imf.loss.imf_loss`). ``guidance``: one no-grad call of ``model.velocity`` on
   ``B + n_u`` rows (``v_c`` for all, ``v_u`` for the ``n_u`` samples whose guidance weight is
@@ -48,7 +48,7 @@ every adaLN projection have a tangent too.
 * MF (:func:`imf.loss.mf_loss`). ``guidance``: with ``omega != 1`` or ``kappa != 0``, one no-grad
   forward of the whole net on ``2 n_g`` rows (``v_u`` and ``v_cond`` of the ``n_g`` samples with ``t``
   in ``[t_start, t_end]`` and no class dropout; expected count in closed form); none with the
-  published ``omega = 1, kappa = 0``.
+  ``omega = 1, kappa = 0`` (the published MF training uses ``omega = 1, kappa = 0.5``: guided).
   ``dual_forward``: primal of ``B`` plus tangent of ``n``. ``backward``: 2x the primal forward.
 
 A plain flow-matching step of the same network (:func:`fm_step_flops`) is one forward and its
@@ -240,7 +240,7 @@ def train_step_breakdown(model_cfg: ModelConfig, loss_cfg: LossConfig, batch_siz
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     B = batch_size
-    n_fm = round(loss_cfg.fm_fraction * B)
+    n_fm = loss_cfg.fm_count(B)
     n_tan = B - n_fm
     keep = 1.0 - loss_cfg.class_drop
     aux = model_cfg.arch == "imf" and model_cfg.v_head == "aux"

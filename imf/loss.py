@@ -47,7 +47,7 @@ def sample_training_inputs(
     """Draw ``(t, r, omega, t_min, t_max, drop)`` for one rank's (micro-)batch as the official code does.
 
     ``t, r``: two logit-normal(``p_mean``, ``p_std``) draws, ``t`` the larger; the *first*
-    :func:`fm_count` ``= floor(fm_fraction * batch)`` samples get ``r = t`` (flow-matching samples; iMF 50%,
+    ``cfg.fm_count(batch) = floor(fm_fraction * batch)`` samples get ``r = t`` (flow-matching samples; iMF 50%,
     MF 75%). iMF: ``omega ~ omega^-beta`` on ``[1, 1 + s_max]`` (inverse CDF), ``t_min ~ U(t_min_range)``,
     ``t_max ~ U(t_max_range)``, FM samples ``[0, 1]``. MF: the fixed ``omega`` and ``[t_start, t_end]``.
     ``drop``: the *first* ``K ~ Binomial(batch, class_drop)`` samples (``K`` counts ``batch`` uniforms below
@@ -64,7 +64,7 @@ def sample_training_inputs(
     b = torch.sigmoid(cfg.p_mean + cfg.p_std * normal())
     t, r = torch.maximum(a, b), torch.minimum(a, b)
     index = torch.arange(batch_size, device=device)
-    fm = index < fm_count(batch_size, cfg)
+    fm = index < cfg.fm_count(batch_size)
     r = torch.where(fm, t, r)
     drop = index < (rand() < cfg.class_drop).sum()
     if cfg.method == "mf":
@@ -75,12 +75,6 @@ def sample_training_inputs(
     t_min = torch.where(fm, 0.0, lo0 + (hi0 - lo0) * rand())
     t_max = torch.where(fm, 1.0, lo1 + (hi1 - lo1) * rand())
     return t, r, omega, t_min, t_max, drop
-
-
-def fm_count(batch_size: int, cfg: LossConfig) -> int:
-    """Samples with ``r = t`` in a batch of ``batch_size``: ``int(batch_size * fm_fraction)``, the official
-    ``data_size`` (truncated, not rounded)."""
-    return int(batch_size * cfg.fm_fraction)
 
 
 def _power_law(u: torch.Tensor, beta: float, upper: float) -> torch.Tensor:

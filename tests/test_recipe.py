@@ -289,3 +289,21 @@ def test_training_defaults_match_the_official_configs(source, batch, epochs, war
     assert (o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip) == (1e-4, (0.9, 0.95), 1e-8, 0.0, 0.0)
     # ema_type 'const', ema_val 0.9999 from the first update
     assert cfg.ema_decays[0] == 0.9999 and cfg.ema_warmup is False
+
+
+def test_every_model_and_loss_field_has_its_help_in_train_help(capsys):
+    """One line of help per ModelConfig / LossConfig field, shown by ``python -m imf.train --help``."""
+    import dataclasses
+
+    from imf.config import ModelConfig
+    from imf.train.cli import main
+
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for cls, section in ((ModelConfig, "model"), (LossConfig, "loss")):
+        for f in dataclasses.fields(cls):
+            if section == "loss" and f.name == "method":
+                continue  # follows from the preset's arch, not an option
+            help_text = f.metadata.get("help", "")
+            assert help_text and "\n" not in help_text, f.name
+            assert f"--{section}.{f.name}" in out and " ".join(help_text.split()) in out, f.name
