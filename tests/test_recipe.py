@@ -307,3 +307,21 @@ def test_every_model_and_loss_field_has_its_help_in_train_help(capsys):
             help_text = f.metadata.get("help", "")
             assert help_text and "\n" not in help_text, f.name
             assert f"--{section}.{f.name}" in out and " ".join(help_text.split()) in out, f.name
+
+
+def test_expected_guidance_rows_follow_the_dropout_placement():
+    """imf.flops counts v_u rows with the dropped samples taken first (FM samples first): its split of the expected
+    drops equals scipy's Binomial sums and the sampler's empirical split."""
+    from imf.flops import dropped_split
+
+    B, p, n_fm = 10, 0.3, 5
+    k = np.arange(B + 1)
+    want_first = float((stats.binom.pmf(k, B, p) * np.minimum(k, n_fm)).sum())
+    first, after = dropped_split(B, p, n_fm)
+    assert abs(first - want_first) < 1e-12 and abs(after - (B * p - want_first)) < 1e-12
+    gen = torch.Generator().manual_seed(7)
+    drops = torch.stack([sample_training_inputs(B, LossConfig(class_drop=p), gen)[5] for _ in range(4000)]).double()
+    emp_first, emp_after = drops[:, :n_fm].sum(1), drops[:, n_fm:].sum(1)
+    assert abs(emp_first.mean().item() - first) < 4 * emp_first.std().item() / math.sqrt(4000)
+    assert abs(emp_after.mean().item() - after) < 4 * emp_after.std().item() / math.sqrt(4000)
+    assert after > 0.05  # K > 5 happens here, so the split matters (independent drops would give 1.5 / 1.5)
