@@ -21,7 +21,6 @@ def imf_loss_func_jvp(model, x, y, e, t, r, omega, t_min, t_max, drop, eps=0.01)
     tb = t.view(-1, 1, 1, 1)
     z = (1 - tb) * x + tb * e
     v_t = e - x
-    y = torch.where(drop, torch.full_like(y, null), y)
     inside = (t_min <= t) & (t <= t_max)
     w_eff = torch.where(inside, omega, torch.ones_like(omega))
     zeros, ones = torch.zeros_like(t), torch.ones_like(t)
@@ -30,6 +29,7 @@ def imf_loss_func_jvp(model, x, y, e, t, r, omega, t_min, t_max, drop, eps=0.01)
         v_u = model.velocity(z, t, t, torch.full_like(y, null), ones, zeros, ones)
         v_g = v_t + (1 - 1 / w_eff).view(-1, 1, 1, 1) * (v_c - v_u)
         v_g = torch.where(drop.view(-1, 1, 1, 1), v_t, v_g)
+    y = torch.where(drop, torch.full_like(y, null), y)  # after the guidance: v_c keeps the true label
     with phase("imf.dual_forward"):
         u, du = torch.func.jvp(lambda zz, tt: model(zz, tt, r, y, omega, t_min, t_max), (z, t), (v_c, ones))
         v = model.velocity(z, t, r, y, omega, t_min, t_max) if model.has_v_head else None

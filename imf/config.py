@@ -8,7 +8,14 @@ configs; see the design document in docs/, sections 1, 2 and 5). Presets are pla
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+def _f(default, help: str):
+    """A config field with its one line of ``help`` (what it is, and the published value), which
+    ``python -m imf.train --help`` shows for ``--model.*`` / ``--loss.*`` (the key :func:`imf.train.config.opt`
+    uses)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -21,30 +28,37 @@ class ModelConfig:
     ``arch="mf"``: the MeanFlow adaLN-zero DiT conditioned on ``(t, h = t - r)`` and the class.
     """
 
-    arch: str = "imf"
-    input_size: int = 32  # latent height = width
-    in_channels: int = 4
-    patch_size: int = 2
-    dim: int = 768
-    depth: int = 12
-    heads: int = 12
-    head_depth: int = 8  # iMF: blocks in each head
-    mlp_hidden: int | None = None  # iMF SwiGLU hidden (default int(8/3 dim)); MF: 4 dim GELU
-    num_classes: int = 1000  # label ``num_classes`` is the null class
-    v_head: str = "aux"  # iMF: "aux" (separate v-head) or "boundary" (v := u at h = 0)
+    arch: str = _f("imf", "network: 'imf' (in-context transformer) or 'mf' (MeanFlow's adaLN-zero DiT)")
+    input_size: int = _f(32, "latent height = width (published: 32, ImageNet 256 through the SD VAE)")
+    in_channels: int = _f(4, "latent channels (published: 4)")
+    patch_size: int = _f(2, "patch side in latent pixels (published: 2; MF-B/4: 4)")
+    dim: int = _f(768, "token width (published: B/M 768, L/XL 1024; MF: B 768, M/L 1024, XL 1152)")
+    depth: int = _f(12, "inference blocks: trunk + u-head (published iMF: B 12, M 24, L 32, XL 48; MF: 12/16/24/28)")
+    heads: int = _f(12, "attention heads (published: 12 at width 768, 16 at 1024 and 1152)")
+    head_depth: int = _f(8, "iMF: blocks in each head, u and v (published: 8)")
+    mlp_hidden: int | None = _f(
+        None, "MLP hidden units (default: iMF SwiGLU int(8/3 dim), published; MF GELU 4 dim, published)"
+    )
+    num_classes: int = _f(1000, "classes; label num_classes is the null class (published: 1000)")
+    v_head: str = _f("aux", "iMF: 'aux' (separate v-head, published training form) or 'boundary' (v := u at h = 0)")
     # condition tokens (iMF): class, omega, t_min, t_max, time (h)
-    class_tokens: int = 8
-    omega_tokens: int = 4
-    t_min_tokens: int = 2
-    t_max_tokens: int = 2
-    time_tokens: int = 4
-    freq_dim: int = 256  # sinusoidal embedding width before the MLP
+    class_tokens: int = _f(8, "iMF: learned class tokens (published: 8)")
+    omega_tokens: int = _f(4, "iMF: learned guidance-scale tokens (published: 4)")
+    t_min_tokens: int = _f(2, "iMF: learned t_min tokens (published: 2)")
+    t_max_tokens: int = _f(2, "iMF: learned t_max tokens (published: 2)")
+    time_tokens: int = _f(4, "iMF: learned time (h = t - r) tokens (published: 4)")
+    freq_dim: int = _f(256, "sinusoidal embedding width before each condition MLP (published: 256)")
     # Times enter the sinusoidal features unscaled. DiT's x1000 (integer-step) scaling makes the
     # tangent of the time embedding ~1000x larger: on the digits demo mse_V then diverged (1.5 -> 117
     # in 300 steps) while at 1.0 it fell 1.65 -> 0.77 (same seed, lr 1e-3).
-    time_scale: float = 1.0
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    time_scale: float = _f(1.0, "factor on times before the sinusoid (published: 1.0, no DiT x1000)")
+    rope_theta: float = _f(10000.0, "iMF: RoPE base over all tokens (published: 10000)")
+    norm_eps: float = _f(1e-6, "RMSNorm / LayerNorm epsilon (published: 1e-6)")
+    init: str = _f(
+        "official",
+        "initialisation: 'official' (the published training code's; docs/recipe.md) or 'xavier' (the "
+        "engine's earlier Xavier-everywhere init; the CPU demo's measured departure)",
+    )
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +92,8 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         if self.arch not in ("imf", "mf"):
             raise ValueError(f"arch must be 'imf' or 'mf', got {self.arch!r}")
+        if self.init not in ("official", "xavier"):
+            raise ValueError(f"init must be 'official' or 'xavier', got {self.init!r}")
         if self.v_head not in ("aux", "boundary"):
             raise ValueError(f"v_head must be 'aux' or 'boundary', got {self.v_head!r}")
         if self.dim % self.heads:
@@ -101,8 +117,11 @@ PRESETS: dict[str, ModelConfig] = {
     "MF-B/2": ModelConfig(arch="mf", dim=768, depth=12, heads=12),
     "MF-XL/2": ModelConfig(arch="mf", dim=1152, depth=28, heads=16),
     # Pixel-space 8x8 digits (scikit-learn) for the CPU demo: 16 image tokens + 7 condition tokens
-    # (the same five groups, fewer tokens each), 3 trunk blocks + 1-block u- and v-heads.
+    # (the same five groups, fewer tokens each), 3 trunk blocks + 1-block u- and v-heads. Its init is the
+    # engine's earlier Xavier one, a measured departure (docs/recipe.md): with the official init the demo scored
+    # 1-NFE Frechet 1.46 / 2-NFE 1.07 against 1.40 / 0.98 (seed 0, same code otherwise).
     "demo": ModelConfig(
+        init="xavier",
         input_size=8,
         in_channels=1,
         patch_size=2,
@@ -144,22 +163,29 @@ class LossConfig:
     ``[t_start, t_end]``.
     """
 
-    method: str = "imf"
-    p_mean: float = -0.4
-    p_std: float = 1.0
-    fm_fraction: float = 0.5
-    omega_beta: float = 1.0
-    omega_s_max: float = 7.0
-    t_min_range: tuple[float, float] = (0.0, 0.5)
-    t_max_range: tuple[float, float] = (0.5, 1.0)
-    class_drop: float = 0.1
-    adp_eps: float = 0.01
-    adp_power: float = 1.0
+    method: str = _f("imf", "objective: 'imf' (v-loss, guidance as a condition) or 'mf' (u-loss, fixed guidance)")
+    p_mean: float = _f(-0.4, "logit-normal location of the t and r draws (published: -0.4)")
+    p_std: float = _f(1.0, "logit-normal scale of the t and r draws (published: 1.0)")
+    fm_fraction: float = _f(
+        0.5, "share of each rank batch with r = t, placed first (published: iMF 0.5, MF 0.75, i.e. 25% r != t)"
+    )
+    omega_beta: float = _f(1.0, "iMF: omega ~ omega^-beta on [1, 1 + omega_s_max] (published: 1.0)")
+    omega_s_max: float = _f(7.0, "iMF: guidance scales drawn up to 1 + omega_s_max (published: 7.0)")
+    t_min_range: tuple[float, float] = _f((0.0, 0.5), "iMF: t_min ~ U(range) for r != t samples (published: [0, 0.5])")
+    t_max_range: tuple[float, float] = _f((0.5, 1.0), "iMF: t_max ~ U(range) for r != t samples (published: [0.5, 1])")
+    class_drop: float = _f(
+        0.1,
+        "class-dropout rate: the first Binomial(B, p) samples of each rank batch get the null class (published: 0.1)",
+    )
+    adp_eps: float = _f(0.01, "adaptive weight L / sg(L + eps)^p: eps (published: 0.01)")
+    adp_power: float = _f(1.0, "adaptive weight L / sg(L + eps)^p: p (published: 1.0)")
     # MF only
-    omega: float = 1.0
-    kappa: float = 0.0
-    t_start: float = 0.0
-    t_end: float = 1.0
+    omega: float = _f(1.0, "MF: guidance weight of v_t in the target (published: 1.0)")
+    kappa: float = _f(
+        0.5, "MF: weight of the conditional velocity (published: 0.5; effective scale omega / (1 - kappa) = 2)"
+    )
+    t_start: float = _f(0.0, "MF: guidance applies for t in [t_start, t_end] (published: 0.0)")
+    t_end: float = _f(1.0, "MF: guidance applies for t in [t_start, t_end] (published: 1.0)")
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> LossConfig:
@@ -171,6 +197,11 @@ class LossConfig:
         else:
             raise ValueError(f"loss method must be 'imf' or 'mf', got {method!r}")
         return dataclasses.replace(base, **overrides).validate()
+
+    def fm_count(self, batch_size: int) -> int:
+        """Samples with ``r = t`` in a rank batch of ``batch_size``: ``int(batch_size * fm_fraction)``, the
+        official ``data_size`` (truncated, not rounded); the sampler puts them first."""
+        return int(batch_size * self.fm_fraction)
 
     def validate(self) -> LossConfig:
         if self.method not in ("imf", "mf"):
@@ -187,6 +218,8 @@ class LossConfig:
             raise ValueError(f"adp_eps must be > 0 (it keeps the adaptive weight finite), got {self.adp_eps}")
         if self.omega < 1.0:
             raise ValueError(f"omega must be >= 1, got {self.omega}")
+        if not 0.0 <= self.kappa < 1.0:
+            raise ValueError(f"kappa must be in [0, 1), got {self.kappa}")
         if not 0.0 <= self.t_start <= self.t_end <= 1.0:
             raise ValueError(f"need 0 <= t_start <= t_end <= 1, got t_start={self.t_start}, t_end={self.t_end}")
         return self

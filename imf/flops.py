@@ -32,13 +32,14 @@ direction); in the MF DiT the condition moves along ``(dt, dh) = (1, 1)``, so bo
 every adaLN projection have a tangent too.
 
 **One training step** (:func:`train_step_breakdown`), as :mod:`imf.loss` executes it with batch
-``B``, ``n_fm = round(fm_fraction B)`` samples with ``r = t`` and ``n = B - n_fm`` with ``r < t``:
+``B``, ``n_fm = floor(fm_fraction B)`` samples with ``r = t`` and ``n = B - n_fm`` with ``r < t``:
 
 * iMF (:func:`imf.loss.imf_loss`). ``guidance``: one no-grad call of ``model.velocity`` on
   ``B + n_u`` rows (``v_c`` for all, ``v_u`` for the ``n_u`` samples whose guidance weight is
   non-zero), trunk + v-head (trunk + u-head for ``v_head="boundary"``).
-  ``E[n_u] = (1 - class_drop) (n_fm + n p_in) [omega_s_max > 0]`` with
-  ``p_in = P(t_min <= t <= t_max)`` for the ``r < t`` samples (FM samples use ``[0, 1]``), computed
+  ``E[n_u] = (n_fm - E[min(K, n_fm)] + (n - E[max(K - n_fm, 0)]) p_in) [omega_s_max > 0]``: class
+  dropout takes the first ``K ~ Binomial(B, class_drop)`` samples, FM samples first (:func:`dropped_split`),
+  and ``p_in = P(t_min <= t <= t_max)`` for the ``r < t`` samples (FM samples use ``[0, 1]``), computed
   by quadrature over the sampler's distributions (:func:`guidance_fraction`).
   ``dual_forward``: primal of all ``B`` samples through trunk + u-head (+ v-head) and the tangent of
   the ``n`` samples through trunk + u-head. ``backward``: 2x the primal forward of the dual pass
@@ -48,7 +49,7 @@ every adaLN projection have a tangent too.
 * MF (:func:`imf.loss.mf_loss`). ``guidance``: with ``omega != 1`` or ``kappa != 0``, one no-grad
   forward of the whole net on ``2 n_g`` rows (``v_u`` and ``v_cond`` of the ``n_g`` samples with ``t``
   in ``[t_start, t_end]`` and no class dropout; expected count in closed form); none with the
-  published ``omega = 1, kappa = 0``.
+  ``omega = 1, kappa = 0`` (the published MF training uses ``omega = 1, kappa = 0.5``: guided).
   ``dual_forward``: primal of ``B`` plus tangent of ``n``. ``backward``: 2x the primal forward.
 
 A plain flow-matching step of the same network (:func:`fm_step_flops`) is one forward and its
@@ -232,6 +233,20 @@ def guidance_fraction(loss_cfg: LossConfig) -> float:
     return float(torch.trapezoid(inside * density, x))
 
 
+def dropped_split(batch_size: int, p: float, n_first: int) -> tuple[float, float]:
+    """``(E[min(K, n_first)], E[max(K - n_first, 0)])`` for ``K ~ Binomial(batch_size, p)``: the expected
+    dropped samples among the first ``n_first`` of the batch and after them (the sampler drops the first K)."""
+    if p <= 0.0:
+        return 0.0, 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    lg = math.lgamma(batch_size + 1)
+    first = 0.0
+    for k in range(batch_size + 1):
+        pmf = math.exp(lg - math.lgamma(k + 1) - math.lgamma(batch_size - k + 1) + k * log_p + (batch_size - k) * log_q)
+        first += pmf * min(k, n_first)
+    return first, batch_size * p - first
+
+
 def train_step_breakdown(model_cfg: ModelConfig, loss_cfg: LossConfig, batch_size: int) -> dict[str, float]:
     """Expected FLOPs per phase of one training step: ``{guidance, dual_forward, backward}``.
 
@@ -240,17 +255,18 @@ def train_step_breakdown(model_cfg: ModelConfig, loss_cfg: LossConfig, batch_siz
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     B = batch_size
-    n_fm = round(loss_cfg.fm_fraction * B)
+    n_fm = loss_cfg.fm_count(B)
     n_tan = B - n_fm
-    keep = 1.0 - loss_cfg.class_drop
     aux = model_cfg.arch == "imf" and model_cfg.v_head == "aux"
     dual_primal = forward_flops(model_cfg, B, "u+v" if aux else "u")
     if loss_cfg.method == "imf":
-        n_u = keep * (n_fm + n_tan * guidance_fraction(loss_cfg)) if loss_cfg.omega_s_max > 0 else 0.0
+        drop_fm, drop_tan = dropped_split(B, loss_cfg.class_drop, n_fm)
+        p_in = guidance_fraction(loss_cfg)
+        n_u = n_fm - drop_fm + (n_tan - drop_tan) * p_in if loss_cfg.omega_s_max > 0 else 0.0
         guidance = forward_flops(model_cfg, 1, "v") * (B + n_u)
     else:
         guided = loss_cfg.omega != 1.0 or loss_cfg.kappa != 0.0
-        n_g = keep * B * guidance_fraction(loss_cfg) if guided else 0.0
+        n_g = (1.0 - loss_cfg.class_drop) * B * guidance_fraction(loss_cfg) if guided else 0.0
         guidance = 2.0 * forward_flops(model_cfg, 1, "v") * n_g
     return {
         "guidance": guidance,

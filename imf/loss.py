@@ -8,7 +8,8 @@ the model and its inputs. Notation (design document in docs/, section 1)::
 
 **iMF.** ``omega_eff = omega`` if ``t_min <= t <= t_max`` else 1. Without grad:
 ``v_c = v(z_t | h=0, y, omega_eff, [0, 1])``, ``v_u = v(z_t | h=0, null, 1, [0, 1])``,
-``v_g = v_t + (1 - 1/omega_eff)(v_c - v_u)``; dropped samples: ``y -> null``, ``v_g -> v_t``.
+``v_g = v_t + (1 - 1/omega_eff)(v_c - v_u)``; dropped samples: ``y -> null``, ``v_g -> v_t`` (after the
+guidance, as in the official code: their tangent ``v_c`` keeps the true label).
 Dual call: ``(u, du/dt)`` = JVP of ``u(z | h, y, omega, t_min, t_max)`` at tangents
 ``(v_c, dt=1, dr=0)`` and the v-head ``v`` of the same call; ``V = u + (t - r) sg(du/dt)``;
 ``loss = mean_b adp(sum (V - v_g)^2) + adp(sum (v - v_g)^2)`` (no v-term for ``v_head="boundary"``).
@@ -20,7 +21,8 @@ samples ``v_g -> v_t``. ``(u, du/dt)`` = JVP at ``(v_g, 1, 0)``,
 
 Work the loss would throw away is not computed: samples with ``r = t`` get no tangent (it is
 multiplied by ``t - r = 0``; they are moved behind the others and the model's tangent prefix
-stops before them), and ``v_u`` is evaluated only where its weight is non-zero.
+stops before them; the sampler puts them first, as the official code does, so the loss reorders each
+batch: a gather of a few per-sample tensors), and ``v_u`` is evaluated only where its weight is non-zero.
 
 **One host sync per step.** The input checks (shapes on the host; value ranges via
 :mod:`imf.model.checks`) and the counts that shape the step (samples with a tangent, samples that need
@@ -43,13 +45,14 @@ from imf.phases import phase
 def sample_training_inputs(
     batch_size: int, cfg: LossConfig, generator: torch.Generator | None = None, device: torch.device | str | None = None
 ):
-    """Draw ``(t, r, omega, t_min, t_max, drop)`` per the published distributions.
+    """Draw ``(t, r, omega, t_min, t_max, drop)`` for one rank's (micro-)batch as the official code does.
 
-    ``t, r``: two logit-normal(``p_mean``, ``p_std``) draws, ``t`` the larger; the last
-    ``round(fm_fraction * batch)`` samples get ``r = t`` (flow-matching samples; iMF 50%, MF 75%).
-    iMF: ``omega ~ omega^-beta`` on ``[1, 1 + s_max]`` (inverse CDF), ``t_min ~ U(t_min_range)``,
+    ``t, r``: two logit-normal(``p_mean``, ``p_std``) draws, ``t`` the larger; the *first*
+    ``cfg.fm_count(batch) = floor(fm_fraction * batch)`` samples get ``r = t`` (flow-matching samples; iMF 50%,
+    MF 75%). iMF: ``omega ~ omega^-beta`` on ``[1, 1 + s_max]`` (inverse CDF), ``t_min ~ U(t_min_range)``,
     ``t_max ~ U(t_max_range)``, FM samples ``[0, 1]``. MF: the fixed ``omega`` and ``[t_start, t_end]``.
-    ``drop``: Bernoulli(``class_drop``) class-dropout mask.
+    ``drop``: the *first* ``K ~ Binomial(batch, class_drop)`` samples (``K`` counts ``batch`` uniforms below
+    ``class_drop``), so the dropped labels are FM samples first: the official iMF and MF ``cond_drop``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -61,9 +64,10 @@ def sample_training_inputs(
     a = torch.sigmoid(cfg.p_mean + cfg.p_std * normal())
     b = torch.sigmoid(cfg.p_mean + cfg.p_std * normal())
     t, r = torch.maximum(a, b), torch.minimum(a, b)
-    fm = torch.arange(batch_size, device=device) >= batch_size - round(cfg.fm_fraction * batch_size)
+    index = torch.arange(batch_size, device=device)
+    fm = index < cfg.fm_count(batch_size)
     r = torch.where(fm, t, r)
-    drop = rand() < cfg.class_drop
+    drop = index < (rand() < cfg.class_drop).sum()
     if cfg.method == "mf":
         full = lambda v: torch.full((batch_size,), float(v), device=device)
         return t, r, full(cfg.omega), full(cfg.t_start), full(cfg.t_end), drop
@@ -101,7 +105,6 @@ def imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop=None, cfg: LossConf
         _tangent_order(t, r, ordered), x, y, e, t, r, omega, t_min, t_max, drop, omega_eff, weight
     )
     z, v_t = _interpolate(x, e, t)
-    y = torch.where(drop, null, y)
     zeros, ones = torch.zeros_like(t), torch.ones_like(t)
     with phase("imf.guidance"), torch.no_grad():
         idx_u = _first_where(weight > 0, n_u)  # the samples whose v_u has a non-zero weight, in batch order
@@ -119,6 +122,7 @@ def imf_loss(model, x, y, e, t, r, omega, t_min, t_max, drop=None, cfg: LossConf
         v_c, v_u = v_both[:batch], v_both[batch:]
         v_g = v_t.clone()
         v_g[idx_u] += _bcast(weight[idx_u]) * (v_c[idx_u] - v_u)
+    y = torch.where(drop, null, y)
     aux = model.has_v_head
     # under autocast v_c comes out in the compute dtype; the tangent must match z
     with phase("imf.dual_forward"):
@@ -195,8 +199,7 @@ def _schedule(t, r) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _tangent_order(t, r, ordered: bool) -> torch.Tensor | None:
-    """Stable permutation moving the samples with ``r < t`` to the front; None when they already are
-    (the sampler puts its ``r = t`` samples last, so usually nothing is copied)."""
+    """Stable permutation moving the samples with ``r < t`` to the front; None when they already are."""
     return None if ordered else torch.argsort((r >= t).to(torch.int8), stable=True)
 
 

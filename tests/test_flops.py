@@ -162,7 +162,7 @@ def test_mf_step_matches_flop_counter():
     fwd = _count(lambda: mf_loss(model, x, y, e, t, r, cfg=loss_cfg))
     phases = flops.train_step_breakdown(cfg, loss_cfg, batch)
     assert fwd == phases["guidance"] + phases["dual_forward"] + _recompute(cfg, 2)
-    assert flops.train_step_breakdown(cfg, dataclasses.replace(loss_cfg, omega=1.0), batch)["guidance"] == 0
+    assert flops.train_step_breakdown(cfg, dataclasses.replace(loss_cfg, omega=1.0, kappa=0.0), batch)["guidance"] == 0
 
 
 @pytest.mark.parametrize("overrides", [{}, {"p_mean": 0.3, "p_std": 0.7, "t_min_range": (0.1, 0.3)}])

@@ -94,9 +94,12 @@ class MFDiT(MeanFlowNet):
     def init_weights(self) -> None:
         """Initialise every parameter and buffer in place (after ``to_empty`` when built on the meta device).
 
-        Each layer's default init in construction order (keeps a seed's weights those of the original eager
-        constructor), then Xavier-uniform linears with zero biases, ``N(0, 0.02^2)`` class embedding, zero
-        adaLN and final projections (adaLN-zero); the 2-D sin-cos positions and sinusoid frequencies are
+        Each layer's default draw in construction order (keeps a seed's weights those of the original eager
+        constructor), then Xavier-uniform linears (the fused ``qkv`` as one ``(3 dim, dim)`` matrix, as the
+        official code's single ``qkv`` Dense) with zero biases, ``N(0, 0.02^2)`` class table, zero adaLN and
+        final projections (adaLN-zero). ``cfg.init == "official"`` (the official MeanFlow code, docs/recipe.md)
+        draws the two time-embedding MLPs (``t_embed``, ``h_embed``) ``N(0, 0.02^2)``; ``"xavier"`` keeps them
+        Xavier-uniform (the engine's earlier init). The 2-D sin-cos positions and sinusoid frequencies are
         recomputed.
         """
         for m in self.modules():
@@ -108,6 +111,9 @@ class MFDiT(MeanFlowNet):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, ConditionEmbedder):
                 m.init_buffers()
+        if self.cfg.init == "official":
+            for lin in (self.t_embed.fc1, self.t_embed.fc2, self.h_embed.fc1, self.h_embed.fc2):
+                nn.init.normal_(lin.weight, std=0.02)
         nn.init.normal_(self.class_embed.weight, std=0.02)
         for m in [b.ada for b in self.blocks] + [self.final_ada, self.final]:
             nn.init.zeros_(m.weight)

@@ -9,6 +9,8 @@ image tokens carry a tangent (the other conditions are constant along ``(dz, dt,
 
 from __future__ import annotations
 
+import math
+
 import torch
 from imf_kernels.reference import rope_tables
 from torch import nn
@@ -16,6 +18,13 @@ from torch import nn
 from imf.config import ModelConfig
 from imf.model.base import MeanFlowNet, patchify, unpatchify
 from imf.model.layers import ConditionEmbedder, IMFBlock, OutputHead, RMSNorm
+
+# The official iMF initialisation (imfDiT in Lyy-iiis/imeanflow, branch main, models/imfDiT.py): block linears
+# N(0, (weight_init_constant / sqrt(fan_in))^2) with weight_init_constant 0.32; embedders (condition MLPs, class
+# table) and learned tokens with init constant 1.0 (embedding_init_constant, token_init_constant).
+BLOCK_INIT_GAIN = 0.32
+EMBED_INIT_GAIN = 1.0
+TOKEN_INIT_GAIN = 1.0
 
 
 class IMFTransformer(MeanFlowNet):
@@ -54,12 +63,58 @@ class IMFTransformer(MeanFlowNet):
     def init_weights(self) -> None:
         """Initialise every parameter and buffer in place (after ``to_empty`` when built on the meta device).
 
-        First each layer's default init and the token sets' ``N(0, 0.02^2)`` draw, in construction order
-        (this keeps the random stream, hence a seed's weights, those of the original eager constructor);
-        then Xavier-uniform linears with zero biases, zero output linears, ``N(0, 0.02^2)`` class embedding,
-        unit norms, zero gates, zero SwiGLU padding units; then the buffers (RoPE tables, sinusoid frequencies)
-        are recomputed.
+        ``cfg.init == "official"`` (the official iMF training code, docs/recipe.md): the block linears
+        ``W ~ N(0, (0.32 / sqrt(fan_in))^2)`` (q, k, v, out: ``fan_in = dim``; SwiGLU ``W1, W2``: ``dim``, ``W3``:
+        the unpadded ``hidden``), the condition MLPs ``N(0, 1 / fan_in)`` with zero biases, the class table and
+        the learned condition tokens ``N(0, 1 / dim)``, a Xavier-uniform patch embedding with zero bias, and
+        zero output linears (weight and bias) and gates. ``"xavier"`` (the engine's earlier init, kept for the
+        CPU demo): each layer's default draw in construction order, then Xavier-uniform linears with zero
+        biases, tokens and class table ``N(0, 0.02^2)``, zero output linears and gates. Both: unit norm
+        weights, zero SwiGLU padding units, and the buffers (RoPE tables, sinusoid frequencies) recomputed.
+        The draws happen in a fixed order, so the weights depend only on the generator's state.
         """
+        if self.cfg.init == "official":
+            self._init_official()
+        else:
+            self._init_xavier()
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, ConditionEmbedder):
+                m.init_buffers()
+            elif isinstance(m, IMFBlock):
+                nn.init.zeros_(m.gate_attn)
+                nn.init.zeros_(m.gate_mlp)
+                m.zero_padding_()
+        for head in (self.u_out, getattr(self, "v_out", None)):
+            if head is not None:
+                nn.init.zeros_(head.linear.weight)
+                nn.init.zeros_(head.linear.bias)
+        cos, sin = rope_tables(
+            self.cfg.seq_len, self.cfg.head_dim, theta=self.cfg.rope_theta, device=self.rope_cos.device
+        )
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def _init_official(self) -> None:
+        d = self.cfg.dim
+        nn.init.xavier_uniform_(self.patch_embed.weight)
+        nn.init.zeros_(self.patch_embed.bias)
+        for emb in (self.omega_embed, self.t_min_embed, self.t_max_embed, self.time_embed):
+            for lin in (emb.fc1, emb.fc2):
+                nn.init.normal_(lin.weight, std=EMBED_INIT_GAIN / math.sqrt(lin.in_features))
+                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.class_embed.weight, std=EMBED_INIT_GAIN / math.sqrt(d))
+        for k in self.cond_groups:
+            nn.init.normal_(self.cond_tokens[k], std=TOKEN_INIT_GAIN / math.sqrt(d))
+        for blk in self.modules():
+            if isinstance(blk, IMFBlock):
+                for lin, fan_in in ((blk.qkv, d), (blk.proj, d), (blk.fc12, d), (blk.fc3, blk.hidden)):
+                    nn.init.normal_(lin.weight, std=BLOCK_INIT_GAIN / math.sqrt(fan_in))
+
+    def _init_xavier(self) -> None:
+        # each layer's default draw first, in construction order: keeps a seed's weights those of the engine's
+        # original eager constructor (the demo's golden curve)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.reset_parameters()
@@ -71,25 +126,7 @@ class IMFTransformer(MeanFlowNet):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, ConditionEmbedder):
-                m.init_buffers()
-            elif isinstance(m, IMFBlock):
-                nn.init.zeros_(m.gate_attn)
-                nn.init.zeros_(m.gate_mlp)
-        for m in self.modules():  # after the block's linears got their Xavier draw
-            if isinstance(m, IMFBlock):
-                m.zero_padding_()
-        for head in (self.u_out, getattr(self, "v_out", None)):
-            if head is not None:
-                nn.init.zeros_(head.linear.weight)
         nn.init.normal_(self.class_embed.weight, std=0.02)
-        cos, sin = rope_tables(
-            self.cfg.seq_len, self.cfg.head_dim, theta=self.cfg.rope_theta, device=self.rope_cos.device
-        )
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
 
     @property
     def has_v_head(self) -> bool:

@@ -156,7 +156,7 @@ class Trainer(Stateful):
         self.scheduler = schedule.scheduler(
             self.optimizer, total=self.total, warmup=warmup, decay=s.decay, min_ratio=s.min_lr_ratio
         )
-        self.ema = EMA(self.model, cfg.ema_decays)
+        self.ema = EMA(self.model, cfg.ema_decays, warmup=cfg.ema_warmup)
         self.step = self.skipped = self.in_a_row = 0
         self.flops_per_step = train_step_flops(self.model_cfg, self.loss_cfg, self.micro * self.accum)
         self.peak_flops = peak_flops(device)
