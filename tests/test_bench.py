@@ -41,7 +41,10 @@ def _load(out: Path, name: str) -> dict:
 
 
 def _timed(row: dict) -> bool:
-    return "error" not in row and row["ms"] > 0 and row["ms_min"] <= row["ms"] <= row.get("ms_max", row["ms"])
+    """A timed row: no error, a positive median inside its spread (min/max where the row keeps them, else the
+    20th/80th percentiles, as the kernel rows do)."""
+    low, high = row.get("ms_min", row.get("ms_p20")), row.get("ms_max", row.get("ms_p80"))
+    return "error" not in row and row["ms"] > 0 and low <= row["ms"] <= high
 
 
 @needs_interpreter
