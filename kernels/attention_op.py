@@ -24,7 +24,8 @@ Backward, given ``do = dLoss/do``::
     dP = do v^T        dS = P * (dP - delta)
     dv = P^T do        dk = s dS^T q       dq = s dS k
 
-computed on one of two paths, chosen at each backward call by ``IMF_KERNELS_ATTN_BWD``:
+computed on one of two paths, chosen at each backward call by ``IMF_KERNELS_ATTN_BWD``
+(:func:`imf_kernels.attention_bwd.flash_backward`):
 
 * ``deterministic`` (default; :mod:`imf_kernels.attention_bwd_op`): two kernels without atomics, so the
   gradients are bitwise reproducible (the trainer's resume relies on it): one program per key block
