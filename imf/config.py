@@ -140,6 +140,21 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Fields that say how a network's weights start, not what it computes: loaded weights replace them, so a
+# checkpoint of one init resumes or fine-tunes under another.
+START_ONLY_FIELDS = frozenset({"init"})
+
+
+def network_differences(stored: dict, ours: dict) -> list[str]:
+    """``"field stored (checkpoint) vs ours"`` for each ModelConfig field (as ``dataclasses.asdict`` dicts) in
+    which the two describe different networks; ``START_ONLY_FIELDS`` do not count."""
+    return [
+        f"{k} {stored.get(k)!r} (checkpoint) vs {v!r}"
+        for k, v in ours.items()
+        if k not in START_ONLY_FIELDS and stored.get(k) != v
+    ]
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     """The preset ``name`` with keyword ``overrides`` applied, validated."""
     if name not in PRESETS:
@@ -243,4 +258,13 @@ EVAL_GUIDANCE: dict[str, EvalGuidance] = {
     "iMF-XL/2@2": EvalGuidance(4.0, 0.36, 0.64, steps=2),
 }
 
-__all__ = ["ModelConfig", "LossConfig", "EvalGuidance", "PRESETS", "EVAL_GUIDANCE", "preset"]
+__all__ = [
+    "ModelConfig",
+    "LossConfig",
+    "EvalGuidance",
+    "PRESETS",
+    "EVAL_GUIDANCE",
+    "START_ONLY_FIELDS",
+    "network_differences",
+    "preset",
+]

@@ -10,6 +10,7 @@ from the alternative they rule out (e.g. the Xavier init the engine had before).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from scipy import stats
 
 import imf
-from imf.config import LossConfig
+from imf.config import LossConfig, network_differences
 from imf.loss import imf_loss, mf_loss, sample_training_inputs
 from imf.train.args import build_config, read_file
 
@@ -130,6 +131,16 @@ def test_xavier_init_is_the_named_alternative():
     _std_close(m.class_embed.weight, 0.02, 0.05)
     with pytest.raises(ValueError, match="init must be 'official' or 'xavier', got 'he'"):
         imf.build_model("iMF-B/2", init="he")
+
+
+def test_init_does_not_make_another_network():
+    """A checkpoint started with one init loads into a model configured with the other (the weights replace the
+    init); a real difference is still named."""
+    official = dataclasses.asdict(imf.config.preset("demo", init="official"))
+    xavier = dataclasses.asdict(imf.config.preset("demo"))
+    assert xavier["init"] == "xavier" and network_differences(official, xavier) == []
+    wider = dataclasses.asdict(imf.config.preset("demo", dim=64, init="official"))
+    assert network_differences(wider, xavier) == [f"dim 64 (checkpoint) vs {xavier['dim']}"]
 
 
 def test_class_dropout_drops_the_first_binomial_count_and_r_equal_t_comes_first():

@@ -23,6 +23,7 @@ import sys
 import torch
 
 from imf.cli import ArgumentParser
+from imf.config import network_differences
 from imf.convert.errors import ConvertError
 from imf.convert.official import canonical, from_official, official_arch
 from imf.convert.readers import read_official
@@ -104,11 +105,7 @@ def write_dcp(args, rest: list[str]) -> str:
     run_cfg = load_config(rest, world)
     ours = run_cfg.model_config()
     cfg, weights, ema, mu, nu = _convert(src, args, ours)
-    diff = [
-        f"{f.name} {getattr(cfg, f.name)!r} (checkpoint) vs {getattr(ours, f.name)!r}"
-        for f in dataclasses.fields(cfg)
-        if getattr(cfg, f.name) != getattr(ours, f.name)
-    ]
+    diff = network_differences(dataclasses.asdict(cfg), dataclasses.asdict(ours))
     if diff:
         raise ConvertError(
             f"--dcp: {src.path} is another model than the training config's: {', '.join(diff[:4])} "

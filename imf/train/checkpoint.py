@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from imf import dist
 from imf.cli import UserError
+from imf.config import network_differences
 
 LATEST = "latest"
 META = "meta.json"
@@ -294,12 +295,7 @@ def load(path: str | os.PathLike, trainer) -> None:
         raise CheckpointError(
             f"checkpoint {path} has EMA decays {meta['ema_decays']}, the run {list(trainer.ema.decays)}"
         )
-    ours = trainer.meta()["model_config"]
-    diff = [
-        f"{k} {meta['model_config'].get(k)!r} (checkpoint) vs {v!r}"
-        for k, v in ours.items()
-        if meta["model_config"].get(k) != v
-    ]
+    diff = network_differences(meta["model_config"], trainer.meta()["model_config"])
     if diff:
         raise CheckpointError(f"checkpoint {path} is of another model: {', '.join(diff[:4])}")
     rank_path = path / rank_file(rank)
