@@ -63,12 +63,11 @@ def _convert(src, args, ours) -> tuple:
     return cfg, weights, *(sd for _, sd in trees)
 
 
-def _rank_entries(trainer, cfg, world: int) -> list[dict]:
-    """Rank entries of a ``world``-process run: rank 0's trainer entry with each rank's data and noise stream."""
-    from imf.train.checkpoint import RANK_ENTRY
+def _rank_entries(base: dict, trainer, cfg, world: int) -> list[dict]:
+    """Rank entries of a ``world``-process run: rank 0's trainer entry ``base`` with each rank's data and noise
+    stream."""
     from imf.train.trainer import input_stream
 
-    base = trainer.state_dict()[RANK_ENTRY]
     if world == 1:
         return [base]
     micro = cfg.data.batch_size // (world * cfg.data.grad_accum)
@@ -132,7 +131,7 @@ def write_dcp(args, rest: list[str]) -> str:
             group["lr"] = lr
         trainer.step = step
         state = trainer.state_dict()
-        entries = _rank_entries(trainer, run_cfg, world)
+        entries = _rank_entries(state[checkpoint.RANK_ENTRY], trainer, run_cfg, world)
     finally:
         trainer.close()
     path = checkpoint.save(args.dcp, step, dict(state, rank=entries[0]), meta=trainer.meta(), keep_last=sys.maxsize)

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import torch
 
-from imf.config import PRESETS, ModelConfig
+from imf.config import PRESETS, ModelConfig, network_differences
 from imf.convert.errors import ConvertError
 from imf.train.checkpoint import CheckpointError
 from imf.vae import official_latent_norm
 
-# the fields a preset fixes; a converted model with all of them equal is that preset
-PRESET_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "v_head")
-
 
 def matching_preset(cfg: ModelConfig) -> str | None:
-    """The preset whose every field except ``v_head`` equals ``cfg``'s (``mlp_hidden`` compared as ``hidden``)."""
+    """The preset that is the same network as ``cfg`` but for ``v_head`` (``mlp_hidden`` compared as ``hidden``;
+    the init does not count: :func:`imf.config.network_differences`)."""
+    ours = dataclasses.asdict(dataclasses.replace(cfg, mlp_hidden=cfg.hidden))
     for name, p in PRESETS.items():
-        if all(getattr(p, f) == getattr(cfg, f) for f in PRESET_FIELDS if f != "mlp_hidden") and p.hidden == cfg.hidden:
+        theirs = dataclasses.asdict(dataclasses.replace(p, v_head=cfg.v_head, mlp_hidden=p.hidden))
+        if not network_differences(theirs, ours):
             return name
     return None
 

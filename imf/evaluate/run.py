@@ -121,12 +121,7 @@ def run(args, scorer=None) -> dict | None:
     check_preset(loaded, args.preset)
     cfg = loaded.model.cfg
     check_num(args.num, cfg.num_classes, env.world)
-    convention = CONVENTIONS[args.convention]
-    if convention.official and args.num % cfg.num_classes:
-        raise EvalError(
-            f"--convention official-torch needs --num divisible by num_classes={cfg.num_classes} "
-            f"(class blocks), got {args.num}"
-        )
+    convention = CONVENTIONS[args.convention]  # class blocks: check_num made num a multiple of num_classes
     cells = sweep_cells(steps, omegas, intervals, loaded.preset)
     digits = (
         args.metrics == "digits"
