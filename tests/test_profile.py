@@ -81,13 +81,14 @@ def test_no_profiler_without_profile_options(tmp_path, monkeypatch):
         (["--profile.wait", "5"], "profile.active is 0 (profiling off), but the schedule wait=5"),
         (["--profile.active", "3", "--profile.ranks", "[0,1]"], "profile.ranks must be ranks in [0, 1), got [0, 1]"),
         (["--profile.active", "3", "--profile.wait", "9"], "the profile window ends at step 13"),
-        (["--profile.memory", "--profile.dir", "FILE/profile"], "cannot be written"),
+        (["--profile.memory", "--profile.dir", "FILE/profile"], "--profile.dir '{}/profile' cannot be created"),
     ],
 )
 def test_bad_profile_settings_are_one_line(tmp_path, capsys, options, message):
     blocker = tmp_path / "file"
     blocker.write_text("")
     options = [o.replace("FILE", str(blocker)) for o in options]
+    message = message.replace("{}", str(blocker))
     assert main([*TINY_CLI, "--steps", "10", "--out", str(tmp_path / "run"), *options]) == 2
     err = capsys.readouterr().err
     assert err.startswith("imf.train: error: ") and message in err and err.count("\n") == 1

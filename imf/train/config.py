@@ -257,11 +257,6 @@ class TrainConfig:
                 f"the profile window ends at step {window} (skip_first {p.skip_first} + wait {p.wait} + warmup "
                 f"{p.warmup} + active {p.active}), after the run's last step {self.steps}"
             )
-        folder = self.profile_dir
-        existing = next(d for d in (folder, *folder.parents) if d.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            what = "is a file" if not existing.is_dir() else "is not writable"
-            raise ConfigError(f"profile.dir {str(folder)!r} cannot be written ({str(existing)!r} {what})")
 
     def _validate_optim(self) -> None:
         o, s = self.optim, self.schedule

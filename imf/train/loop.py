@@ -91,6 +91,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     check_out_dir(cfg.out_dir)
     check_out_dir(cfg.checkpoint_dir, "--checkpoint.dir")
+    if cfg.profile.enabled:
+        check_out_dir(cfg.profile_dir, "--profile.dir")
     env = dist.describe(cfg.device, arg="device")
     threads = cfg.torch_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if threads is not None:

@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerAction, ProfilerActivity
 
 from imf.phases import set_memory_probe
-from imf.train.config import ConfigError, ProfileConfig
+from imf.train.config import ProfileConfig
 from imf.train.profile_table import PhasePeaks, markdown, phase_rows
 
 _RECORDING = (ProfilerAction.RECORD, ProfilerAction.RECORD_AND_SAVE)
@@ -59,11 +59,7 @@ class ProfileSession:
         self.cuda = device.type == "cuda"
         self.device = device
         self.last_step = first_step
-        self.written: list[Path] = []
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"profile.dir {str(self.folder)!r} cannot be created ({e.strerror})") from None
+        self.folder.mkdir(parents=True, exist_ok=True)  # checked writable before training (imf.train.loop.run)
         if not self.cuda and echo:
             what = "per-phase peak memory" + (" and memory snapshots (profile.memory)" if cfg.memory else "")
             _note(f"CUDA only, not recorded on {device.type}: {what}")
@@ -130,7 +126,6 @@ class ProfileSession:
     def _snapshot(self, name: str, why: str = "") -> None:
         path = self.folder / name
         torch.cuda.memory._dump_snapshot(str(path))
-        self.written.append(path)
         _note(f"{why}memory snapshot {path} (open it at https://pytorch.org/memory_viz)")
 
     def _window_done(self, prof) -> None:
@@ -149,7 +144,6 @@ class ProfileSession:
         stem.with_suffix(".md").write_text(table)
         summary = {"rank": r, "first_step": first, "last_step": step, **window, "rows": rows, "trace": str(trace)}
         stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-        self.written += [trace, stem.with_suffix(".md"), stem.with_suffix(".json")]
         self.summaries.append(summary)
         if self.echo:
             print(f"\n{table}", file=sys.stderr)
