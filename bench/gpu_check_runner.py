@@ -99,8 +99,8 @@ def check_plan(stages: Sequence[Stage]) -> None:
 
 
 def plan_total(stages: Sequence[Stage]) -> float:
-    """Worst-case wall time: every box used in full, plus the kill grace of each and the runner's overhead."""
-    return sum(s.box_s + KILL_GRACE_S for s in stages) + RUNNER_OVERHEAD_S
+    """Worst-case wall time: the last stage's latest end (:func:`plan_ends`) plus the runner's overhead."""
+    return (plan_ends(stages)[-1] if stages else 0.0) + RUNNER_OVERHEAD_S
 
 
 def plan_ends(stages: Sequence[Stage]) -> list[float]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import triton
 
+from ..provenance import provenance
 from .capture import DEVICES
 
 STATIC_NOTE = (
@@ -23,17 +23,13 @@ STATIC_NOTE = (
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    source = provenance()  # git, else IMF_GIT_COMMIT, else the bench/.commit stamp; "unknown" without any
     return {
         "triton": triton.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "commit": commit,
+        "commit": source["git_commit"],
+        "git_dirty": source["git_dirty"],
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "devices": {f"sm_{a}": d for a, d in DEVICES.items()},
     }
