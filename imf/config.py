@@ -215,7 +215,7 @@ class LossConfig:
 
     def fm_count(self, batch_size: int) -> int:
         """Samples with ``r = t`` in a rank batch of ``batch_size``: ``int(batch_size * fm_fraction)``, the
-        official ``data_size`` (truncated, not rounded); the sampler puts them first."""
+        official ``data_size`` (truncated, not rounded); first in the official order, last in the sampler's batch."""
         return int(batch_size * self.fm_fraction)
 
     def validate(self) -> LossConfig:

@@ -21,8 +21,8 @@ samples ``v_g -> v_t``. ``(u, du/dt)`` = JVP at ``(v_g, 1, 0)``,
 
 Work the loss would throw away is not computed: samples with ``r = t`` get no tangent (it is
 multiplied by ``t - r = 0``; they are moved behind the others and the model's tangent prefix
-stops before them; the sampler puts them first, as the official code does, so the loss reorders each
-batch: a gather of a few per-sample tensors), and ``v_u`` is evaluated only where its weight is non-zero.
+stops before them; the sampler already puts them last, so usually nothing is copied), and ``v_u`` is
+evaluated only where its weight is non-zero.
 
 **One host sync per step.** The input checks (shapes on the host; value ranges via
 :mod:`imf.model.checks`) and the counts that shape the step (samples with a tangent, samples that need
@@ -48,11 +48,14 @@ def sample_training_inputs(
     """Draw ``(t, r, omega, t_min, t_max, drop)`` for one rank's (micro-)batch as the official code does.
 
     ``t, r``: two logit-normal(``p_mean``, ``p_std``) draws, ``t`` the larger; the *first*
-    ``cfg.fm_count(batch) = floor(fm_fraction * batch)`` samples get ``r = t`` (flow-matching samples; iMF 50%,
-    MF 75%). iMF: ``omega ~ omega^-beta`` on ``[1, 1 + s_max]`` (inverse CDF), ``t_min ~ U(t_min_range)``,
-    ``t_max ~ U(t_max_range)``, FM samples ``[0, 1]``. MF: the fixed ``omega`` and ``[t_start, t_end]``.
-    ``drop``: the *first* ``K ~ Binomial(batch, class_drop)`` samples (``K`` counts ``batch`` uniforms below
-    ``class_drop``), so the dropped labels are FM samples first: the official iMF and MF ``cond_drop``.
+    ``cfg.fm_count(batch) = floor(fm_fraction * batch)`` samples of the official order get ``r = t``
+    (flow-matching samples; iMF 50%, MF 75%). iMF: ``omega ~ omega^-beta`` on ``[1, 1 + s_max]`` (inverse CDF),
+    ``t_min ~ U(t_min_range)``, ``t_max ~ U(t_max_range)``, FM samples ``[0, 1]``. MF: the fixed ``omega`` and
+    ``[t_start, t_end]``.
+    ``drop``: the *first* ``K ~ Binomial(batch, class_drop)`` samples of the official order (``K`` counts ``batch``
+    uniforms below ``class_drop``), so the dropped labels are FM samples first: the official iMF and MF
+    ``cond_drop``. The samples are i.i.d. but for these two masks, so the returned batch is the official order
+    rotated by ``n_fm`` (the FM block last): the tangent samples lead and the loss reorders nothing.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -64,10 +67,13 @@ def sample_training_inputs(
     a = torch.sigmoid(cfg.p_mean + cfg.p_std * normal())
     b = torch.sigmoid(cfg.p_mean + cfg.p_std * normal())
     t, r = torch.maximum(a, b), torch.minimum(a, b)
-    index = torch.arange(batch_size, device=device)
-    fm = index < cfg.fm_count(batch_size)
+    n_fm = cfg.fm_count(batch_size)
+    # the official batch order, rotated so that its leading FM samples come last: position i is the official
+    # sample (i + n_fm) mod B. Same FM/dropped pairing; the tangent samples already lead, as the loss needs them.
+    official = (torch.arange(batch_size, device=device) + n_fm) % batch_size
+    fm = official < n_fm
     r = torch.where(fm, t, r)
-    drop = index < (rand() < cfg.class_drop).sum()
+    drop = official < (rand() < cfg.class_drop).sum()
     if cfg.method == "mf":
         full = lambda v: torch.full((batch_size,), float(v), device=device)
         return t, r, full(cfg.omega), full(cfg.t_start), full(cfg.t_end), drop

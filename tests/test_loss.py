@@ -170,7 +170,7 @@ def test_samplers_follow_published_distributions():
     gen = torch.Generator().manual_seed(14)
     cfg = LossConfig()
     t, r, omega, t_min, t_max, drop = sample_training_inputs(n, cfg, gen)
-    fm = torch.arange(n) < n // 2  # the official placement: r = t samples first
+    fm = torch.arange(n) >= n // 2  # the official FM block, rotated behind the tangent samples
     assert torch.equal(r[fm], t[fm]) and (r[~fm] <= t[~fm]).all() and (r[~fm] < t[~fm]).float().mean() > 0.99
     # t is the max of two logit-normal(-0.4, 1) draws: P(t <= s) = Phi((logit s + 0.4))^2.
     cdf_t = lambda s: stats.norm.cdf(np.log(s / (1 - s)) + 0.4) ** 2
