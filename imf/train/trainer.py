@@ -226,9 +226,10 @@ class Trainer(Stateful):
         )
         if self.env.world > 1:
             dist.all_reduce(packed)
-        values = packed.tolist()
-        reduced = {k: v / self.env.world for k, v in zip(names, values[:-2], strict=True)}
-        return reduced, grad_norm.item(), values[-2:]
+        # one host read for the terms, the flags and the norm (fp64 holds either dtype exactly)
+        values = torch.cat([packed.double(), grad_norm.reshape(1).double()]).tolist()
+        reduced = {k: v / self.env.world for k, v in zip(names, values[:-3], strict=True)}
+        return reduced, values[-1], values[-3:-1]
 
     # --- state ---------------------------------------------------------------------------------------------
 
